@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first
+# (torch==2.13.0 before anything else, so pip never resolves a newer, CUDA-sized torch).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export OMP_WAIT_POLICY := PASSIVE
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test test-quick lint ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/orchestrator data synth data/synth --train 96 --val 24 --size 256x144
+	$(BIN)/orchestrator data pack data/synth data/shards --shard-size 32
+	$(BIN)/orchestrator sweep jobs/smoke.yaml
+	$(BIN)/orchestrator ensemble --top 3 --experiment smoke
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check orchestrator tests
+	$(BIN)/ruff format --check orchestrator tests
+
+ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
+		--host 127.0.0.1 --port 5000 --workers 1
+
+clean:
+	rm -rf data runs mlruns mlflow.db

@@ -1,0 +1,175 @@
+"""The `orchestrator` command: parse arguments, call one function per subcommand.
+
+Heavy imports (torch, Ray, MLflow) happen inside the subcommands, so `orchestrator spec` and a bad
+spec answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from orchestrator.spec import SpecError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except SpecError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except LookupError as e:  # nothing to act on (no experiment, no finished runs): say so, no traceback
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def spec_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("spec", help="sweep spec YAML (see jobs/)")
+        cmd.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a spec field by dotted key, value in YAML (repeatable): --set train.epochs=2",
+        )
+
+    cmd = sub.add_parser("sweep", help="run the spec's grid as Ray Tune trials of Ray Train workers")
+    spec_args(cmd)
+    cmd.set_defaults(func=_sweep)
+
+    cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
+    spec_args(cmd)
+    cmd.set_defaults(func=_train)
+
+    cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
+    cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmd.add_argument("--schema", action="store_true", help="print the spec's JSON Schema")
+    cmd.set_defaults(func=_spec)
+
+    data = sub.add_parser("data", help="synthetic data and shard packing").add_subparsers(required=True)
+    cmd = data.add_parser(
+        "synth", help="write procedural road scenes in the BDD100K layout to any fsspec URL"
+    )
+    cmd.add_argument("dst")
+    cmd.add_argument("--train", type=int, default=64)
+    cmd.add_argument("--val", type=int, default=16)
+    cmd.add_argument("--size", type=_size, default=(1280, 720), help="WIDTHxHEIGHT (default 1280x720)")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.set_defaults(func=_synth)
+    cmd = data.add_parser("pack", help="pack a BDD100K layout into tar shards + manifest at any fsspec URL")
+    cmd.add_argument("src")
+    cmd.add_argument("dst")
+    cmd.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    cmd.set_defaults(func=_pack)
+
+    cmd = sub.add_parser("ensemble", help="ensemble the best trials of an experiment and log it to MLflow")
+    cmd.add_argument("--top", type=int, default=3)
+    cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
+    cmd.add_argument("--metric", default="val_miou", help="metric to rank trials by (higher is better)")
+    cmd.add_argument("--data", help="validation split URL (default: the best member's data.val)")
+    cmd.add_argument("--batch-size", type=int, default=2)
+    cmd.set_defaults(func=_ensemble)
+    return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
+    return w, h
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator import spec as specs
+
+    spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
+    from orchestrator.sweep import run_sweep
+
+    outcomes = run_sweep(spec)
+    _print_outcomes(spec.experiment, outcomes)
+    return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator import spec as specs
+
+    spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
+    from orchestrator.sweep import run_single
+
+    outcome = run_single(spec)
+    _print_outcomes(spec.experiment, [outcome])
+    return 1 if outcome.status == "FAILED" else 0
+
+
+def _print_outcomes(experiment: str, outcomes: list) -> None:
+    from orchestrator import tracking
+
+    width = max(len(o.key) for o in outcomes)
+    print(f"\n{'trial':<{width}}  {'status':<8}  {'val_miou':>8}  {'best':>8}  {'loss':>7}  {'img/s':>7}")
+    for o in sorted(outcomes, key=lambda o: -o.metrics.get("best_val_miou", -1)):
+        m = o.metrics
+        print(
+            f"{o.key:<{width}}  {o.status:<8}  {m.get('val_miou', float('nan')):8.4f}  "
+            f"{m.get('best_val_miou', float('nan')):8.4f}  {m.get('train_loss', float('nan')):7.4f}  "
+            f"{m.get('images_per_s', float('nan')):7.2f}"
+        )
+        if o.error:
+            print(f"  error: {o.error}")
+    print(f"\nMLflow: experiment {experiment!r} at {tracking.tracking_uri()}")
+
+
+def _spec(args: argparse.Namespace) -> int:
+    from orchestrator import spec as specs
+
+    if args.schema:
+        print(json.dumps(specs.json_schema(), indent=2))
+        return 0
+    if not args.spec:
+        raise SpecError(["spec: give a spec file, or --schema"])
+    print(specs.describe_grid(specs.load(args.spec, args.overrides)))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from orchestrator.data.synth import synthesize
+
+    synthesize(args.dst, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    w, h = args.size
+    print(f"wrote {args.train} train + {args.val} val synthetic scenes ({w}x{h}) to {args.dst}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from orchestrator.data.shards import pack
+
+    manifests = pack(args.src, args.dst, shard_size=args.shard_size)
+    for split, m in manifests.items():
+        print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {args.dst}/{split}")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from orchestrator import tracking
+    from orchestrator.inference.ensemble import run_ensemble
+
+    experiment = args.experiment or tracking.latest_sweep_experiment()
+    result = run_ensemble(experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size)
+    print(f"\n{'member':<48}  {'val_miou':>8}")
+    for run_id, name, m in result.members:
+        print(f"{name + ' (' + run_id[:8] + ')':<48}  {m['val_miou']:8.4f}")
+    print(f"{'ensemble of ' + str(len(result.members)):<48}  {result.metrics['val_miou']:8.4f}")
+    print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
+    return 0

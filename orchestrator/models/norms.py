@@ -1,0 +1,137 @@
+"""Every normalization layer: a spec string (see `catalog.parse_norm`) -> an nn.Module for C channels.
+
+Models never pick a norm class themselves; they call `make_norm(spec, C)` for each layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from orchestrator.models.catalog import NormSpec, parse_norm
+
+logger = logging.getLogger(__name__)
+
+# (spec, C) pairs whose group count was adjusted and already logged: one line per layer shape, not per layer.
+_logged_fallbacks: set[tuple[str, int]] = set()
+
+
+def make_norm(spec: str | NormSpec, num_channels: int) -> nn.Module:
+    """The norm layer for `num_channels` channels described by `spec` (a string or a parsed NormSpec)."""
+    spec = parse_norm(spec) if isinstance(spec, str) else spec
+    if spec.kind == "bn":
+        return nn.BatchNorm2d(num_channels)
+    if spec.kind == "syncbn":
+        # torch's on CUDA (nccl). It refuses CPU tensors, and DDP refuses any nn.SyncBatchNorm (subclasses
+        # too) inside a CPU module, so CPU workers (Ray hides the GPUs from them) get our gloo version.
+        return nn.SyncBatchNorm(num_channels) if torch.cuda.is_available() else SyncBatchNorm(num_channels)
+    if spec.kind == "gn":
+        return nn.GroupNorm(group_count(spec, num_channels), num_channels)
+    raise ValueError(f"make_norm has no layer for norm {str(spec)!r}")
+
+
+def group_count(spec: NormSpec, num_channels: int) -> int:
+    """Groups for a grouped norm: N for `g<N>`, C / N for `c<N>`, or the nearest grouping that divides C.
+
+    When N does not divide C (GroupNorm(32) on the 48-channel decoder projection), both use gcd(N, C), the
+    largest number dividing both: `g<N>` takes gcd(N, C) groups, `c<N>` groups of gcd(N, C) channels.
+    """
+    if spec.groups is not None:
+        groups = math.gcd(spec.groups, num_channels)
+        exact = groups == spec.groups
+    else:
+        per_group = math.gcd(spec.channels_per_group, num_channels)
+        groups, exact = num_channels // per_group, per_group == spec.channels_per_group
+    if not exact and (str(spec), num_channels) not in _logged_fallbacks:
+        _logged_fallbacks.add((str(spec), num_channels))
+        logger.warning(
+            "norm %s does not divide %d channels; using %d groups of %d channels",
+            spec,
+            num_channels,
+            groups,
+            num_channels // groups,
+        )
+    return groups
+
+
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics span all ranks of the process group, for CPU workers (gloo).
+
+    Same parameters and buffers as BatchNorm2d and nn.SyncBatchNorm, so checkpoints move between them.
+    Without a group (or with one rank) and in eval it is exactly BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and _world_size(self.process_group) > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
+        xhat = _SyncNormalize.apply(
+            x, self.running_mean, self.running_var, momentum, self.eps, self.process_group
+        )
+        if not self.affine:
+            return xhat
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return xhat * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """xhat = (x - mean) / sqrt(var + eps) with mean/var over every rank's batch.
+
+    Forward all-reduces [sum x, sum x^2, count] per channel; backward all-reduces [sum g, sum g*xhat], so the
+    result equals BatchNorm on the concatenated batch for any per-rank batch sizes (a rank may even hold 0).
+    Sums accumulate in float64 (var = E[x^2] - E[x]^2 cancels badly in float32); bf16/fp16 inputs are
+    normalized in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, momentum, eps, group):
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = torch.tensor([xf.numel() / channels], dtype=torch.float64)
+        stats = torch.cat(
+            [xf.sum(dims, dtype=torch.float64), xf.square().sum(dims, dtype=torch.float64), count]
+        )
+        dist.all_reduce(stats, group=group)
+        total, total_sq = stats[:-1].split(channels)
+        n = stats[-1].item()
+        if n <= 1:
+            raise ValueError(f"SyncBatchNorm needs more than 1 value per channel over all ranks, got {n:.0f}")
+        mean = total / n
+        var = (total_sq / n - mean.square()).clamp_(min=0)
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)  # unbiased, global n
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        invstd = torch.rsqrt(var + eps).to(xf.dtype).reshape(shape)
+        xhat = (xf - mean.to(xf.dtype).reshape(shape)) * invstd
+        ctx.save_for_backward(xhat, invstd)
+        ctx.n, ctx.group = n, group
+        return xhat.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, invstd = ctx.saved_tensors
+        channels, dims = xhat.shape[1], [0, *range(2, xhat.dim())]
+        g = grad.to(xhat.dtype)
+        sums = torch.cat([g.sum(dims, dtype=torch.float64), (g * xhat).sum(dims, dtype=torch.float64)])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_g, mean_gx = (s.div(ctx.n).to(g.dtype).reshape(invstd.shape) for s in sums.split(channels))
+        grad_x = (g - mean_g - xhat * mean_gx) * invstd
+        return grad_x.to(grad.dtype), None, None, None, None, None

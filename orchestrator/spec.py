@@ -1,0 +1,325 @@
+"""The sweep spec: YAML schema, defaults, `--set` overrides and grid expansion.
+
+Validated once at the edge; everything downstream receives a `Spec` or the flat trial config it
+expands to. A trial config is a flat JSON-able dict with dotted keys (`model.backbone`,
+`train.batch_per_gpu`): the same keys are Tune's param space, MLflow params and `--set` targets.
+This module never imports Ray, torch or MLflow, so a bad spec fails fast, before any of them start.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.models.catalog import BACKBONES, HEADS, parse_norm
+
+# Flat keys whose values are never logged or shown: they may carry credentials.
+SECRET_KEYS = ("data.storage_options",)
+
+
+def absolute_url(url: str) -> str:
+    """URLs with a scheme stay as they are; a plain local path becomes absolute, because Ray
+    workers run in other working directories than the command that read the spec."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
+Url = Annotated[str, AfterValidator(absolute_url)]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `lines` has one problem per line: field, value, what is allowed."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Section):
+    train: Url = Field(description="URL of the packed training split (a folder with manifest.json)")
+    val: Url = Field(description="URL of the packed validation split")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url); never logged"
+    )
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
+
+
+class ModelSpec(_Section):
+    backbone: str = "resnet50"
+    head: str = "deeplabv3plus"
+    output_stride: Literal[8, 16] = 16
+    pretrained: Url | None = Field(None, description="URI of backbone weights in torchvision key layout")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        return _one_of("backbone", v, BACKBONES)
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, v: str) -> str:
+        return _one_of("head", v, HEADS)
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_per_gpu: int = Field(2, ge=1, description="images per worker per step: the normalization batch")
+    crop: tuple[int, int] = Field((720, 720), description="training crop as [width, height]")
+    scale: tuple[float, float] = Field((0.5, 2.0), description="random scale range before the crop")
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    lr: float = Field(0.02, gt=0)
+    head_lr_mult: float = Field(
+        10.0, gt=0, description="learning-rate multiplier of the head (ASPP, decoder)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    loss: Literal["ce"] = "ce"
+    amp: Literal["none", "bf16"] = "none"
+    seed: int = 0
+
+    @field_validator("crop")
+    @classmethod
+    def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32:
+            raise ValueError(f"crop {list(v)} is too small; both sides must be >= 32 pixels")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale {list(v)} must be [low, high] with 0 < low <= high")
+        return v
+
+
+class ResourcesSpec(_Section):
+    workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (DDP ranks) per trial")
+    gpus_per_worker: float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
+    cpus_per_worker: float = Field(1, gt=0)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class TrackingSpec(_Section):
+    experiment: str | None = Field(None, description="MLflow experiment; defaults to the spec's name")
+
+
+class Spec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    norm: str = Field("bn", description="norm spec string: bn, syncbn, gn:g<N>, gn:c<N>")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage: Url | None = Field(None, description="URI for Ray Train checkpoints and Tune state")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="dotted keys of the fields above -> lists of values"
+    )
+
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, v: str) -> str:
+        parse_norm(v)
+        return v
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def _one_of(field: str, value: str, allowed: Iterable[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {field} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+# ---------------------------------------------------------------- flat configs
+
+
+def flatten(spec: Spec) -> dict[str, Any]:
+    """The spec without its grid as a flat dict of dotted keys (dict-valued fields stay whole)."""
+    flat: dict[str, Any] = {}
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for key in type(model).model_fields:
+            if key == "grid":
+                continue
+            value = getattr(model, key)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+
+    walk(spec, "")
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_path(nested, key.split("."), value)
+    return nested
+
+
+def from_flat(flat: dict[str, Any]) -> Spec:
+    """Rebuild a validated Spec from a trial config (its grid is empty: the point is fixed)."""
+    return Spec.model_validate(unflatten(flat))
+
+
+def grid_keys() -> list[str]:
+    """Every key a grid may sweep over."""
+    example = Spec(name="x", data=DataSpec(train="x", val="x"))
+    return [k for k in flatten(example) if k != "name"]
+
+
+def expand(spec: Spec) -> list[dict[str, Any]]:
+    """One flat trial config per grid point, in the order of the grid's keys (last varies fastest)."""
+    base = flatten(spec)
+    keys = list(spec.grid)
+    points = itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]
+    return [{**base, **dict(zip(keys, point, strict=True))} for point in points]
+
+
+def trial_key(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
+    """A short, stable name of a grid point: `norm=bn,train.batch_per_gpu=2` (`base` without a grid)."""
+    return ",".join(f"{k}={_compact(config[k])}" for k in grid_keys) or "base"
+
+
+def public_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial config minus values that may hold credentials (what MLflow and tables show)."""
+    return {k: v for k, v in config.items() if k not in SECRET_KEYS}
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
+    """Read, override and validate a spec file; raise SpecError with one line per problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise SpecError([f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"])
+    raw = apply_overrides(raw, overrides)
+    return validate(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """`key=value` pairs (values parsed as YAML) set on the raw spec. Setting a key the grid sweeps
+    over fixes it to that value (the grid axis is dropped); `grid.<key>=[...]` replaces an axis."""
+    raw = copy.deepcopy(raw)
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            errors.append(f"--set {item!r}: expected key=value, e.g. --set train.epochs=2")
+            continue
+        value = yaml.safe_load(text) if text else None
+        if key.startswith("grid."):
+            raw.setdefault("grid", {})[key[len("grid.") :]] = value
+            continue
+        grid = raw.get("grid")
+        if isinstance(grid, dict) and key in grid:
+            del grid[key]
+            if not grid:  # the last axis was fixed: one trial, not an "empty grid" error
+                del raw["grid"]
+        _set_path(raw, key.split("."), value)
+    if errors:
+        raise SpecError(errors)
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> Spec:
+    errors: list[str] = []
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_describe(e, prefix="")) from None
+    if "grid" in raw and not spec.grid:
+        errors.append("grid: empty; list values for at least one key, or remove `grid` to run one trial")
+    allowed = grid_keys()
+    base = flatten(spec)
+    for key, values in spec.grid.items():
+        if key not in allowed:
+            errors.append(f"grid.{key}: unknown key; allowed: {', '.join(allowed)}")
+            continue
+        if not values:
+            errors.append(f"grid.{key}: empty list; give at least one value")
+        for i, value in enumerate(values):
+            try:
+                from_flat({**base, key: value})
+            except ValidationError as e:
+                errors += _describe(e, prefix=f"grid.{key}[{i}] -> ", only=key)
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def _describe(error: ValidationError, prefix: str, only: str | None = None) -> list[str]:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if only is not None and not (loc == only or loc.startswith(only + ".")):
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed: {', '.join(_fields_at(err['loc'][:-1]))}"
+        elif err["type"] == "missing":
+            msg = "required, missing"
+        value = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        lines.append(f"{prefix}{loc}: {msg}{value}")
+    return lines
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        child = tree.get(part)
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    tree[parts[-1]] = value
+
+
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON Schema, with the grid's keys enumerated so editors complete them."""
+    schema = Spec.model_json_schema()
+    schema["properties"]["grid"]["propertyNames"] = {"enum": grid_keys()}
+    return schema
+
+
+def describe_grid(spec: Spec) -> str:
+    """A human table of the expanded grid (what `orchestrator spec SPEC` prints)."""
+    trials = expand(spec)
+    lines = [f"{spec.name}: {len(trials)} trial(s), experiment {spec.experiment!r}"]
+    for i, config in enumerate(trials):
+        lines.append(f"  {i:3d}  {trial_key(config, spec.grid)}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Every MLflow call of the project: a parent run per sweep, a child run per trial, ensembles.
+
+Calls go through `MlflowClient` with explicit run ids, never the fluent "active run" state, because
+the runs are written from different processes (the CLI, Tune trial drivers, rank 0 of each trial).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+KIND = "orchestrator.kind"  # sweep | trial | ensemble
+SWEEP = "orchestrator.sweep"
+TRIAL_KEY = "orchestrator.trial_key"
+PARENT = "mlflow.parentRunId"
+CHECKPOINT_DIR = "checkpoints/best"
+CHECKPOINT_FILE = "model.pt"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or a SQLite store in the working directory, made absolute so that Ray
+    workers (which run in other directories) write to the same store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment's id, created if needed (by the calling process: MLflow resolves a local
+    artifact root against its working directory)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def start_sweep_run(experiment_id: str, sweep: str, params: dict[str, Any], uri: str) -> str:
+    run = client(uri).create_run(experiment_id, run_name=sweep, tags={KIND: "sweep", SWEEP: sweep})
+    log_params(run.info.run_id, params, uri)
+    return run.info.run_id
+
+
+def start_trial_run(
+    experiment_id: str, parent_run_id: str, key: str, params: dict[str, Any], uri: str
+) -> str:
+    """The child run of one grid point; a restarted trial driver finds and continues its own run
+    (same parent, same trial key) instead of opening a second one."""
+    c = client(uri)
+    found = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT}` = '{parent_run_id}' and tags.`{TRIAL_KEY}` = '{key}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    run = c.create_run(
+        experiment_id, run_name=key, tags={KIND: "trial", PARENT: parent_run_id, TRIAL_KEY: key}
+    )
+    log_params(run.info.run_id, params, uri)
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: dict[str, Any], uri: str) -> None:
+    items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
+    # MLflow takes at most 100 params per batch.
+    for i in range(0, len(items), 100):
+        client(uri).log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str) -> None:
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_checkpoint(run_id: str, path: str | Path, uri: str) -> None:
+    """Upload a checkpoint file as the run's best checkpoint (replacing the previous best)."""
+    client(uri).log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+
+def end_run(run_id: str, uri: str, failed: bool = False) -> None:
+    client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def top_trial_runs(experiment: str, metric: str, k: int, uri: str | None = None) -> list[Run]:
+    """The k finished trial runs with the highest `metric` (latest value) that have a checkpoint."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} at {uri or tracking_uri()}")
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{KIND}` = 'trial' and attributes.status = 'FINISHED'",
+        order_by=[f"metrics.`{metric}` DESC"],
+        max_results=max(k * 4, 50),
+    )
+    ranked = [r for r in runs if metric in r.data.metrics and has_checkpoint(r.info.run_id, uri)]
+    return ranked[:k]
+
+
+def latest_sweep_experiment(uri: str | None = None) -> str:
+    """The experiment of the most recently started sweep."""
+    c = client(uri)
+    runs = c.search_runs(
+        [e.experiment_id for e in c.search_experiments()],
+        filter_string=f"tags.`{KIND}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise LookupError(f"no sweep runs at {uri or tracking_uri()}; run `orchestrator sweep SPEC` first")
+    return c.get_experiment(runs[0].info.experiment_id).name
+
+
+def has_checkpoint(run_id: str, uri: str | None = None) -> bool:
+    return any(f.path.endswith(CHECKPOINT_FILE) for f in client(uri).list_artifacts(run_id, CHECKPOINT_DIR))
+
+
+def download_checkpoint(run_id: str, dst: str | Path | None = None, uri: str | None = None) -> Path:
+    dst = Path(dst or tempfile.mkdtemp(prefix=f"ckpt-{run_id[:8]}-"))
+    path = client(uri).download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", str(dst))
+    return Path(path)
+
+
+def log_ensemble_run(
+    experiment: str,
+    members: list[str],
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    uri: str | None = None,
+) -> str:
+    """An ensemble as its own run, naming its members (tag + param) so the UI links them."""
+    uri = uri or tracking_uri()
+    c = client(uri)
+    exp_id = ensure_experiment(experiment, uri)
+    run = c.create_run(
+        exp_id,
+        run_name=f"ensemble-top{len(members)}",
+        tags={KIND: "ensemble", "orchestrator.members": ",".join(members)},
+    )
+    run_id = run.info.run_id
+    log_params(run_id, {**params, "members": ",".join(members)}, uri)
+    log_metrics(run_id, metrics, step=0, uri=uri)
+    end_run(run_id, uri)
+    return run_id
+
+
+def _param_text(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."

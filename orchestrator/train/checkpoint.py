@@ -1,0 +1,43 @@
+"""Checkpoint files: model weights plus the flat trial config that rebuilds the model, so a
+checkpoint alone is enough for evaluation and ensembles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.models.build import build_model
+from orchestrator.spec import Spec, from_flat
+
+
+def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
+    """The model a spec describes; `pretrained=False` when weights come from a checkpoint next."""
+    return build_model(
+        spec.model.backbone,
+        spec.model.head,
+        norm=spec.norm,
+        output_stride=spec.model.output_stride,
+        pretrained=spec.model.pretrained if pretrained else None,
+        storage_options=spec.data.storage_options,
+    )
+
+
+def save(path: str | Path, model: nn.Module, config: dict[str, Any], **extra: Any) -> Path:
+    """Write weights (of the unwrapped model), the trial config and any extra state."""
+    torch.save({"model": model.state_dict(), "config": config, **extra}, path)
+    return Path(path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint and load its weights; returns (model in eval mode, config)."""
+    state = load(path)
+    model = model_for(from_flat(state["config"]), pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), state["config"]

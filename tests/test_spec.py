@@ -1,0 +1,138 @@
+"""The spec: validation messages, overrides, grid expansion, flat configs, schema."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from orchestrator import spec as specs
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"name": "t", "data": {"train": "s3://b/train", "val": "s3://b/val"}}
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def errors_of(tmp_path: Path, doc: dict, overrides=()) -> list[str]:
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(write(tmp_path, doc), overrides)
+    return e.value.lines
+
+
+def test_shipped_specs_are_valid():
+    smoke = specs.load(ROOT / "jobs/smoke.yaml")
+    assert [specs.trial_key(c, smoke.grid) for c in specs.expand(smoke)] == [
+        "norm=bn,train.batch_per_gpu=1",
+        "norm=bn,train.batch_per_gpu=2",
+        "norm=gn:g8,train.batch_per_gpu=1",
+        "norm=gn:g8,train.batch_per_gpu=2",
+    ]
+    study = specs.load(ROOT / "jobs/sweep_norms.yaml")
+    assert len(specs.expand(study)) == 2 * 4 * 4 * 3
+
+
+def test_defaults_and_flat_round_trip():
+    spec = specs.validate(MINIMAL)
+    flat = specs.flatten(spec)
+    assert flat["norm"] == "bn" and flat["train.crop"] == [720, 720] and flat["model.output_stride"] == 16
+    assert spec.experiment == "t"
+    assert specs.from_flat(flat) == spec
+    assert "grid" not in flat and "data.storage_options" in flat
+    assert "data.storage_options" not in specs.public_params(flat)
+
+
+def test_each_problem_is_one_line_naming_field_value_and_allowed(tmp_path):
+    doc = {
+        **MINIMAL,
+        "modle": {},
+        "model": {"backbone": "resnet1000"},
+        "norm": "gn:x3",
+        "train": {"batch_per_gpu": "two", "crop": [16, 16]},
+    }
+    lines = errors_of(tmp_path, doc)
+    assert len(lines) == 5, lines
+    text = "\n".join(lines)
+    assert "modle: unknown key; allowed: name, data, model, norm, train" in text
+    assert (
+        "model.backbone: unknown backbone 'resnet1000'; allowed: resnet18, resnet50 (got 'resnet1000')"
+        in text
+    )
+    assert "norm: unknown norm 'gn:x3'; allowed: bn, syncbn, gn:g<N>" in text
+    assert "train.batch_per_gpu:" in text and "(got 'two')" in text
+    assert "train.crop: crop [16, 16] is too small" in text
+
+
+def test_missing_and_nested_unknown_keys(tmp_path):
+    lines = errors_of(tmp_path, {"name": "t", "data": {"train": "x", "vall": "y"}})
+    assert "data.val: required, missing" in lines
+    assert "data.vall: unknown key; allowed: train, val, storage_options, loader_workers (got 'y')" in lines
+
+
+def test_grid_values_are_validated_one_by_one(tmp_path):
+    doc = {**MINIMAL, "grid": {"norm": ["bn", "gn:q"], "train.crop": [[64, 64], "big"], "model.depth": [1]}}
+    lines = errors_of(tmp_path, doc)
+    assert lines[0].startswith("grid.norm[1] -> norm: unknown norm 'gn:q'")
+    assert lines[1].startswith("grid.train.crop[1] -> train.crop:")
+    assert lines[2].startswith("grid.model.depth: unknown key; allowed: data.train")
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize("grid", [{}, {"norm": []}])
+def test_empty_grid_is_an_error(tmp_path, grid):
+    lines = errors_of(tmp_path, {**MINIMAL, "grid": grid})
+    assert len(lines) == 1 and lines[0].startswith("grid")
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "grid": {"norm": ["bn", "gn:g8"], "train.batch_per_gpu": [1, 2]}})
+    spec = specs.load(path, ["train.epochs=2", "train.crop=[64, 96]", "norm=syncbn"])
+    assert spec.train.epochs == 2 and spec.train.crop == (64, 96)
+    assert spec.norm == "syncbn" and list(spec.grid) == ["train.batch_per_gpu"]  # the axis is fixed
+    assert specs.load(path, ["norm=bn", "train.batch_per_gpu=4"]).grid == {}
+    spec = specs.load(path, ["grid.norm=[gn:c16]"])
+    assert [c["norm"] for c in specs.expand(spec)] == ["gn:c16", "gn:c16"]
+    assert errors_of(tmp_path, MINIMAL, ["train.epochs"]) == [
+        "--set 'train.epochs': expected key=value, e.g. --set train.epochs=2"
+    ]
+    assert errors_of(tmp_path, MINIMAL, ["train.epochs=0"])[0].startswith(
+        "train.epochs: Input should be greater"
+    )
+
+
+def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
+    schema = specs.json_schema()
+    for name in ("smoke.yaml", "sweep_norms.yaml"):
+        jsonschema.validate(yaml.safe_load((ROOT / "jobs" / name).read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**MINIMAL, "grid": {"nrom": ["bn"]}}, schema)
+    assert "train.batch_per_gpu" in schema["properties"]["grid"]["propertyNames"]["enum"]
+
+
+def test_cli_bad_spec_exits_2_before_importing_ray_or_torch(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "norm": "batchnorm", "grid": {"train.crop": []}})
+    code = (
+        "import sys; from orchestrator.cli import main; rc = main(['sweep', sys.argv[1]]);"
+        "assert not {'ray', 'torch', 'mlflow'} & set(sys.modules), sorted(sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: norm: unknown norm 'batchnorm'; allowed: bn, syncbn, gn:g<N> (N groups), "
+        "gn:c<N> (N channels per group) (got 'batchnorm')",
+    ]
+
+
+def test_cli_spec_prints_grid_and_schema(capsys):
+    assert main(["spec", str(ROOT / "jobs/smoke.yaml"), "--set", "grid.norm=[syncbn]"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke: 2 trial(s)" in out and "norm=syncbn,train.batch_per_gpu=2" in out
+    assert main(["spec", "--schema"]) == 0
+    assert '"propertyNames"' in capsys.readouterr().out

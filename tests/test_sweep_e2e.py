@@ -1,0 +1,106 @@
+"""The walking skeleton end to end, through the real command: synthetic BDD100K -> shards on a real
+S3 API server -> a 2-trial Ray Tune sweep of 2 gloo workers each -> SQLite MLflow -> an ensemble."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "orchestrator"]
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
+    proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    return proc.stdout
+
+
+@pytest.fixture
+def workdir(tmp_path, s3_server, s3_bucket):
+    """A user's working directory: env for S3 + MLflow, synthetic shards in the bucket."""
+    # A short RAY_TMPDIR of our own: Ray's socket paths must fit in 107 bytes, and a private one
+    # never joins another test's (or a stale) Ray instance.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "RAY_TMPDIR": ray_tmp,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    shards = f"s3://{s3_bucket}/bdd100k/shards"
+    run_cli(
+        ["data", "synth", str(tmp_path / "synth"), "--train", "16", "--val", "6", "--size", "128x72"],
+        tmp_path,
+        env,
+    )
+    out = run_cli(["data", "pack", str(tmp_path / "synth"), shards, "--shard-size", "5"], tmp_path, env)
+    assert "train: 16 samples in 4 shards" in out
+    spec = {
+        "name": "e2e",
+        "data": {"train": f"{shards}/train", "val": f"{shards}/val", "loader_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "train": {"epochs": 2, "steps_per_epoch": 2, "batch_per_gpu": 2, "crop": [64, 64], "lr": 0.01},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "grid": {"norm": ["bn", "gn:g8"]},
+    }
+    (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    yield tmp_path, env
+    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir):
+    cwd, env = workdir
+    out = run_cli(["sweep", "e2e.yaml"], cwd, env)
+    assert "norm=bn" in out and "norm=gn:g8" in out and "FINISHED" in out
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    sweeps = [r for r in runs if r.data.tags.get("orchestrator.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("orchestrator.kind") == "trial"]
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    assert sorted(r.data.params["norm"] for r in trials) == ["bn", "gn:g8"]
+    for trial in trials:
+        assert trial.data.tags["mlflow.parentRunId"] == sweeps[0].info.run_id
+        assert trial.info.status == "FINISHED"
+        assert trial.data.params["model.backbone"] == "resnet18"
+        assert trial.data.params["train.batch_per_gpu"] == "2"
+        for metric in ("train_loss", "val_miou", "val_iou_direct", "images_per_s"):
+            history = client.get_metric_history(trial.info.run_id, metric)
+            assert [m.step for m in history] == [1, 2], metric
+        assert 0 <= trial.data.metrics["val_miou"] <= 1
+        assert [f.path for f in client.list_artifacts(trial.info.run_id, "checkpoints/best")] == [
+            "checkpoints/best/model.pt"
+        ]
+
+    out = run_cli(["ensemble", "--top", "3"], cwd, env)  # experiment: the latest sweep's
+    assert "ensemble of 2" in out
+    ensembles = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'ensemble'")
+    assert len(ensembles) == 1
+    members = ensembles[0].data.tags["orchestrator.members"].split(",")
+    assert sorted(members) == sorted(r.info.run_id for r in trials)
+    assert 0 <= ensembles[0].data.metrics["val_miou"] <= 1
+
+
+def test_train_runs_one_trial_without_tune(workdir):
+    cwd, env = workdir
+    out = run_cli(["train", "e2e.yaml", "--set", "norm=syncbn", "--set", "train.epochs=1"], cwd, env)
+    assert "base" in out and "FINISHED" in out
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    (trial,) = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'trial'")
+    assert trial.data.params["norm"] == "syncbn" and trial.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_miou")] == [1]
