@@ -96,7 +96,8 @@ def end_run(run_id: str, uri: str, failed: bool = False) -> None:
 
 
 def top_trial_runs(experiment: str, metric: str, k: int, uri: str | None = None) -> list[Run]:
-    """The k finished trial runs with the highest `metric` (latest value) that have a checkpoint."""
+    """The k finished trial runs with a checkpoint, ranked by the best value of `metric` in their
+    history (not the last value: each run's checkpoint is its best epoch)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -104,11 +105,15 @@ def top_trial_runs(experiment: str, metric: str, k: int, uri: str | None = None)
     runs = c.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{KIND}` = 'trial' and attributes.status = 'FINISHED'",
-        order_by=[f"metrics.`{metric}` DESC"],
-        max_results=max(k * 4, 50),
+        max_results=10_000,
     )
-    ranked = [r for r in runs if metric in r.data.metrics and has_checkpoint(r.info.run_id, uri)]
-    return ranked[:k]
+    scored = [
+        (run, max(m.value for m in history))
+        for run in runs
+        if (history := c.get_metric_history(run.info.run_id, metric))
+    ]
+    scored.sort(key=lambda pair: -pair[1])
+    return [run for run, _ in scored if has_checkpoint(run.info.run_id, uri)][:k]
 
 
 def latest_sweep_experiment(uri: str | None = None) -> str:

@@ -42,7 +42,7 @@ def workdir(tmp_path, s3_server, s3_bucket):
     env.pop("RAY_ADDRESS", None)
     shards = f"s3://{s3_bucket}/bdd100k/shards"
     run_cli(
-        ["data", "synth", str(tmp_path / "synth"), "--train", "16", "--val", "6", "--size", "128x72"],
+        ["data", "synth", str(tmp_path / "synth"), "--train", "16", "--val", "4", "--size", "128x72"],
         tmp_path,
         env,
     )
@@ -93,6 +93,15 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir):
     members = ensembles[0].data.tags["orchestrator.members"].split(",")
     assert sorted(members) == sorted(r.info.run_id for r in trials)
     assert 0 <= ensembles[0].data.metrics["val_miou"] <= 1
+    # Each member, re-scored from its MLflow checkpoint in one process, scores what its trial reported
+    # across 2 ranks at its best epoch: the checkpoint is exactly the model every rank validated.
+    best = {
+        r.info.run_id: max(m.value for m in client.get_metric_history(r.info.run_id, "val_miou"))
+        for r in trials
+    }
+    for i, run_id in enumerate(members):
+        assert ensembles[0].data.metrics[f"member{i}_val_miou"] == pytest.approx(best[run_id], abs=1e-9)
+    assert best[members[0]] >= best[members[1]]  # ranked by the best value of the metric
 
 
 def test_train_runs_one_trial_without_tune(workdir):

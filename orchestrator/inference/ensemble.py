@@ -57,11 +57,13 @@ def run_ensemble(
         storage_options=storage_options,
     )
     cms = torch.zeros(len(models) + 1, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
-    for i, (images, masks) in enumerate(loader):
+    every = max(1, len(loader) // 10)
+    for i, (images, masks) in enumerate(loader, 1):
         probs = [predict_proba(m, images) for m in models]
         for j, p in enumerate([*probs, torch.stack(probs).mean(0)]):
             cms[j] += metrics.confusion_matrix(p.argmax(1), masks)
-        log.info("ensemble: batch %d/%d", i + 1, len(loader))
+        if i % every == 0 or i == len(loader):
+            log.info("ensemble of %d: %d/%d validation batches", len(models), i, len(loader))
     member_metrics = [metrics.summarize(cm) for cm in cms[:-1]]
     ensemble_metrics = metrics.summarize(cms[-1])
     ids = [r.info.run_id for r in runs]

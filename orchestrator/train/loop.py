@@ -25,6 +25,7 @@ from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
 from orchestrator.data.stream import make_loader
 from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint
+from orchestrator.train.distributed import all_reduce, broadcast_buffers, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = checkpoint.model_for(spec).to(device)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
-    net = _unwrap(model)
+    net = unwrap(model)
     optimizer = torch.optim.SGD(
         [
             {"params": net.backbone.parameters(), "lr_mult": 1.0},
@@ -105,8 +106,8 @@ def _train_epoch(
         if rank == 0 and (i + 1) % 20 == 0:
             log.info("epoch %d step %d/%d loss %.4f", epoch + 1, i + 1, steps, loss.item())
     elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=device)
-    _all_reduce(loss_sum)
-    _all_reduce(elapsed, dist.ReduceOp.MAX)
+    all_reduce(loss_sum)
+    all_reduce(elapsed, dist.ReduceOp.MAX)
     images_seen = steps * t.batch_per_gpu * world
     return {
         "train_loss": float(loss_sum) / (steps * world),
@@ -121,13 +122,14 @@ def _validate(spec: Spec, net: nn.Module, device: torch.device, rank: int, world
     Runs the unwrapped model: DDP's forward would sync buffers, a collective that hangs when ranks
     hold different numbers of validation batches."""
     net.eval()
+    broadcast_buffers(net)
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
     for images, masks in _loader(spec, rank, world, train=False, epoch=0):
         images, masks = images.to(device), masks.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.train.amp == "bf16"):
             logits = net(images)
         cm += metrics.confusion_matrix(logits.argmax(1), masks)
-    _all_reduce(cm)
+    all_reduce(cm)
     return metrics.summarize(cm.cpu())
 
 
@@ -197,12 +199,3 @@ def _steps_per_epoch(spec: Spec, rank: int, world: int) -> int:
             f"than {spec.data.train} holds"
         )
     return steps
-
-
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
