@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import s3fs
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -54,6 +55,7 @@ def workdir(tmp_path, s3_server, s3_bucket):
         "model": {"backbone": "resnet18"},
         "train": {"epochs": 2, "steps_per_epoch": 2, "batch_per_gpu": 2, "crop": [64, 64], "lr": 0.01},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "storage": f"s3://{s3_bucket}/runs",  # Ray Train checkpoints on the S3 server too
         "grid": {"norm": ["bn", "gn:g8"]},
     }
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -61,10 +63,13 @@ def workdir(tmp_path, s3_server, s3_bucket):
     subprocess.run(["rm", "-rf", ray_tmp], check=False)
 
 
-def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir):
+def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bucket):
     cwd, env = workdir
     out = run_cli(["sweep", "e2e.yaml"], cwd, env)
     assert "norm=bn" in out and "norm=gn:g8" in out and "FINISHED" in out
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    ray_checkpoints = [p for p in fs.find(f"{s3_bucket}/runs") if p.endswith("/model.pt")]
+    assert len(ray_checkpoints) == 2 * 2  # 2 trials x num_to_keep=2 epochs
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("e2e")
@@ -113,3 +118,27 @@ def test_train_runs_one_trial_without_tune(workdir):
     (trial,) = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'trial'")
     assert trial.data.params["norm"] == "syncbn" and trial.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_miou")] == [1]
+
+
+def test_a_failing_trial_fails_alone_with_its_reason(workdir):
+    cwd, env = workdir
+    args = ["sweep", "e2e.yaml", "--set", "norm=bn", "--set", "grid.train.batch_per_gpu=[2, 64]"]
+    proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    table = proc.stdout[proc.stdout.index("trial ") :]
+    assert "train.batch_per_gpu=2   FINISHED" in table
+    assert "train.batch_per_gpu=64  FAILED" in table
+    assert "too few for world_size 2 x batch_size 64" in table  # the reason, in one line
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    status = {
+        r.data.tags.get("orchestrator.trial_key", r.data.tags["orchestrator.kind"]): r.info.status
+        for r in runs
+    }
+    assert status == {
+        "train.batch_per_gpu=2": "FINISHED",
+        "train.batch_per_gpu=64": "FAILED",
+        "sweep": "FAILED",
+    }
