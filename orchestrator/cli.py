@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from orchestrator.errors import UsageError
 from orchestrator.spec import SpecError
 
 
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except LookupError as e:  # nothing to act on (no experiment, no finished runs): say so, no traceback
+    except (LookupError, UsageError) as e:  # nothing to act on, or not like this: say why, no traceback
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 1
 
@@ -81,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--data", help="validation split URL (default: the best member's data.val)")
     cmd.add_argument("--batch-size", type=int, default=2)
     cmd.set_defaults(func=_ensemble)
+
+    cmd = sub.add_parser(
+        "evalnorm-calibrate",
+        help="estimate EvalNorm alpha/beta for a trained BN run (other weights frozen); score; log to MLflow",
+    )
+    cmd.add_argument("run_id", help="MLflow run id of a finished bn/syncbn trial")
+    cmd.add_argument("--steps", type=int, default=200, help="optimization steps on training batches")
+    cmd.add_argument("--lr", type=float, default=0.1)
+    cmd.add_argument(
+        "--batch-size", type=int, help="normalization batch (default: the trial's batch_per_gpu)"
+    )
+    cmd.set_defaults(func=_calibrate)
     return p
 
 
@@ -172,4 +185,15 @@ def _ensemble(args: argparse.Namespace) -> int:
         print(f"{name + ' (' + run_id[:8] + ')':<48}  {m['val_miou']:8.4f}")
     print(f"{'ensemble of ' + str(len(result.members)):<48}  {result.metrics['val_miou']:8.4f}")
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from orchestrator.inference.calibrate import calibrate_run
+
+    result = calibrate_run(args.run_id, steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    print(f"\n{'model':<32}  {'val_miou':>8}")
+    print(f"{'BN, running statistics (EMA)':<32}  {result.ema['val_miou']:8.4f}")
+    print(f"{'EvalNorm, calibrated':<32}  {result.calibrated['val_miou']:8.4f}")
+    print(f"\nMLflow: calibrated run {result.run_id} (from {result.source_run})")
     return 0

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.models.catalog import BACKBONES, HEADS, parse_norm
+from orchestrator.models.catalog import BACKBONES, HEADS, NORM_GRAMMAR, NORM_PATTERN, parse_norm
 
 # Flat keys whose values are never logged or shown: they may carry credentials.
 SECRET_KEYS = ("data.storage_options",)
@@ -72,10 +72,20 @@ class ModelSpec(_Section):
 
 class TrainSpec(_Section):
     epochs: int = Field(50, ge=1)
-    batch_per_gpu: int = Field(2, ge=1, description="images per worker per step: the normalization batch")
+    batch_per_gpu: int = Field(2, ge=1, description="images per worker per forward: the normalization batch")
+    accumulate: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step: the gradient batch is accumulate x batch_per_gpu",
+    )
+    precise_bn_batches: int = Field(
+        0, ge=0, description="recompute BN population statistics on this many batches before each evaluation"
+    )
     crop: tuple[int, int] = Field((720, 720), description="training crop as [width, height]")
     scale: tuple[float, float] = Field((0.5, 2.0), description="random scale range before the crop")
-    steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap on optimizer steps per epoch (smoke runs)"
+    )
     lr: float = Field(0.02, gt=0)
     head_lr_mult: float = Field(
         10.0, gt=0, description="learning-rate multiplier of the head (ASPP, decoder)"
@@ -116,7 +126,9 @@ class Spec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
-    norm: str = Field("bn", description="norm spec string: bn, syncbn, gn:g<N>, gn:c<N>")
+    norm: str = Field(
+        "bn", description=f"norm spec string: {NORM_GRAMMAR}", json_schema_extra={"pattern": NORM_PATTERN}
+    )
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

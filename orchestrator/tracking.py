@@ -130,6 +130,13 @@ def latest_sweep_experiment(uri: str | None = None) -> str:
     return c.get_experiment(runs[0].info.experiment_id).name
 
 
+def run_names(run_id: str, uri: str | None = None) -> tuple[str, str]:
+    """(experiment name, run name) of a run."""
+    c = client(uri)
+    run = c.get_run(run_id)
+    return c.get_experiment(run.info.experiment_id).name, run.info.run_name
+
+
 def has_checkpoint(run_id: str, uri: str | None = None) -> bool:
     return any(f.path.endswith(CHECKPOINT_FILE) for f in client(uri).list_artifacts(run_id, CHECKPOINT_DIR))
 
@@ -140,25 +147,26 @@ def download_checkpoint(run_id: str, dst: str | Path | None = None, uri: str | N
     return Path(path)
 
 
-def log_ensemble_run(
+def log_derived_run(
     experiment: str,
-    members: list[str],
+    kind: str,
+    name: str,
     params: dict[str, Any],
     metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
+    files: dict[str, str | Path] | None = None,
     uri: str | None = None,
 ) -> str:
-    """An ensemble as its own run, naming its members (tag + param) so the UI links them."""
+    """A finished run made from other runs (an ensemble, a calibrated model): params, metrics, tags
+    naming its sources, and files as artifacts ({artifact folder: local file})."""
     uri = uri or tracking_uri()
     c = client(uri)
-    exp_id = ensure_experiment(experiment, uri)
-    run = c.create_run(
-        exp_id,
-        run_name=f"ensemble-top{len(members)}",
-        tags={KIND: "ensemble", "orchestrator.members": ",".join(members)},
-    )
+    run = c.create_run(ensure_experiment(experiment, uri), run_name=name, tags={KIND: kind, **(tags or {})})
     run_id = run.info.run_id
-    log_params(run_id, {**params, "members": ",".join(members)}, uri)
+    log_params(run_id, params, uri)
     log_metrics(run_id, metrics, step=0, uri=uri)
+    for folder, path in (files or {}).items():
+        c.log_artifact(run_id, str(path), folder)
     end_run(run_id, uri)
     return run_id
 

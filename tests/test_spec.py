@@ -113,6 +113,9 @@ def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
         jsonschema.validate(yaml.safe_load((ROOT / "jobs" / name).read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**MINIMAL, "grid": {"nrom": ["bn"]}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**MINIMAL, "norm": "gn:g32+ws+ws"}, schema)
+    jsonschema.validate({**MINIMAL, "norm": "ign-a:c16+ws"}, schema)
     assert "train.batch_per_gpu" in schema["properties"]["grid"]["propertyNames"]["enum"]
 
 
@@ -126,7 +129,8 @@ def test_cli_bad_spec_exits_2_before_importing_ray_or_torch(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         "error: norm: unknown norm 'batchnorm'; allowed: bn, syncbn, gn:g<N> (N groups), "
-        "gn:c<N> (N channels per group) (got 'batchnorm')",
+        "gn:c<N> (N channels per group), in, ln, frozenbn, evalnorm, evalnorm:rule, ibn-a, ign-a:g<N>, "
+        "ign-a:c<N>; any of them may end in +ws (weight standardization) (got 'batchnorm')",
     ]
 
 

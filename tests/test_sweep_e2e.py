@@ -142,3 +142,31 @@ def test_a_failing_trial_fails_alone_with_its_reason(workdir):
         "train.batch_per_gpu=64": "FAILED",
         "sweep": "FAILED",
     }
+
+
+ALL_NORMS = [
+    "bn", "syncbn", "frozenbn", "evalnorm", "evalnorm:rule", "gn:g8", "gn:c16", "gn:g8+ws", "bn+ws",
+    "in", "ln", "ibn-a", "ign-a:c16",
+]  # fmt: skip
+
+
+def test_every_norm_trains_in_a_2_worker_trial(workdir):
+    """Each norm as a grid value, 2 gloo workers (syncbn across them), 2 accumulated micro-batches
+    per step and PreciseBN before evaluation."""
+    cwd, env = workdir
+    sets = [
+        f"grid.norm=[{', '.join(ALL_NORMS)}]",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.accumulate=2",
+        "train.precise_bn_batches=2",
+    ]
+    out = run_cli(["sweep", "e2e.yaml", *(a for s in sets for a in ("--set", s))], cwd, env, timeout=1200)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    trials = client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
+    assert sorted(r.data.params["norm"] for r in trials) == sorted(ALL_NORMS), out[-3000:]
+    for trial in trials:
+        assert trial.info.status == "FINISHED", trial.data.params["norm"]
+        assert trial.data.params["train.accumulate"] == "2"
+        assert 0 <= trial.data.metrics["val_miou"] <= 1

@@ -1,4 +1,4 @@
-"""The training loop's collectives across 2 real gloo processes."""
+"""The training loop's collectives and accumulation across 2 real gloo processes."""
 
 from pathlib import Path
 
@@ -7,19 +7,36 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from orchestrator.train.distributed import all_reduce, broadcast_buffers, unwrap
+from orchestrator.train.distributed import all_reduce, average_buffers, unwrap
+from orchestrator.train.loop import accumulate_gradients
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def tiny_segmenter(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.Conv2d(4, 3, 1))
+
+
+def micro_batches(seed: int, k: int, b: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        masks = torch.randint(0, 3, (b, 6, 6), generator=g)
+        masks[:, :, : int(torch.randint(0, 4, (), generator=g))] = 255  # padded crops: uneven valid pixels
+        out.append((torch.randn(b, 3, 6, 6, generator=g), masks))
+    return out
+
+
+def _buffers_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+        model = nn.parallel.DistributedDataParallel(
+            tiny_segmenter(nn.BatchNorm2d(4)), broadcast_buffers=False
+        )
         torch.manual_seed(1 + rank)  # each rank sees its own data, as under DDP
         model(torch.randn(2, 3, 5, 5) * (rank + 1)).sum().backward()
         net = unwrap(model)
         before = [b.clone() for b in net.buffers()]
-        broadcast_buffers(net)
+        average_buffers(net)
         total = torch.tensor([rank + 1.0])
         all_reduce(total)
         torch.save({"before": before, "after": list(net.buffers()), "total": total}, f"{out}/{rank}.pt")
@@ -27,13 +44,17 @@ def _worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_broadcast_buffers_gives_every_rank_rank0s_bn_statistics(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+def test_average_buffers_gives_every_rank_the_mean_bn_statistics(tmp_path: Path) -> None:
+    mp.spawn(_buffers_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
-    # DDP broadcast rank 0's buffers before the forward; each rank then updated its own copy.
-    assert not torch.equal(r0["before"][0], r1["before"][0])
-    for a, b, own in zip(r0["after"], r1["after"], r0["before"], strict=True):
-        assert torch.equal(a, b) and torch.equal(a, own)
+    mean0, var0, count0 = r0["before"]
+    mean1, var1, count1 = r1["before"]
+    assert not torch.equal(mean0, mean1)  # each rank kept its own running statistics
+    torch.testing.assert_close(r0["after"][0], (mean0 + mean1) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(r0["after"][1], (var0 + var1) / 2, rtol=0, atol=1e-7)
+    for a, b in zip(r0["after"], r1["after"], strict=True):
+        assert torch.equal(a, b)
+    assert r0["after"][2] == count0 == count1
     assert r0["total"].item() == r1["total"].item() == 3.0
 
 
@@ -41,5 +62,60 @@ def test_single_process_collectives_are_no_ops() -> None:
     net = nn.BatchNorm2d(2)
     t = torch.tensor([2.0])
     all_reduce(t)
-    broadcast_buffers(net)
+    average_buffers(net)
     assert t.item() == 2.0 and unwrap(net) is net
+
+
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulating_micro_batches_gives_the_gradient_of_their_union_for_gn() -> None:
+    torch.manual_seed(0)
+    model = tiny_segmenter(nn.GroupNorm(2, 4))
+    micro = micro_batches(seed=3, k=3)
+    loss_k = accumulate_gradients(model, micro, torch.device("cpu"), "none")
+    accumulated = grads(model)
+    model.zero_grad()
+    union = [(torch.cat([x for x, _ in micro]), torch.cat([m for _, m in micro]))]
+    loss_1 = accumulate_gradients(model, union, torch.device("cpu"), "none")
+    for a, b in zip(accumulated, grads(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss_k, loss_1, rtol=1e-6, atol=0)
+
+
+def test_bn_normalizes_each_micro_batch_on_its_own() -> None:
+    torch.manual_seed(0)
+    model = tiny_segmenter(nn.BatchNorm2d(4))
+    micro = micro_batches(seed=3, k=2, b=2)
+    accumulate_gradients(model, micro, torch.device("cpu"), "none")
+    accumulated = grads(model)
+    model.zero_grad()
+    union = [(torch.cat([x for x, _ in micro]), torch.cat([m for _, m in micro]))]
+    accumulate_gradients(model, union, torch.device("cpu"), "none")
+    assert not torch.allclose(accumulated[0], grads(model)[0], rtol=1e-3)  # the norm batch is the micro-batch
+
+
+def _accumulate_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(tiny_segmenter(nn.GroupNorm(2, 4)))
+        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "none")
+        torch.save(grads(model), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_accumulation_averages_every_micro_batch_over_ranks(tmp_path: Path) -> None:
+    mp.spawn(_accumulate_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    per_rank = []
+    for rank in range(2):  # the same accumulation in one process, without DDP
+        torch.manual_seed(0)
+        model = tiny_segmenter(nn.GroupNorm(2, 4))
+        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "none")
+        per_rank.append(grads(model))
+    expected = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+    for rank in range(2):
+        for got, want in zip(torch.load(tmp_path / f"{rank}.pt"), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

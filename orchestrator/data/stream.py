@@ -169,6 +169,21 @@ def make_loader(
     return Loader(DataLoader(stream, batch_size=batch_size, num_workers=num_workers), num_batches)
 
 
+def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None = None) -> Loader:
+    """Every sample of a split, in order, whole images, in one process: evaluation outside training."""
+    return make_loader(
+        url,
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        train=False,
+        crop=None,
+        epoch=0,
+        seed=0,
+        storage_options=storage_options,
+    )
+
+
 def _read_piece(
     fs: fsspec.AbstractFileSystem, path: str, piece: Piece
 ) -> Iterator[tuple[int, int, bytes, bytes]]:

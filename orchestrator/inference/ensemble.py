@@ -3,18 +3,12 @@ in one pass over the validation set, and log the ensemble as its own MLflow run.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
-
 from orchestrator import metrics, tracking
-from orchestrator.data.layout import NUM_CLASSES
-from orchestrator.data.stream import make_loader
-from orchestrator.inference.predict import predict_proba
+from orchestrator.data.stream import evaluation_loader
+from orchestrator.inference.evaluate import evaluate
 from orchestrator.train import checkpoint
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,36 +39,21 @@ def run_ensemble(
         models.append(model)
         configs.append(config)
     val_url = data or configs[0]["data.val"]
-    loader = make_loader(
-        val_url,
-        batch_size=batch_size,
-        rank=0,
-        world_size=1,
-        train=False,
-        crop=None,
-        epoch=0,
-        seed=0,
-        storage_options=storage_options,
-    )
-    cms = torch.zeros(len(models) + 1, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
-    every = max(1, len(loader) // 10)
-    for i, (images, masks) in enumerate(loader, 1):
-        probs = [predict_proba(m, images) for m in models]
-        for j, p in enumerate([*probs, torch.stack(probs).mean(0)]):
-            cms[j] += metrics.confusion_matrix(p.argmax(1), masks)
-        if i % every == 0 or i == len(loader):
-            log.info("ensemble of %d: %d/%d validation batches", len(models), i, len(loader))
+    loader = evaluation_loader(val_url, batch_size=batch_size, storage_options=storage_options)
+    cms = evaluate(models, loader, ensemble=True)
     member_metrics = [metrics.summarize(cm) for cm in cms[:-1]]
     ensemble_metrics = metrics.summarize(cms[-1])
     ids = [r.info.run_id for r in runs]
-    run_id = tracking.log_ensemble_run(
+    run_id = tracking.log_derived_run(
         experiment,
-        ids,
-        params={"metric": metric, "top": top, "data.val": val_url, "mode": "whole"},
+        kind="ensemble",
+        name=f"ensemble-top{len(ids)}",
+        params={"metric": metric, "top": top, "data.val": val_url, "mode": "whole", "members": ",".join(ids)},
         metrics={
             **ensemble_metrics,
             **{f"member{i}_val_miou": m["val_miou"] for i, m in enumerate(member_metrics)},
         },
+        tags={"orchestrator.members": ",".join(ids)},
     )
     members = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, member_metrics, strict=True)]
     return EnsembleResult(members, ensemble_metrics, run_id)

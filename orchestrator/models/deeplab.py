@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orchestrator.models.catalog import OUTPUT_STRIDES, NormSpec
+from orchestrator.models.catalog import OUTPUT_STRIDES, NormSpec, parse_norm
 from orchestrator.models.layers import conv, conv_norm_relu, init_conv_weights
 
 ASPP_RATES_OS16 = (6, 12, 18)  # doubled at output stride 8, where the features are twice as large
 
 
 class ASPP(nn.Module):
-    def __init__(
-        self, in_channels: int, *, rates: tuple[int, ...], norm: str | NormSpec, channels: int = 256
-    ):
+    def __init__(self, in_channels: int, *, rates: tuple[int, ...], norm: NormSpec, channels: int = 256):
         super().__init__()
         self.branches = nn.ModuleList(
             [conv_norm_relu(in_channels, channels, 1, norm=norm)]
@@ -27,6 +25,8 @@ class ASPP(nn.Module):
         # Image pooling works on a 1x1 map: a BN there sees one value per channel at batch 1 per GPU, as the
         # study runs ("Expected more than 1 value per channel when training"). So this branch is a biased conv
         # without a norm, for every norm spec, so that the head's architecture does not vary with the norm.
+        # Under `+ws` it stays a plain conv, as the classifier: WS fixes a conv's output scale, which only a
+        # norm after it makes learnable again (the WS paper standardizes the convs before BN/GN).
         self.pool = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), conv(in_channels, channels, 1, bias=True), nn.ReLU(inplace=True)
         )
@@ -38,7 +38,11 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    """Features {"low", "out"} -> logits [B, num_classes, H/4, W/4]."""
+    """Features {"low", "out"} -> logits [B, num_classes, H/4, W/4].
+
+    With `+ws`, every conv followed by a norm is weight-standardized; the classifier and the image-pooling
+    conv (no norm after them) are plain convs.
+    """
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class DeepLabV3PlusHead(nn.Module):
                 f"unknown output_stride {output_stride!r}; allowed: {', '.join(map(str, OUTPUT_STRIDES))}"
             )
         rates = tuple(r * 16 // output_stride for r in ASPP_RATES_OS16)
+        norm = parse_norm(norm)
         self.aspp = ASPP(in_channels, rates=rates, norm=norm)
         self.low_project = conv_norm_relu(low_channels, 48, 1, norm=norm)
         self.fuse = nn.Sequential(

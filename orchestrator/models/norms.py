@@ -7,22 +7,34 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, parse_norm
+from orchestrator.models.evalnorm import EvalNorm2d
 
 logger = logging.getLogger(__name__)
+
+# The norm each IBN kind uses outside its instance-norm half.
+_IBN_REST = {"ibn-a": "bn", "ign-a": "gn"}
 
 # (spec, C) pairs whose group count was adjusted and already logged: one line per layer shape, not per layer.
 _logged_fallbacks: set[tuple[str, int]] = set()
 
 
-def make_norm(spec: str | NormSpec, num_channels: int) -> nn.Module:
-    """The norm layer for `num_channels` channels described by `spec` (a string or a parsed NormSpec)."""
-    spec = parse_norm(spec) if isinstance(spec, str) else spec
+def make_norm(spec: str | NormSpec, num_channels: int, *, instance_half: bool = False) -> nn.Module:
+    """The norm layer for `num_channels` channels described by `spec` (a string or a parsed NormSpec).
+
+    `instance_half` marks the layers where IBN-Net-a mixes in instance norm (the model decides where): for
+    `ibn-a` / `ign-a:*` those get an IBN layer, the others plain BN / GN. Other specs ignore it.
+    """
+    spec = parse_norm(spec)
+    if spec.kind in _IBN_REST:
+        rest = replace(spec, kind=_IBN_REST[spec.kind])
+        return IBN(num_channels, rest) if instance_half else make_norm(rest, num_channels)
     if spec.kind == "bn":
         return nn.BatchNorm2d(num_channels)
     if spec.kind == "syncbn":
@@ -31,6 +43,16 @@ def make_norm(spec: str | NormSpec, num_channels: int) -> nn.Module:
         return nn.SyncBatchNorm(num_channels) if torch.cuda.is_available() else SyncBatchNorm(num_channels)
     if spec.kind == "gn":
         return nn.GroupNorm(group_count(spec, num_channels), num_channels)
+    if spec.kind == "in":
+        # One channel per group: per sample and channel over (H, W) with a per-channel affine, exactly
+        # InstanceNorm2d(C, affine=True) (which keeps no running stats either), with GN's key names.
+        return nn.GroupNorm(num_channels, num_channels)
+    if spec.kind == "ln":
+        return nn.GroupNorm(1, num_channels)  # per sample over (C, H, W), per-channel affine
+    if spec.kind == "frozenbn":
+        return FrozenBatchNorm2d(num_channels)
+    if spec.kind == "evalnorm":
+        return EvalNorm2d(num_channels, rule=spec.rule)
     raise ValueError(f"make_norm has no layer for norm {str(spec)!r}")
 
 
@@ -56,6 +78,41 @@ def group_count(spec: NormSpec, num_channels: int) -> int:
             num_channels // groups,
         )
     return groups
+
+
+def convert_norms(model: nn.Module, spec: str | NormSpec) -> nn.Module:
+    """Replace every norm layer of a built model (in place) by `make_norm(spec, C)`; returns the model.
+
+    Affine weights and running stats are copied where both layers have them: BN -> frozenbn freezes a
+    trained model's statistics for fine-tuning, BN -> evalnorm keeps everything, BN -> GN keeps the affine.
+    Specs that change more than the norms are refused: IBN-a's placement (the first norm of the blocks in
+    layer1-3) is the architecture's, and `+ws` changes the convs; build the model with those instead.
+    """
+    spec = parse_norm(spec)
+    if spec.kind in _IBN_REST or spec.ws:
+        why = "+ws changes its convs" if spec.ws else "where IBN-a mixes in instance norm is architecture"
+        raise ValueError(f"cannot convert a model's norms to {str(spec)!r} ({why}); build the model with it")
+    for name, child in model.named_children():
+        if isinstance(child, _NORM_LAYERS):
+            setattr(model, name, _converted(child, spec))
+        else:
+            convert_norms(child, spec)
+    return model
+
+
+def _converted(old: nn.Module, spec: NormSpec) -> nn.Module:
+    """`make_norm(spec, C)` for the C channels of norm layer `old`, with the tensors the two share."""
+    if isinstance(old, IBN):  # its halves' affines make one per-channel affine; IN has no running stats
+        channels = old.num_channels
+        state = {k: torch.cat([old.IN.state_dict()[k], old.BN.state_dict()[k]]) for k in ("weight", "bias")}
+    else:
+        channels = old.num_channels if isinstance(old, nn.GroupNorm) else old.num_features
+        state = old.state_dict()
+    new = make_norm(spec, channels)
+    own = new.state_dict().keys()
+    new.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    reference = next(t for t in state.values() if t.is_floating_point())
+    return new.to(reference.device, reference.dtype).train(old.training)
 
 
 def _world_size(group: dist.ProcessGroup | None) -> int:
@@ -135,3 +192,53 @@ class _SyncNormalize(torch.autograd.Function):
         mean_g, mean_gx = (s.div(ctx.n).to(g.dtype).reshape(invstd.shape) for s in sums.split(channels))
         grad_x = (g - mean_g - xhat * mean_gx) * invstd
         return grad_x.to(grad.dtype), None, None, None, None, None
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine: y = x * scale + shift, the same in train and eval.
+
+    All four tensors are buffers (nothing trains) named as BatchNorm2d's, so a BN state_dict loads; its
+    `num_batches_tracked` is dropped.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class IBN(nn.Module):
+    """IBN-Net-a's mixed norm (Pan et al., ECCV 2018): instance norm on the first floor(C/2) channels,
+    `rest` (BN for ibn-a, GN for ign-a) on the others.
+
+    The children are named `IN` and `BN` (even when `BN` is a GroupNorm), as in IBN-Net's checkpoints.
+    """
+
+    def __init__(self, num_channels: int, rest: NormSpec) -> None:
+        super().__init__()
+        self.num_channels, self.half = num_channels, num_channels // 2
+        self.IN = make_norm(NormSpec("in"), self.half)
+        self.BN = make_norm(rest, num_channels - self.half)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, rest = x.split((self.half, self.num_channels - self.half), dim=1)
+        return torch.cat([self.IN(first), self.BN(rest)], dim=1)
+
+
+# Every layer make_norm builds (BatchNorm2d covers our SyncBatchNorm and EvalNorm2d).
+_NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, FrozenBatchNorm2d, IBN)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from orchestrator.models.catalog import BACKBONES, OUTPUT_STRIDES, NormSpec
+from orchestrator.models.catalog import BACKBONES, OUTPUT_STRIDES, NormSpec, parse_norm
 from orchestrator.models.layers import conv, init_conv_weights
 from orchestrator.models.norms import make_norm
 
@@ -23,12 +23,13 @@ class BasicBlock(nn.Module):
         stride: int,
         first_dilation: int,
         dilation: int,
-        norm: str | NormSpec,
+        norm: NormSpec,
+        instance_half: bool,
     ) -> None:
         super().__init__()
-        self.conv1 = conv(in_channels, planes, 3, stride=stride, dilation=first_dilation)
-        self.bn1 = make_norm(norm, planes)
-        self.conv2 = conv(planes, planes, 3, dilation=dilation)
+        self.conv1 = conv(in_channels, planes, 3, stride=stride, dilation=first_dilation, ws=norm.ws)
+        self.bn1 = make_norm(norm, planes, instance_half=instance_half)
+        self.conv2 = conv(planes, planes, 3, dilation=dilation, ws=norm.ws)
         self.bn2 = make_norm(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, planes, stride, norm)
@@ -56,15 +57,16 @@ class Bottleneck(nn.Module):
         stride: int,
         first_dilation: int,
         dilation: int,
-        norm: str | NormSpec,
+        norm: NormSpec,
+        instance_half: bool,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = conv(in_channels, planes, 1)
-        self.bn1 = make_norm(norm, planes)
-        self.conv2 = conv(planes, planes, 3, stride=stride, dilation=first_dilation)
+        self.conv1 = conv(in_channels, planes, 1, ws=norm.ws)
+        self.bn1 = make_norm(norm, planes, instance_half=instance_half)
+        self.conv2 = conv(planes, planes, 3, stride=stride, dilation=first_dilation, ws=norm.ws)
         self.bn2 = make_norm(norm, planes)
-        self.conv3 = conv(planes, out_channels, 1)
+        self.conv3 = conv(planes, out_channels, 1, ws=norm.ws)
         self.bn3 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, out_channels, stride, norm)
@@ -80,11 +82,13 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int, norm: str | NormSpec) -> nn.Sequential | None:
+def _shortcut(in_channels: int, out_channels: int, stride: int, norm: NormSpec) -> nn.Sequential | None:
     """Projection shortcut (torchvision's `downsample.0` conv, `downsample.1` norm) when the shape changes."""
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(conv(in_channels, out_channels, 1, stride=stride), make_norm(norm, out_channels))
+    return nn.Sequential(
+        conv(in_channels, out_channels, 1, stride=stride, ws=norm.ws), make_norm(norm, out_channels)
+    )
 
 
 # name -> (block, blocks per stage)
@@ -111,7 +115,12 @@ def _stage_plan(output_stride: int) -> list[tuple[int, int, int]]:
 
 
 class ResNet(nn.Module):
-    """Features {"low": layer1 (stride 4), "out": layer4 (stride `output_stride`)}."""
+    """Features {"low": layer1 (stride 4), "out": layer4 (stride `output_stride`)}.
+
+    With `+ws` every conv is weight-standardized, the stem's too (all of them feed a norm). With `ibn-a` /
+    `ign-a:*` the first norm of every block in layer1-3 is an IBN layer, as IBN-Net-a; the stem, layer4
+    and the rest keep the plain norm.
+    """
 
     def __init__(self, name: str, *, norm: str | NormSpec = "bn", output_stride: int = 16) -> None:
         super().__init__()
@@ -122,14 +131,15 @@ class ResNet(nn.Module):
                 f"unknown output_stride {output_stride!r}; allowed: {', '.join(map(str, OUTPUT_STRIDES))}"
             )
         block, depths = _ARCHS[name]
-        self.conv1 = conv(3, 64, 7, stride=2)
+        norm = parse_norm(norm)
+        self.conv1 = conv(3, 64, 7, stride=2, ws=norm.ws)
         self.bn1 = make_norm(norm, 64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         in_channels, stages = 64, []
-        for planes, depth, (stride, first_dilation, dilation) in zip(
-            (64, 128, 256, 512), depths, _stage_plan(output_stride), strict=True
+        for stage, (planes, depth, (stride, first_dilation, dilation)) in enumerate(
+            zip((64, 128, 256, 512), depths, _stage_plan(output_stride), strict=True)
         ):
             blocks = []
             for i in range(depth):
@@ -141,6 +151,7 @@ class ResNet(nn.Module):
                         first_dilation=first_dilation if i == 0 else dilation,
                         dilation=dilation,
                         norm=norm,
+                        instance_half=stage < 3,  # IBN-Net-a: layer1-3
                     )
                 )
                 in_channels = planes * block.expansion
@@ -151,9 +162,10 @@ class ResNet(nn.Module):
 
         init_conv_weights(self)
         # Zero gamma in each block's last norm: every residual block starts as identity (Goyal et al.; the
-        # GroupNorm paper trains its ResNets this way). Pretrained weights overwrite it.
+        # GroupNorm paper trains its ResNets this way). Pretrained weights overwrite it. Not for a frozen
+        # norm's weight (a buffer): zero there would cut the residual branch for good.
         for m in self.modules():
-            if isinstance(m, BasicBlock | Bottleneck):
+            if isinstance(m, BasicBlock | Bottleneck) and isinstance(m.last_norm().weight, nn.Parameter):
                 nn.init.zeros_(m.last_norm().weight)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -16,12 +16,22 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
         dist.all_reduce(t, op=op)
 
 
-def broadcast_buffers(net: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BN running statistics). DDP broadcasts them at the start of
-    each training forward, after which every rank updates its own copy: without this, each rank would
-    evaluate a slightly different model than the one rank 0 checkpoints."""
-    if world_size() > 1:
-        for buffer in net.buffers():
+def average_buffers(net: nn.Module) -> None:
+    """Average floating buffers (BN running statistics) over ranks; other buffers (batch counters)
+    take rank 0's value.
+
+    Per-GPU BN normalizes each rank's batch with that batch's statistics, and each rank keeps its own
+    running estimate (DDP runs with broadcast_buffers=False). Averaging them before evaluation and
+    checkpointing estimates the population statistics from every rank's data, where DDP's default
+    (rank 0's buffers copied to all at each forward) would use a 1/world share of it. For `syncbn`
+    the ranks' statistics are already equal; GN has no buffers."""
+    if world_size() == 1:
+        return
+    for buffer in net.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world_size())
+        else:
             dist.broadcast(buffer, src=0)
 
 

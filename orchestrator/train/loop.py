@@ -6,6 +6,7 @@ reports are the trial's, not rank 0's. Rank 0 alone writes checkpoints and logs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -20,13 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orchestrator import metrics, tracking
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
 from orchestrator.data.stream import Loader, make_loader
+from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint
-from orchestrator.train.distributed import all_reduce, broadcast_buffers, unwrap
+from orchestrator.train.distributed import all_reduce, average_buffers, unwrap
+from orchestrator.train.precise_bn import precise_bn
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,15 @@ class Worker:
         )
 
     def steps_per_epoch(self) -> int:
-        steps = len(self.loader(train=True))  # equal on every rank by construction
-        return min(steps, self.spec.train.steps_per_epoch or steps)
+        """Optimizer steps per epoch: equal on every rank, as the loader's batch count is."""
+        t = self.spec.train
+        steps = len(self.loader(train=True)) // t.accumulate
+        if steps == 0:
+            raise ValueError(
+                f"train.accumulate={t.accumulate} x train.batch_per_gpu={t.batch_per_gpu} x {self.world} "
+                f"workers needs more training samples than {self.spec.data.train} holds"
+            )
+        return min(steps, t.steps_per_epoch or steps)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -70,7 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = checkpoint.model_for(w.spec).to(w.device)
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    # DDP when world > 1; each rank keeps its own BN running statistics (see average_buffers).
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
 
@@ -86,58 +98,92 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     steps = w.steps_per_epoch()
     for epoch in range(start_epoch, w.spec.train.epochs):
-        report = {"epoch": epoch + 1, **train_epoch(w, model, optimizer, epoch, steps), **validate(w, net)}
+        report = {"epoch": epoch + 1, **train_epoch(w, model, optimizer, epoch, steps)}
+        if w.spec.train.precise_bn_batches:
+            images = (x.to(w.device) for x, _ in w.loader(train=True, epoch=epoch))
+            precise_bn(net, images, w.spec.train.precise_bn_batches)
+        report.update(validate(w, net))
         improved = report["val_miou"] > best
         best = report["best_val_miou"] = max(best, report["val_miou"])
         _report(w, config, net, optimizer, report, improved)
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
-    """SGD, the head at `head_lr_mult` x the backbone's learning rate (set per step by train_epoch)."""
+    """SGD, the head at `head_lr_mult` x the backbone's learning rate (set per step by train_epoch).
+    EvalNorm's alpha/beta form their own group without weight decay: decay would pull them to 0,
+    towards plain BN evaluation, whatever the data says."""
+    estimators = evalnorm_parameters(net)
+    skip = {id(p) for p in estimators}
+    groups = [
+        {"params": [p for p in net.backbone.parameters() if id(p) not in skip], "lr_mult": 1.0},
+        {
+            "params": [p for p in net.head.parameters() if id(p) not in skip],
+            "lr_mult": spec.train.head_lr_mult,
+        },
+    ]
+    if estimators:
+        groups.append({"params": estimators, "lr_mult": 1.0, "weight_decay": 0.0})
     return torch.optim.SGD(
-        [
-            {"params": net.backbone.parameters(), "lr_mult": 1.0},
-            {"params": net.head.parameters(), "lr_mult": spec.train.head_lr_mult},
-        ],
-        lr=spec.train.lr,
-        momentum=spec.train.momentum,
-        weight_decay=spec.train.weight_decay,
+        groups, lr=spec.train.lr, momentum=spec.train.momentum, weight_decay=spec.train.weight_decay
     )
 
 
 def train_epoch(
     w: Worker, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, steps: int
 ) -> dict[str, float]:
-    """One epoch of `steps` steps; loss and throughput are the trial's (all ranks), not this rank's."""
+    """One epoch of `steps` optimizer steps of `train.accumulate` micro-batches each; loss and
+    throughput are the trial's (all ranks), not this rank's."""
     t = w.spec.train
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=w.device)
-    total_steps = steps * t.epochs
+    batches = iter(w.loader(train=True, epoch=epoch))
     started = time.perf_counter()
-    for i, (images, masks) in enumerate(w.loader(train=True, epoch=epoch)):
-        if i == steps:
-            break
-        progress = (epoch * steps + i) / total_steps
+    for step in range(steps):
+        progress = (epoch * steps + step) / (steps * t.epochs)
         for group in optimizer.param_groups:
             group["lr"] = t.lr * group["lr_mult"] * (1 - progress) ** 0.9  # poly schedule, per step
-        images, masks = images.to(w.device, non_blocking=True), masks.to(w.device, non_blocking=True)
-        with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16"):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(model, [next(batches) for _ in range(t.accumulate)], w.device, t.amp)
         optimizer.step()
-        loss_sum += loss.detach()
-        if w.rank == 0 and (i + 1) % 20 == 0:
-            log.info("epoch %d step %d/%d loss %.4f", epoch + 1, i + 1, steps, loss.item())
+        loss_sum += loss
+        if w.rank == 0 and (step + 1) % 20 == 0:
+            log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, steps, loss.item())
     elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=w.device)
     all_reduce(loss_sum)
     all_reduce(elapsed, dist.ReduceOp.MAX)
     return {
         "train_loss": float(loss_sum) / (steps * w.world),
-        "images_per_s": steps * t.batch_per_gpu * w.world / float(elapsed),
+        "images_per_s": steps * t.accumulate * t.batch_per_gpu * w.world / float(elapsed),
         "lr": optimizer.param_groups[0]["lr"],
     }
+
+
+def accumulate_gradients(
+    model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp: str
+) -> torch.Tensor:
+    """Forward and backward each micro-batch, adding up the gradients of one step over their union.
+
+    Each micro-batch is normalized on its own (the small normalization batch of the papers) while
+    the gradient is that of the whole: every pixel loss is divided by the valid pixels of all
+    micro-batches together, exact even when crops are padded with the ignore label. DDP all-reduces
+    the gradients once, on the last micro-batch. Returns the mean pixel loss."""
+    valid = sum(int((masks != IGNORE_INDEX).sum()) for _, masks in micro_batches)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (images, masks) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with sync:
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+            objective = loss / max(valid, 1)
+            aux = evalnorm_aux_loss(unwrap(model))  # reaches only EvalNorm's alpha/beta (stop-gradients)
+            if aux is not None:
+                objective = objective + aux / len(micro_batches)
+            objective.backward()
+        total += loss.detach()
+    return total / max(valid, 1)
 
 
 @torch.no_grad()
@@ -146,7 +192,7 @@ def validate(w: Worker, net: nn.Module) -> dict[str, float]:
     Runs the unwrapped model: DDP's forward would sync buffers, a collective that hangs when ranks
     hold different numbers of validation batches."""
     net.eval()
-    broadcast_buffers(net)
+    average_buffers(net)
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=w.device)
     for images, masks in w.loader(train=False):
         images, masks = images.to(w.device), masks.to(w.device)
