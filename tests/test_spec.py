@@ -36,7 +36,7 @@ def test_shipped_specs_are_valid():
         "norm=gn:g8,train.batch_per_gpu=2",
     ]
     study = specs.load(ROOT / "jobs/sweep_norms.yaml")
-    assert len(specs.expand(study)) == 2 * 4 * 4 * 3
+    assert len(specs.expand(study)) == 2 * 10 * 4 * 3
 
 
 def test_defaults_and_flat_round_trip():
