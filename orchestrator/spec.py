@@ -92,6 +92,7 @@ class TrainSpec(_Section):
     )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    decay_norm_and_bias: bool = Field(False, description="also apply weight decay to norm weights and biases")
     loss: Literal["ce"] = "ce"
     amp: Literal["none", "bf16"] = "none"
     seed: int = 0

@@ -109,22 +109,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
-    """SGD, the head at `head_lr_mult` x the backbone's learning rate (set per step by train_epoch).
-    EvalNorm's alpha/beta form their own group without weight decay: decay would pull them to 0,
-    towards plain BN evaluation, whatever the data says."""
-    estimators = evalnorm_parameters(net)
-    skip = {id(p) for p in estimators}
-    groups = [
-        {"params": [p for p in net.backbone.parameters() if id(p) not in skip], "lr_mult": 1.0},
-        {
-            "params": [p for p in net.head.parameters() if id(p) not in skip],
-            "lr_mult": spec.train.head_lr_mult,
-        },
-    ]
-    if estimators:
-        groups.append({"params": estimators, "lr_mult": 1.0, "weight_decay": 0.0})
+    """SGD over parameter groups: the head at `head_lr_mult` x the backbone's learning rate (set per
+    step by train_epoch); no weight decay on norm weights and biases unless `decay_norm_and_bias`
+    (decaying a norm's scale fights the normalization it follows); EvalNorm's alpha/beta never decay,
+    since decay would pull them to 0, towards plain BN evaluation, whatever the data says."""
+    t = spec.train
+    estimators = {id(p) for p in evalnorm_parameters(net)}
+    groups = []
+    for part, lr_mult in ((net.backbone, 1.0), (net.head, t.head_lr_mult)):
+        params = [p for p in part.parameters() if p.requires_grad and id(p) not in estimators]
+        # Norm weights and biases are the 1-D parameters (PReLU slopes too).
+        no_decay = {id(p) for p in params if p.ndim <= 1 and not t.decay_norm_and_bias}
+        groups.append({"params": [p for p in params if id(p) not in no_decay], "lr_mult": lr_mult})
+        groups.append(
+            {"params": [p for p in params if id(p) in no_decay], "lr_mult": lr_mult, "weight_decay": 0.0}
+        )
+    groups.append({"params": evalnorm_parameters(net), "lr_mult": 1.0, "weight_decay": 0.0})
     return torch.optim.SGD(
-        groups, lr=spec.train.lr, momentum=spec.train.momentum, weight_decay=spec.train.weight_decay
+        [g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
     )
 
 
