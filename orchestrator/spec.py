@@ -15,12 +15,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.models.catalog import BACKBONES, HEADS, NORM_GRAMMAR, NORM_PATTERN, parse_norm
+from orchestrator.models.catalog import (
+    BACKBONES,
+    HEADS,
+    NORM_GRAMMAR,
+    NORM_PATTERN,
+    check_model,
+    default_head,
+    output_strides,
+    parse_norm,
+)
 
 # Flat keys whose values are never logged or shown: they may carry credentials.
 SECRET_KEYS = ("data.storage_options",)
+MAX_POINT_ERRORS = 10  # lines about invalid grid combinations before the rest are counted
 
 
 def absolute_url(url: str) -> str:
@@ -55,9 +73,19 @@ class DataSpec(_Section):
 
 class ModelSpec(_Section):
     backbone: str = "resnet50"
-    head: str = "deeplabv3plus"
-    output_stride: Literal[8, 16] = 16
-    pretrained: Url | None = Field(None, description="URI of backbone weights in torchvision key layout")
+    head: str | None = Field(None, description="default: the backbone's own (deeplabv3plus; enet for enet)")
+    output_stride: Literal[8, 16] | None = Field(
+        None, description="default: the backbone's own (16; 8 for DRN and ENet)"
+    )
+    pretrained: Url | None = Field(
+        None,
+        description="URI of backbone weights in the backbone's key layout (torchvision/timm); "
+        "`{backbone}` in it is replaced by the backbone's name, so one template serves a grid of backbones",
+    )
+
+    @property
+    def pretrained_uri(self) -> str | None:
+        return self.pretrained and self.pretrained.replace("{backbone}", self.backbone)
 
     @field_validator("backbone")
     @classmethod
@@ -66,8 +94,8 @@ class ModelSpec(_Section):
 
     @field_validator("head")
     @classmethod
-    def _known_head(cls, v: str) -> str:
-        return _one_of("head", v, HEADS)
+    def _known_head(cls, v: str | None) -> str | None:
+        return v and _one_of("head", v, HEADS)
 
 
 class TrainSpec(_Section):
@@ -144,6 +172,15 @@ class Spec(_Section):
         parse_norm(v)
         return v
 
+    @model_validator(mode="after")
+    def _model_fits(self) -> Spec:
+        config = resolve({"model.backbone": self.model.backbone, "model.head": self.model.head,
+                          "model.output_stride": self.model.output_stride})  # fmt: skip
+        check_model(
+            self.model.backbone, config["model.head"], config["model.output_stride"], parse_norm(self.norm)
+        )
+        return self
+
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
@@ -199,7 +236,18 @@ def expand(spec: Spec) -> list[dict[str, Any]]:
     base = flatten(spec)
     keys = list(spec.grid)
     points = itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]
-    return [{**base, **dict(zip(keys, point, strict=True))} for point in points]
+    return [resolve({**base, **dict(zip(keys, point, strict=True))}) for point in points]
+
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial config with the model defaults that depend on its backbone filled in (head, output
+    stride), so that a grid over backbones gives each its own and MLflow shows what ran."""
+    backbone = config["model.backbone"]
+    return {
+        **config,
+        "model.head": config["model.head"] or default_head(backbone),
+        "model.output_stride": config["model.output_stride"] or output_strides(backbone)[0],
+    }
 
 
 def trial_key(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
@@ -282,6 +330,14 @@ def validate(raw: dict[str, Any]) -> Spec:
                 from_flat({**base, key: value})
             except ValidationError as e:
                 errors += _describe(e, prefix=f"grid.{key}[{i}] -> ", only=key)
+    if not errors:  # each value is valid alone: now every combination the grid makes
+        for config in expand(spec):
+            try:
+                from_flat(config)
+            except ValidationError as e:
+                errors += _describe(e, prefix=f"grid point {trial_key(config, spec.grid)}: ")
+        if len(errors) > MAX_POINT_ERRORS:
+            errors[MAX_POINT_ERRORS:] = [f"... and {len(errors) - MAX_POINT_ERRORS} more invalid grid points"]
     if errors:
         raise SpecError(errors)
     return spec
@@ -294,6 +350,9 @@ def _describe(error: ValidationError, prefix: str, only: str | None = None) -> l
         if only is not None and not (loc == only or loc.startswith(only + ".")):
             continue
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields: its message names the fields and values
+            lines.append(f"{prefix}model: {msg}")
+            continue
         if err["type"] == "extra_forbidden":
             msg = f"unknown key; allowed: {', '.join(_fields_at(err['loc'][:-1]))}"
         elif err["type"] == "missing":

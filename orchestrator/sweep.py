@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-from orchestrator.spec import Spec, expand, flatten, from_flat, public_params, trial_key
+from orchestrator.spec import Spec, expand, flatten, from_flat, public_params, resolve, trial_key
 from orchestrator.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def run_trial(
     callbacks: list,
 ) -> dict[str, float]:
     """The driver of one trial: open its MLflow child run, fit a TorchTrainer, close the run."""
+    config = resolve(config)  # Tune's point holds the unset backbone-dependent defaults as None
     spec = from_flat(config)
     key = trial_key(config, grid)
     run_id = tracking.start_trial_run(experiment_id, parent_run_id, key, public_params(config), tracking_uri)

@@ -10,6 +10,7 @@ import yaml
 
 from orchestrator import spec as specs
 from orchestrator.cli import main
+from orchestrator.models.catalog import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"name": "t", "data": {"train": "s3://b/train", "val": "s3://b/val"}}
@@ -36,13 +37,23 @@ def test_shipped_specs_are_valid():
         "norm=gn:g8,train.batch_per_gpu=2",
     ]
     study = specs.load(ROOT / "jobs/sweep_norms.yaml")
-    assert len(specs.expand(study)) == 2 * 10 * 4 * 3
+    assert len(specs.expand(study)) == 4 * 8 * 4 * 3
+    assert {c["model.backbone"] for c in specs.expand(study)} == {
+        "resnet101",
+        "xception65",
+        "drn_d_105",
+        "wider_resnet38",
+    }
+    for name in ("sweep_ibn.yaml", "enet.yaml"):
+        assert specs.expand(specs.load(ROOT / "jobs" / name))
 
 
 def test_defaults_and_flat_round_trip():
     spec = specs.validate(MINIMAL)
     flat = specs.flatten(spec)
-    assert flat["norm"] == "bn" and flat["train.crop"] == [720, 720] and flat["model.output_stride"] == 16
+    assert flat["norm"] == "bn" and flat["train.crop"] == [720, 720] and flat["model.output_stride"] is None
+    (point,) = specs.expand(spec)  # the backbone's defaults, filled in per trial
+    assert point["model.output_stride"] == 16 and point["model.head"] == "deeplabv3plus"
     assert spec.experiment == "t"
     assert specs.from_flat(flat) == spec
     assert "grid" not in flat and "data.storage_options" in flat
@@ -62,7 +73,7 @@ def test_each_problem_is_one_line_naming_field_value_and_allowed(tmp_path):
     text = "\n".join(lines)
     assert "modle: unknown key; allowed: name, data, model, norm, train" in text
     assert (
-        "model.backbone: unknown backbone 'resnet1000'; allowed: resnet18, resnet50 (got 'resnet1000')"
+        f"model.backbone: unknown backbone 'resnet1000'; allowed: {', '.join(BACKBONES)} (got 'resnet1000')"
         in text
     )
     assert "norm: unknown norm 'gn:x3'; allowed: bn, syncbn, gn:g<N>" in text
@@ -109,7 +120,7 @@ def test_overrides(tmp_path):
 
 def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
     schema = specs.json_schema()
-    for name in ("smoke.yaml", "sweep_norms.yaml"):
+    for name in ("smoke.yaml", "sweep_norms.yaml", "sweep_ibn.yaml", "enet.yaml"):
         jsonschema.validate(yaml.safe_load((ROOT / "jobs" / name).read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**MINIMAL, "grid": {"nrom": ["bn"]}}, schema)
@@ -140,3 +151,43 @@ def test_cli_spec_prints_grid_and_schema(capsys):
     assert "smoke: 2 trial(s)" in out and "norm=syncbn,train.batch_per_gpu=2" in out
     assert main(["spec", "--schema"]) == 0
     assert '"propertyNames"' in capsys.readouterr().out
+
+
+def test_a_grid_of_backbones_gives_each_its_own_head_and_output_stride():
+    spec = specs.validate({**MINIMAL, "grid": {"model.backbone": ["resnet18", "drn_d_22", "enet"]}})
+    got = [(c["model.backbone"], c["model.head"], c["model.output_stride"]) for c in specs.expand(spec)]
+    assert got == [("resnet18", "deeplabv3plus", 16), ("drn_d_22", "deeplabv3plus", 8), ("enet", "enet", 8)]
+
+
+def test_invalid_combinations_are_named_per_grid_point(tmp_path):
+    doc = {**MINIMAL, "model": {"output_stride": 16}, "grid": {"model.backbone": ["resnet18", "drn_d_22"]}}
+    assert errors_of(tmp_path, doc) == [
+        "grid point model.backbone=drn_d_22: model: unknown output_stride 16 for backbone 'drn_d_22'; "
+        "allowed: 8"
+    ]
+    doc = {
+        **MINIMAL,
+        "grid": {"model.backbone": ["resnet50", "xception65"], "norm": ["bn", "ibn-a", "ign-a:c16"]},
+    }
+    lines = errors_of(tmp_path, doc)
+    assert [line.split(": model:")[0] for line in lines] == [
+        "grid point model.backbone=xception65,norm=ibn-a",
+        "grid point model.backbone=xception65,norm=ign-a:c16",
+    ]
+    assert "backbone 'xception65' has none" in lines[0]
+    lines = errors_of(tmp_path, {**MINIMAL, "model": {"backbone": "resnet18", "head": "enet"}})
+    assert lines == ["model: head 'enet' belongs to backbone 'enet'; it does not fit backbone 'resnet18'"]
+
+
+def test_many_invalid_points_are_counted_after_ten_lines(tmp_path):
+    lrs = [0.1 * i for i in range(1, 13)]
+    doc = {**MINIMAL, "model": {"backbone": "enet"}, "grid": {"norm": ["ibn-a"], "train.lr": lrs}}
+    lines = errors_of(tmp_path, doc)
+    assert len(lines) == 11 and lines[-1] == "... and 2 more invalid grid points"
+
+
+def test_pretrained_template_names_each_backbone():
+    spec = specs.validate(
+        {**MINIMAL, "model": {"backbone": "xception65", "pretrained": "s3://w/{backbone}.pth"}}
+    )
+    assert spec.model.pretrained_uri == "s3://w/xception65.pth"

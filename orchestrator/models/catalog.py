@@ -8,9 +8,68 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-BACKBONES = ("resnet18", "resnet50")
-HEADS = ("deeplabv3plus",)
+# `build.BACKBONE_BUILDERS` / `build.WHOLE_MODELS` / `build.HEAD_BUILDERS` hold the code for each name (a
+# test checks they agree). `resnet50d` / `resnet101d`: ResNet-D (deep stem, average-pool shortcuts), as timm.
+RESNETS = ("resnet18", "resnet50", "resnet101", "resnet152", "resnet50d", "resnet101d")
+BACKBONES = (*RESNETS, "xception65", "drn_d_22", "drn_d_105", "wider_resnet38", "enet")
+HEADS = ("deeplabv3plus", "deeplabv3", "fcn", "enet")
 OUTPUT_STRIDES = (8, 16)
+
+# Heads that are part of one backbone's architecture (ENet's decoder), head -> that backbone: valid only
+# together, both ways. Every other head fits every other backbone.
+OWN_HEADS: dict[str, str] = {"enet": "enet"}
+
+# Output strides a backbone supports, its default first (when the spec leaves model.output_stride unset).
+# DRN is dilated to stride 8 by design; ENet's encoder is fixed at 8.
+_OUTPUT_STRIDES = {"drn_d_22": (8,), "drn_d_105": (8,), "enet": (8,)}
+
+# Where IBN-a's instance-norm half goes is defined by ResNet blocks (IBN-Net-a: the first norm of each block
+# in stages 1-3); DRN is built from the same blocks. Other backbones have no such placement.
+IBN_BACKBONES = (*RESNETS, "drn_d_22", "drn_d_105")
+
+
+def check_output_stride(output_stride: int) -> None:
+    """ValueError unless `output_stride` is one the dilated backbones and heads are built for."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(
+            f"unknown output_stride {output_stride!r}; allowed: {', '.join(map(str, OUTPUT_STRIDES))}"
+        )
+
+
+def output_strides(backbone: str) -> tuple[int, ...]:
+    return _OUTPUT_STRIDES.get(backbone, (16, 8))
+
+
+def default_head(backbone: str) -> str:
+    return next((h for h, b in OWN_HEADS.items() if b == backbone), "deeplabv3plus")
+
+
+def check_pairing(backbone: str, head: str) -> None:
+    """ValueError unless `head` fits `backbone` (see OWN_HEADS); both names are assumed known."""
+    if head in OWN_HEADS and OWN_HEADS[head] != backbone:
+        raise ValueError(
+            f"head {head!r} belongs to backbone {OWN_HEADS[head]!r}; it does not fit backbone {backbone!r}"
+        )
+    own = [h for h, b in OWN_HEADS.items() if b == backbone]
+    if own and head not in own:
+        raise ValueError(f"backbone {backbone!r} takes only its own head {own[0]!r}, not head {head!r}")
+
+
+def check_model(backbone: str, head: str, output_stride: int, norm: NormSpec) -> None:
+    """ValueError naming the values unless this backbone, head, output stride and norm go together."""
+    check_pairing(backbone, head)
+    allowed = output_strides(backbone)
+    if output_stride not in allowed:
+        raise ValueError(
+            f"unknown output_stride {output_stride} for backbone {backbone!r}; allowed: "
+            f"{', '.join(map(str, sorted(allowed)))}"
+        )
+    if norm.kind in ("ibn-a", "ign-a") and backbone not in IBN_BACKBONES:
+        raise ValueError(
+            f"norm {str(norm)!r} places instance norm in ResNet-style blocks; backbone {backbone!r} has none "
+            f"(allowed: {', '.join(IBN_BACKBONES)})"
+        )
+
 
 NORM_GRAMMAR = (
     "bn, syncbn, gn:g<N> (N groups), gn:c<N> (N channels per group), in, ln, frozenbn, evalnorm, "

@@ -17,6 +17,7 @@ def conv(
     *,
     stride: int = 1,
     dilation: int = 1,
+    groups: int = 1,
     bias: bool = False,
     ws: bool = False,
 ) -> nn.Conv2d:
@@ -26,7 +27,14 @@ def conv(
     """
     padding = dilation * (kernel_size - 1) // 2
     return (StdConv2d if ws else nn.Conv2d)(
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
     )
 
 
@@ -52,13 +60,53 @@ class StdConv2d(nn.Conv2d):
 
 
 def conv_norm_relu(
-    in_channels: int, out_channels: int, kernel_size: int, *, norm: NormSpec, dilation: int = 1
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    norm: NormSpec,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
 ) -> nn.Sequential:
     return nn.Sequential(
-        conv(in_channels, out_channels, kernel_size, dilation=dilation, ws=norm.ws),
+        conv(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            dilation=dilation,
+            groups=groups,
+            ws=norm.ws,
+        ),
         make_norm(norm, out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def separable_conv_norm_relu(
+    in_channels: int, out_channels: int, *, norm: NormSpec, dilation: int = 1
+) -> nn.Sequential:
+    """DeepLabv3+'s depthwise-separable 3x3 conv: depthwise 3x3 (atrous) + norm + ReLU, then pointwise
+    1x1 + norm + ReLU (Chen et al., ECCV 2018, Sec. 3.2). One flat Sequential: index 0 is the depthwise conv.
+    """
+    return nn.Sequential(
+        *conv_norm_relu(in_channels, in_channels, 3, norm=norm, dilation=dilation, groups=in_channels),
+        *conv_norm_relu(in_channels, out_channels, 1, norm=norm),
+    )
+
+
+def classifier(in_channels: int, num_classes: int) -> nn.Conv2d:
+    """A head's last layer: a biased 1x1 conv with small weights.
+
+    Plain, never weight-standardized: no norm follows it to make its output scale learnable again.
+    """
+    layer = conv(in_channels, num_classes, 1, bias=True)
+    # Kaiming fan-out on a 3-output 1x1 conv gives logits with std ~9 at init (a first loss ~6);
+    # small weights start the classifier near uniform, where cross-entropy is ln(3).
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def init_conv_weights(module: nn.Module) -> None:

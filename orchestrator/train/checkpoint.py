@@ -20,7 +20,7 @@ def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
         spec.model.head,
         norm=spec.norm,
         output_stride=spec.model.output_stride,
-        pretrained=spec.model.pretrained if pretrained else None,
+        pretrained=spec.model.pretrained_uri if pretrained else None,
         storage_options=spec.data.storage_options,
     )
 
