@@ -28,6 +28,7 @@ from pydantic import (
 from orchestrator.models.catalog import (
     BACKBONES,
     HEADS,
+    LAST_STAGE_BLOCKS,
     NORM_GRAMMAR,
     NORM_PATTERN,
     check_model,
@@ -77,11 +78,31 @@ class ModelSpec(_Section):
     output_stride: Literal[8, 16] | None = Field(
         None, description="default: the backbone's own (16; 8 for DRN and ENet)"
     )
+    multi_grid: tuple[int, ...] | None = Field(
+        None, description="unit rates of the last stage's blocks (DeepLabv3, e.g. [1, 2, 4]); ResNets only"
+    )
     pretrained: Url | None = Field(
         None,
         description="URI of backbone weights in the backbone's key layout (torchvision/timm); "
         "`{backbone}` in it is replaced by the backbone's name, so one template serves a grid of backbones",
     )
+
+    @model_validator(mode="after")
+    def _multi_grid_on_resnets(self) -> ModelSpec:
+        if self.multi_grid is None:
+            return self
+        blocks = LAST_STAGE_BLOCKS.get(self.backbone)
+        if blocks is None:
+            raise ValueError(
+                f"multi_grid is defined for ResNet backbones ({', '.join(LAST_STAGE_BLOCKS)}), "
+                f"not {self.backbone!r}"
+            )
+        if len(self.multi_grid) != blocks or min(self.multi_grid) < 1:
+            raise ValueError(
+                f"multi_grid needs {blocks} positive unit rates for {self.backbone!r} (one per block of its "
+                f"last stage), got {list(self.multi_grid)}"
+            )
+        return self
 
     @property
     def pretrained_uri(self) -> str | None:
@@ -357,7 +378,8 @@ def _describe(error: ValidationError, prefix: str, only: str | None = None) -> l
             msg = f"unknown key; allowed: {', '.join(_fields_at(err['loc'][:-1]))}"
         elif err["type"] == "missing":
             msg = "required, missing"
-        value = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        shown = err["type"] != "missing" and not isinstance(err["input"], dict)  # not a whole section
+        value = f" (got {err['input']!r})" if shown else ""
         lines.append(f"{prefix}{loc}: {msg}{value}")
     return lines
 

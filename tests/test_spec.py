@@ -191,3 +191,21 @@ def test_pretrained_template_names_each_backbone():
         {**MINIMAL, "model": {"backbone": "xception65", "pretrained": "s3://w/{backbone}.pth"}}
     )
     assert spec.model.pretrained_uri == "s3://w/xception65.pth"
+
+
+def test_multi_grid_reaches_the_model_and_only_on_resnets(tmp_path):
+    from orchestrator.train.checkpoint import model_for
+
+    spec = specs.validate({**MINIMAL, "model": {"backbone": "resnet50", "multi_grid": [1, 2, 4]}})
+    model = model_for(spec)
+    assert [b.conv2.dilation[0] for b in model.backbone.layer4] == [2, 4, 8]  # OS16: dilation 2 x rates
+    lines = errors_of(tmp_path, {**MINIMAL, "model": {"backbone": "xception65", "multi_grid": [1, 2, 4]}})
+    assert lines == [
+        "model: multi_grid is defined for ResNet backbones (resnet18, resnet50, resnet101, resnet152, "
+        "resnet50d, resnet101d), not 'xception65'"
+    ]
+    lines = errors_of(tmp_path, {**MINIMAL, "model": {"backbone": "resnet18", "multi_grid": [1, 2, 4]}})
+    assert lines == [
+        "model: multi_grid needs 2 positive unit rates for 'resnet18' (one per block of its last stage), "
+        "got [1, 2, 4]"
+    ]

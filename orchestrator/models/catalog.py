@@ -27,6 +27,16 @@ _OUTPUT_STRIDES = {"drn_d_22": (8,), "drn_d_105": (8,), "enet": (8,)}
 # in stages 1-3); DRN is built from the same blocks. Other backbones have no such placement.
 IBN_BACKBONES = (*RESNETS, "drn_d_22", "drn_d_105")
 
+# Blocks in a ResNet's last stage: multi-grid gives one unit rate to each.
+LAST_STAGE_BLOCKS = {
+    "resnet18": 2,
+    "resnet50": 3,
+    "resnet101": 3,
+    "resnet152": 3,
+    "resnet50d": 3,
+    "resnet101d": 3,
+}
+
 
 def check_output_stride(output_stride: int) -> None:
     """ValueError unless `output_stride` is one the dilated backbones and heads are built for."""
