@@ -11,11 +11,11 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from model_checks import check_trains
 from torch import nn
 
 from orchestrator.models import catalog, deeplab, pretrained, resnet
 from orchestrator.models.build import BACKBONE_BUILDERS, HEAD_BUILDERS, WHOLE_MODELS, build_model
-from orchestrator.models.evalnorm import evalnorm_aux_loss
 
 NORMS = ("bn", "gn:g8", "gn:c16", "syncbn")
 LATER_NORMS = (
@@ -50,17 +50,7 @@ def test_forward_backward(backbone: str, norm: str, output_stride: int) -> None:
     assert features["low"].shape == (2, model.backbone.low_channels, 16, 16)
     side = 64 // output_stride
     assert features["out"].shape == (2, model.backbone.out_channels, side, side)
-    logits = model(x)
-    assert logits.shape == (2, 3, 64, 64)
-    assert torch.isfinite(logits).all()
-    loss = logits.square().mean()
-    if norm == "evalnorm":  # its alpha/beta learn from EvalNorm's auxiliary loss alone
-        loss = loss + evalnorm_aux_loss(model)
-    loss.backward()
-    for part in (model.backbone, model.head):
-        grads = [p.grad for p in part.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
+    check_trains(model, x)
     assert model.backbone.conv1.weight.grad.abs().sum() > 0  # the gradient reaches the stem
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import check_trains
 from torch import nn
 
 from orchestrator.models import catalog, deeplab, resnet
 from orchestrator.models.build import BACKBONE_BUILDERS, build_model
-from orchestrator.models.evalnorm import evalnorm_aux_loss
 from orchestrator.models.layers import StdConv2d
 
 # The heads any backbone takes (not a whole model's own, such as ENet's).
@@ -97,17 +97,7 @@ def test_heads_forward_and_backward(head: str, backbone: str, norm: str, output_
     # the output stride.
     side = 64 // (4 if head == "deeplabv3plus" else output_stride)
     assert model.head(model.backbone(x)).shape == (2, 3, side, side)
-    logits = model(x)
-    assert logits.shape == (2, 3, 64, 64)
-    assert torch.isfinite(logits).all()
-    loss = logits.square().mean()
-    if norm == "evalnorm":  # its alpha/beta learn from EvalNorm's auxiliary loss alone
-        loss = loss + evalnorm_aux_loss(model)
-    loss.backward()
-    for part in (model.backbone, model.head):
-        grads = [p.grad for p in part.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
+    check_trains(model, x)
     first_conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.weight.grad.abs().sum() > 0  # the gradient reaches the stem
 

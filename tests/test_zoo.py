@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_checks import check_trains
 
 from orchestrator.models.build import build_model
 from orchestrator.models.catalog import BACKBONES, HEADS, IBN_BACKBONES, OWN_HEADS, check_pairing
-from orchestrator.models.evalnorm import evalnorm_aux_loss
 
 # Backbone parameters without the ImageNet classifier (BN), and where the number comes from.
 PUBLISHED = {
@@ -56,13 +56,4 @@ def test_parameter_count_matches_the_published_one(backbone: str) -> None:
 @pytest.mark.parametrize(("backbone", "head", "norm"), combinations())
 def test_forward_backward(backbone: str, head: str, norm: str) -> None:
     torch.manual_seed(0)
-    model = build_model(backbone, head, norm=norm).train()
-    images = torch.randn(2, 3, 64, 96)
-    logits = model(images)
-    assert logits.shape == (2, 3, 64, 96)
-    assert torch.isfinite(logits).all()
-    loss = logits.square().mean()
-    aux = evalnorm_aux_loss(model)
-    (loss if aux is None else loss + aux).backward()
-    for part in (model.backbone, model.head):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    check_trains(build_model(backbone, head, norm=norm).train(), torch.randn(2, 3, 64, 96))
