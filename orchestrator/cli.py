@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--schema", action="store_true", help="print the spec's JSON Schema")
     cmd.set_defaults(func=_spec)
 
-    data = sub.add_parser("data", help="synthetic data and shard packing").add_subparsers(required=True)
+    data = sub.add_parser("data", help="synthetic data, shard packing and checking").add_subparsers(
+        required=True
+    )
     cmd = data.add_parser(
         "synth", help="write procedural road scenes in the BDD100K layout to any fsspec URL"
     )
@@ -74,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("dst")
     cmd.add_argument("--shard-size", type=int, default=64, help="samples per shard")
     cmd.set_defaults(func=_pack)
+    cmd = data.add_parser(
+        "verify", help="re-read packed shards: checksums, sizes, sample counts, pairs that decode and match"
+    )
+    cmd.add_argument("url", help="a packed split folder, or the packed root holding one per split")
+    cmd.set_defaults(func=_verify)
 
     cmd = sub.add_parser("ensemble", help="ensemble the best trials of an experiment and log it to MLflow")
     cmd.add_argument("--top", type=int, default=3)
@@ -171,6 +178,21 @@ def _pack(args: argparse.Namespace) -> int:
     manifests = pack(args.src, args.dst, shard_size=args.shard_size)
     for split, m in manifests.items():
         print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {args.dst}/{split}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from orchestrator.data.verify import verify
+
+    report = verify(args.url)
+    for problem in report.problems:
+        print(problem)
+    summary = (
+        f"{args.url}: {report.samples} samples in {report.shards} shards, {len(report.problems)} problem(s)"
+    )
+    if report.problems:
+        raise UsageError(summary)
+    print(summary)
     return 0
 
 

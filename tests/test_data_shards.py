@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import re
+import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from orchestrator.cli import main
 from orchestrator.data import shards
 from orchestrator.data.shards import pack, read_manifest
 from orchestrator.data.synth import synthesize
+from orchestrator.data.verify import verify
+from orchestrator.errors import UsageError
 
 
 @pytest.fixture
@@ -102,3 +111,173 @@ def test_read_manifest_errors_clearly(tmp_path: Path) -> None:
 def test_pack_without_any_split_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="images/100k"):
         pack(str(tmp_path), str(tmp_path / "out"))
+
+
+def _decoded(raw: Path, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    ids = sorted(p.stem for p in (raw / "images/100k" / split).iterdir())
+    images = [np.asarray(Image.open(raw / f"images/100k/{split}/{i}.jpg")) for i in ids]
+    masks = [np.asarray(Image.open(raw / f"labels/drivable/masks/{split}/{i}.png")) for i in ids]
+    return images, masks
+
+
+def test_manifest_records_class_pixels_and_rgb_statistics(raw: Path, tmp_path: Path) -> None:
+    # One ignore region, so the 255 count is checked as well.
+    val_mask = sorted((raw / "labels/drivable/masks/val").iterdir())[0]
+    mask = np.array(Image.open(val_mask))
+    mask[:5, :7] = 255
+    Image.fromarray(mask).save(val_mask)
+
+    manifests = pack(str(raw), str(tmp_path / "shards"), shard_size=2)
+    for split in ("train", "val"):
+        images, masks = _decoded(raw, split)
+        labels = np.concatenate([m.ravel() for m in masks])
+        pixels = np.concatenate([i.reshape(-1, 3) for i in images]).astype(np.float64) / 255
+        manifest = manifests[split]
+        assert manifest["class_pixels"] == {str(c): int((labels == c).sum()) for c in (0, 1, 2, 255)}
+        assert np.allclose(manifest["rgb_mean"], pixels.mean(0), rtol=1e-12, atol=0)
+        assert np.allclose(manifest["rgb_std"], pixels.std(0), rtol=1e-12, atol=0)
+    assert manifests["val"]["class_pixels"]["255"] == 35
+    assert sum(manifests["train"]["class_pixels"].values()) == 5 * 64 * 36
+
+
+def test_pack_lists_every_bad_sample_and_writes_no_manifest(raw: Path, tmp_path: Path) -> None:
+    train = sorted(p.stem for p in (raw / "images/100k/train").iterdir())
+    val = sorted(p.stem for p in (raw / "images/100k/val").iterdir())
+    Image.new("L", (32, 18)).save(raw / f"labels/drivable/masks/train/{train[1]}.png")
+    for sample_id, value in ((train[3], 7), (val[0], 3)):
+        path = raw / f"labels/drivable/masks/{sample_id.split('-')[1]}/{sample_id}.png"
+        mask = np.array(Image.open(path))
+        mask[0, 0] = value
+        Image.fromarray(mask).save(path)
+
+    with pytest.raises(ValueError) as error:
+        pack(str(raw), str(tmp_path / "shards"), shard_size=2)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith(": 3 problem(s)")
+    assert lines[1] == (
+        f"train/{train[1]}: mask shape (18, 32) uint8 does not match image shape (36, 64, 3): "
+        "want a one-channel uint8 mask of the image's height and width"
+    )
+    assert lines[2] == f"train/{train[3]}: mask has label values [7], allowed are [0, 1, 2, 255]"
+    assert lines[3] == f"val/{val[0]}: mask has label values [3], allowed are [0, 1, 2, 255]"
+    assert not list((tmp_path / "shards").rglob("manifest.json"))
+
+
+def test_problem_report_lists_at_most_twenty(tmp_path: Path) -> None:
+    problems = [f"p{i}" for i in range(23)]
+    assert shards.problem_report("title", problems).splitlines() == [
+        "title: 23 problem(s)",
+        *problems[:20],
+        "... and 3 more",
+    ]
+    assert shards.problem_report("title", ["only"]) == "title: 1 problem(s)\nonly"
+
+
+def test_pack_reads_the_older_layout_and_skips_test_images(
+    raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = pack(str(raw), str(tmp_path / "new"), shard_size=2)
+    for split in ("train", "val"):
+        old = raw / "drivable_maps/labels" / split
+        old.mkdir(parents=True)
+        for mask in (raw / "labels/drivable/masks" / split).iterdir():
+            mask.rename(old / f"{mask.stem}_drivable_id.png")
+    shutil.rmtree(raw / "labels")
+    test_images = raw / "images/100k/test"
+    test_images.mkdir()
+    shutil.copy(next((raw / "images/100k/val").iterdir()), test_images / "t.jpg")
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.layout"):
+        assert pack(str(raw), str(tmp_path / "old"), shard_size=2) == expected
+    assert f"skipping {raw}/images/100k/test" in caplog.text
+    for path in (tmp_path / "new").rglob("*"):
+        if path.is_file():
+            assert (tmp_path / "old" / path.relative_to(tmp_path / "new")).read_bytes() == path.read_bytes()
+
+
+@pytest.fixture
+def packed(raw: Path, tmp_path: Path) -> Path:
+    pack(str(raw), str(tmp_path / "shards"), shard_size=2)  # train 2+2+1, val 2+1
+    return tmp_path / "shards"
+
+
+def test_verify_passes_clean_shards(packed: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "verify", str(packed)]) == 0
+    assert capsys.readouterr().out == f"{packed}: 8 samples in 5 shards, 0 problem(s)\n"
+    assert main(["data", "verify", str(packed / "val")]) == 0
+    assert capsys.readouterr().out == f"{packed / 'val'}: 3 samples in 2 shards, 0 problem(s)\n"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_verify_names_a_damaged_shard(packed: Path, capsys: pytest.CaptureFixture, damage: str) -> None:
+    shard = packed / "train/shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    shard.write_bytes(bytes(data))
+
+    assert main(["data", "verify", str(packed)]) == 1
+    out, err = capsys.readouterr()
+    problems = out.splitlines()
+    assert problems and all(line.startswith(f"{shard}: ") for line in problems)
+    digest = hashlib.sha256(data).hexdigest()
+    assert f"{shard}: sha256 {digest}, the manifest says " in out
+    if damage == "truncate":
+        assert f"{shard}: {len(data)} bytes, the manifest says " in out
+        assert re.search(rf"{re.escape(str(shard))}: [01] samples, the manifest says 2", out)
+    assert re.fullmatch(
+        rf"error: {re.escape(str(packed))}: [678] samples in 5 shards, {len(problems)} problem\(s\)\n", err
+    )
+
+
+def test_verify_reports_a_missing_shard_and_a_bad_pair(packed: Path, raw: Path) -> None:
+    (packed / "val/shard-000001.tar").unlink()
+    jpg = next((raw / "images/100k/val").iterdir()).read_bytes()
+    png = io.BytesIO()
+    Image.new("L", (8, 8)).save(png, format="PNG")
+    (packed / "train/shard-000000.tar").write_bytes(shards._tar([("a.jpg", jpg), ("a.png", png.getvalue())]))
+
+    report = verify(str(packed))
+    assert f"{packed}/val/shard-000001.tar: missing, the manifest lists it" in report.problems
+    assert any(
+        p.startswith(f"{packed}/train/shard-000000.tar: a: mask shape (8, 8)") for p in report.problems
+    )
+    assert f"{packed}/train/shard-000000.tar: 1 samples, the manifest says 2" in report.problems
+
+
+def test_verify_without_a_manifest_says_to_pack(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no manifest.json in .* `orchestrator data pack` wrote"):
+        verify(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_verify_reads_shards_on_s3(raw: Path, s3_server, s3_bucket: str) -> None:
+    import s3fs
+
+    options = s3_server.storage_options
+    url = f"s3://{s3_bucket}/shards"
+    pack(str(raw), url, shard_size=2, storage_options=options)
+    report = verify(url, options)
+    assert (report.samples, report.shards, report.problems) == (8, 5, [])
+
+    fs = s3fs.S3FileSystem(**options)
+    key = f"{s3_bucket}/shards/val/shard-000000.tar"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    report = verify(f"{url}/val", options)
+    assert report.problems and all(p.startswith(f"{url}/val/shard-000000.tar: ") for p in report.problems)
+
+
+def test_pack_logs_one_line_per_shard(raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.shards"):
+        pack(str(raw), str(tmp_path / "shards"), shard_size=2)
+    assert [r.getMessage() for r in caplog.records if r.name == "orchestrator.data.shards"] == [
+        "train shard 1/3 (2 samples)",
+        "train shard 2/3 (2 samples)",
+        "train shard 3/3 (1 samples)",
+        "val shard 1/2 (2 samples)",
+        "val shard 2/2 (1 samples)",
+    ]

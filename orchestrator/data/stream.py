@@ -8,7 +8,6 @@ downloaded twice or in advance.
 
 from __future__ import annotations
 
-import io
 import math
 import posixpath
 import tarfile
@@ -17,12 +16,10 @@ from dataclasses import dataclass, field, replace
 
 import fsspec
 import numpy as np
-import simplejpeg
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from orchestrator.data.shards import read_manifest
+from orchestrator.data.shards import decode_pair, read_manifest
 from orchestrator.data.storage import join, url_to_fs
 from orchestrator.data.transforms import train_transform, val_transform
 
@@ -90,13 +87,15 @@ class ShardStream(IterableDataset):
         )
         if not self.train:
             for _, _, jpg, png in samples:
-                yield val_transform(*_decode(jpg, png))
+                yield val_transform(*decode_pair(jpg, png, check_labels=False))
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         for shard, index, jpg, png in _shuffled(samples, SHUFFLE_BUFFER, rng):
             # Seeded by the sample itself, so its augmentation does not depend on world size or workers.
             sample_rng = np.random.default_rng([self.seed, self.epoch, shard, index])
-            yield train_transform(*_decode(jpg, png), self.crop, sample_rng, self.scale)
+            yield train_transform(
+                *decode_pair(jpg, png, check_labels=False), self.crop, sample_rng, self.scale
+            )
 
 
 @dataclass
@@ -218,16 +217,6 @@ def _member_name(path: str, member: tarfile.TarInfo) -> tuple[str, str]:
             "(absolute paths, '..', folders and other files are refused)"
         )
     return stem, ext
-
-
-def _decode(jpg: bytes, png: bytes) -> tuple[np.ndarray, np.ndarray]:
-    image = simplejpeg.decode_jpeg(jpg, colorspace="RGB")
-    mask = np.array(Image.open(io.BytesIO(png)))  # a writable copy: torch warns on read-only arrays
-    if mask.dtype != np.uint8 or mask.shape != image.shape[:2]:
-        raise ValueError(
-            f"mask {mask.shape} {mask.dtype} does not match image {image.shape}: want [H, W] uint8"
-        )
-    return image, mask
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
