@@ -8,24 +8,25 @@ calibrated one are scored side by side. The calibrated model is logged as its ow
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from orchestrator import metrics, tracking
-from orchestrator.data.stream import evaluation_loader, make_loader
+from orchestrator.data.stream import evaluation_loader
 from orchestrator.errors import UsageError
 from orchestrator.inference.evaluate import evaluate
 from orchestrator.models.catalog import parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d, calibrate
-from orchestrator.spec import from_flat, public_params
+from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint
+from orchestrator.train.loop import Worker
 
 CALIBRATABLE = ("bn", "syncbn", "evalnorm")
 
@@ -57,7 +58,8 @@ def calibrate_run(
             f"{', '.join(CALIBRATABLE)} (with or without +ws)"
         )
     calibrated_config = {**config, "norm": "evalnorm+ws" if norm.ws else "evalnorm"}
-    model = checkpoint.model_for(from_flat(calibrated_config), pretrained=False)
+    spec = from_flat(calibrated_config)
+    model = checkpoint.model_for(spec, pretrained=False)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     # Only EvalNorm's own additions (alpha/beta and their state) may be missing from a BN checkpoint.
     layers = {name for name, m in model.named_modules() if isinstance(m, EvalNorm2d)}
@@ -67,10 +69,10 @@ def calibrate_run(
     ]
     if unexpected or unexplained:
         raise ValueError(f"checkpoint of run {run_id} does not fit its model: {unexpected or unexplained}")
-    original, _ = checkpoint.load_model(source)
+    original, _ = checkpoint.model_from_state(state)
 
     batch = batch_size or config["train.batch_per_gpu"]
-    values = calibrate(model, _training_images(config, batch, storage_options), steps=steps, lr=lr)
+    values = calibrate(model, _training_images(spec, batch, storage_options), steps=steps, lr=lr)
     val = evaluation_loader(config["data.val"], batch_size=batch, storage_options=storage_options)
     ema_cm, calibrated_cm = evaluate([original, model.eval()], val)
     ema, calibrated = metrics.summarize(ema_cm), metrics.summarize(calibrated_cm)
@@ -100,24 +102,12 @@ def calibrate_run(
     return CalibrationResult(run_id, new_run, ema, calibrated, values)
 
 
-def _training_images(
-    config: dict[str, Any], batch: int, storage_options: dict | None
-) -> Iterator[torch.Tensor]:
-    """Augmented training batches of the trial's crop, epoch after epoch, as long as asked."""
-    epoch = 0
-    while True:
-        loader = make_loader(
-            config["data.train"],
-            batch_size=batch,
-            rank=0,
-            world_size=1,
-            train=True,
-            crop=tuple(config["train.crop"]),
-            epoch=epoch,
-            seed=config["train.seed"],
-            scale=tuple(config["train.scale"]),
-            storage_options=storage_options,
-        )
-        for images, _ in loader:
+def _training_images(spec: Spec, batch: int, storage_options: dict | None) -> Iterator[torch.Tensor]:
+    """Augmented training batches of the trial's crop, epoch after epoch, as long as asked: the
+    training loop's own loader, in this process, at the calibration batch size."""
+    data = spec.data.model_copy(update={"storage_options": storage_options or {}, "loader_workers": 0})
+    train = spec.train.model_copy(update={"batch_per_gpu": batch})
+    worker = Worker(spec.model_copy(update={"data": data, "train": train}))
+    for epoch in itertools.count():
+        for images, _ in worker.loader(train=True, epoch=epoch):
             yield images
-        epoch += 1

@@ -38,7 +38,11 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights; returns (model in eval mode, config)."""
-    state = load(path)
+    return model_from_state(load(path))
+
+
+def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of an already loaded checkpoint, in eval mode, and its config."""
     model = model_for(from_flat(state["config"]), pretrained=False)
     model.load_state_dict(state["model"])
     return model.eval(), state["config"]
