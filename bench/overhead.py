@@ -26,7 +26,7 @@ from orchestrator.data.shards import pack  # noqa: E402
 from orchestrator.data.synth import synthesize  # noqa: E402
 from orchestrator.sweep import run_single  # noqa: E402
 from orchestrator.train import checkpoint  # noqa: E402
-from orchestrator.train.loop import Worker, make_optimizer, train_epoch  # noqa: E402
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch  # noqa: E402
 
 
 def in_process(spec: specs.Spec) -> float:
@@ -37,8 +37,8 @@ def in_process(spec: specs.Spec) -> float:
     model = checkpoint.model_for(spec)
     optimizer = make_optimizer(spec, model)
     steps = w.steps_per_epoch()
-    train_epoch(w, model, optimizer, 0, steps)
-    return train_epoch(w, model, optimizer, 1, steps)["images_per_s"]
+    train_epoch(w, model, optimizer, Position(0), steps)
+    return train_epoch(w, model, optimizer, Position(1), steps)["images_per_s"]
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from orchestrator.spec import SpecError
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Checkpoint downloads take a second; MLflow's bars for them would bury the one-line errors below.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
@@ -74,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd = data.add_parser("pack", help="pack a BDD100K layout into tar shards + manifest at any fsspec URL")
     cmd.add_argument("src")
     cmd.add_argument("dst")
-    cmd.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    cmd.add_argument("--shard-size", type=_positive, default=64, help="samples per shard")
+    cmd.add_argument("--workers", type=_positive, help="processes packing shards (default: one per CPU)")
     cmd.set_defaults(func=_pack)
     cmd = data.add_parser(
         "verify", help="re-read packed shards: checksums, sizes, sample counts, pairs that decode and match"
@@ -110,6 +114,12 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
     return w, h
+
+
+def _positive(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -175,7 +185,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from orchestrator.data.shards import pack
 
-    manifests = pack(args.src, args.dst, shard_size=args.shard_size)
+    manifests = pack(args.src, args.dst, shard_size=args.shard_size, workers=args.workers, progress=True)
     for split, m in manifests.items():
         print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {args.dst}/{split}")
     return 0

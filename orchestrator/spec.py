@@ -70,6 +70,16 @@ class DataSpec(_Section):
         default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url); never logged"
     )
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
+    normalize: Literal["dataset", "imagenet"] = Field(
+        "dataset",
+        description="input mean/std: the training split's own (from its manifest, as the BDD100K report "
+        "does) or ImageNet's",
+    )
+    augment_on: Literal["loader", "device"] = Field(
+        "loader",
+        description="where training augmentation runs: in the DataLoader worker processes, or on the "
+        "training device (the workers then only decode; best on GPUs)",
+    )
 
 
 class ModelSpec(_Section):
@@ -132,8 +142,13 @@ class TrainSpec(_Section):
     )
     crop: tuple[int, int] = Field((720, 720), description="training crop as [width, height]")
     scale: tuple[float, float] = Field((0.5, 2.0), description="random scale range before the crop")
+    blur_p: float = Field(0.5, ge=0, le=1, description="probability of a random Gaussian blur")
+    blur_sigma: float = Field(1.0, gt=0, description="the blur's sigma is drawn uniformly in (0, blur_sigma]")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="cap on optimizer steps per epoch (smoke runs)"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
     )
     lr: float = Field(0.02, gt=0)
     head_lr_mult: float = Field(

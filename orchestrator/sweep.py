@@ -138,10 +138,19 @@ def run_trial(
     return dict(result.metrics or {})
 
 
+class EpochReportCallback(TuneReportCallback):
+    """Forwards epoch-end reports to Tune. Mid-epoch checkpoints (train.checkpoint_every) are reported to
+    Ray Train alone: they carry no validation metric, which Tune requires of every result."""
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if "val_miou" in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def _tune_trial(
     config: dict[str, Any], experiment_id: str, parent_run_id: str, tracking_uri: str, grid: list[str]
 ) -> None:
-    run_trial(config, experiment_id, parent_run_id, tracking_uri, grid, callbacks=[TuneReportCallback()])
+    run_trial(config, experiment_id, parent_run_id, tracking_uri, grid, callbacks=[EpochReportCallback()])
 
 
 def _init_ray(spec: Spec) -> None:

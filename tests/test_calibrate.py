@@ -13,10 +13,11 @@ from orchestrator import spec as specs
 from orchestrator import tracking
 from orchestrator.cli import main
 from orchestrator.data.shards import pack
+from orchestrator.data.stream import dataset_mean_std
 from orchestrator.data.synth import synthesize
 from orchestrator.models.evalnorm import EvalNorm2d
 from orchestrator.train import checkpoint
-from orchestrator.train.loop import Worker, make_optimizer, train_epoch
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 
 
 def trained_trial(tmp_path: Path, norm: str) -> str:
@@ -39,14 +40,14 @@ def trained_trial(tmp_path: Path, norm: str) -> str:
     torch.manual_seed(0)
     model = checkpoint.model_for(spec)
     w = Worker(spec)
-    train_epoch(w, model, make_optimizer(spec, model), 0, w.steps_per_epoch())
+    train_epoch(w, model, make_optimizer(spec, model), Position(), w.steps_per_epoch())
     config = specs.public_params(specs.flatten(spec))
     uri = tracking.tracking_uri()
     exp = tracking.ensure_experiment("cal", uri)
     parent = tracking.start_sweep_run(exp, "cal", {}, uri)
     run_id = tracking.start_trial_run(exp, parent, f"norm={norm}", config, uri)
     tracking.log_metrics(run_id, {"val_miou": 0.5}, step=1, uri=uri)
-    tracking.log_checkpoint(run_id, checkpoint.save(tmp_path / "model.pt", model, config), uri)
+    tracking.log_checkpoint(run_id, checkpoint.save(tmp_path / "model.pt", model, config, w.mean_std), uri)
     tracking.end_run(run_id, uri)
     return run_id
 
@@ -73,8 +74,10 @@ def test_calibration_changes_only_alpha_beta_and_logs_a_run(tmp_path, mlflow_sto
     after = checkpoint.load(tracking.download_checkpoint(run.info.run_id))
     for key, value in before.items():  # every trained weight and running statistic, bit for bit
         assert torch.equal(after["model"][key], value), key
-    model, config = checkpoint.load_model(tracking.download_checkpoint(run.info.run_id))
-    assert config["norm"] == "evalnorm"
+    calibrated = checkpoint.load_model(tracking.download_checkpoint(run.info.run_id))
+    model = calibrated.model
+    assert calibrated.config["norm"] == "evalnorm"
+    assert calibrated.mean_std == dataset_mean_std(f"{tmp_path}/shards/train")
     layers = [m for m in model.modules() if isinstance(m, EvalNorm2d)]
     assert len(layers) == sum(key.endswith("running_mean") for key in before)
     table = json.loads(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from orchestrator.cli import main
 from orchestrator.data import shards
-from orchestrator.data.shards import pack, read_manifest
+from orchestrator.data.shards import MANIFEST, pack, read_manifest
 from orchestrator.data.synth import synthesize
 from orchestrator.data.verify import verify
 from orchestrator.errors import UsageError
@@ -95,7 +95,7 @@ def test_manifest_is_written_after_the_shards(
 
     monkeypatch.setattr(shards, "_tar", failing_tar)
     with pytest.raises(OSError, match="disk full"):
-        pack(str(raw), str(tmp_path / "shards"), shard_size=2)
+        pack(str(raw), str(tmp_path / "shards"), shard_size=2, workers=1)  # in-process: the patch applies
     assert (tmp_path / "shards/train/shard-000000.tar").exists()
     assert not (tmp_path / "shards/train/manifest.json").exists()
 
@@ -281,3 +281,156 @@ def test_pack_logs_one_line_per_shard(raw: Path, tmp_path: Path, caplog: pytest.
         "val shard 1/2 (2 samples)",
         "val shard 2/2 (1 samples)",
     ]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _written(manifests: dict[str, dict]) -> list[str]:
+    """The files a complete pack leaves: per split, its manifest and shards."""
+    return sorted(
+        f"{split}/{n}"
+        for split, m in manifests.items()
+        for n in [MANIFEST, *(s["name"] for s in m["shards"])]
+    )
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one per decoded pair (workers=1 only: a pool's processes are not patched)."""
+    calls, real = [], shards.decode_pair
+    monkeypatch.setattr(shards, "decode_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_pack_output_is_the_same_for_any_number_of_workers(raw: Path, tmp_path: Path) -> None:
+    one = pack(str(raw), str(tmp_path / "one"), shard_size=2, workers=1)
+    two = pack(str(raw), str(tmp_path / "two"), shard_size=2, workers=2)
+    assert one == two
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert sorted(_files(tmp_path / "two")) == _written(two)  # the sidecars go once the manifests are written
+
+
+def test_pack_resumes_an_interrupted_run(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pack(str(raw), str(tmp_path / "whole"), shard_size=2, workers=1)
+    out = tmp_path / "shards"
+    calls, real_tar = [], shards._tar
+
+    def interrupted_tar(members: list[tuple[str, bytes]]) -> bytes:
+        calls.append(1)
+        if len(calls) == 5:  # Ctrl-C while packing val's second shard
+            raise KeyboardInterrupt
+        return real_tar(members)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_tar", interrupted_tar)
+        with pytest.raises(KeyboardInterrupt):
+            pack(str(raw), str(out), shard_size=2, workers=1)
+    assert not list(out.rglob(MANIFEST))
+    (out / "train/shard-000001.tar").unlink()
+    damaged = bytearray((out / "val/shard-000000.tar").read_bytes())
+    damaged[100] ^= 0xFF  # same size, other bytes: only the checksum tells
+    (out / "val/shard-000000.tar").write_bytes(bytes(damaged))
+
+    decodes = _count_decodes(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.shards"):
+        pack(str(raw), str(out), shard_size=2, workers=1)
+    assert len(decodes) == 2 + 2 + 1  # train shard 1, val shards 0 and 1; train shards 0 and 2 reused
+    assert [r.getMessage() for r in caplog.records if r.name == "orchestrator.data.shards"] == [
+        "train shard 2/3 (2 samples)",
+        "train: reused 2 of 3 shards packed by an earlier run",
+        "val shard 1/2 (2 samples)",
+        "val shard 2/2 (1 samples)",
+    ]
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+def test_pack_redoes_shards_with_changed_or_bad_samples(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "shards"
+    val_mask = sorted((raw / "labels/drivable/masks/val").iterdir())[0]
+    good = val_mask.read_bytes()
+    mask = np.array(Image.open(val_mask))
+    mask[0, 0] = 7
+    Image.fromarray(mask).save(val_mask)
+    with pytest.raises(ValueError, match="label values"):
+        pack(str(raw), str(out), shard_size=2, workers=1)  # leaves the sidecars of the good shards
+
+    val_mask.write_bytes(good)
+    image = sorted((raw / "images/100k/train").iterdir())[2]  # train shard 1
+    size = image.stat().st_size
+    Image.open(image).save(image, quality=50)
+    assert image.stat().st_size != size
+    sidecar = out / "train/.pack/shard-000000.json"
+    sidecar.write_bytes(sidecar.read_bytes()[:-10])  # a write cut short
+
+    decodes = _count_decodes(monkeypatch)
+    assert pack(str(raw), str(out), shard_size=2, workers=1) == pack(str(raw), str(tmp_path / "fresh"), 2)
+    # Train shards 0 and 1, val shard 0; train shard 2 and val shard 1 reused.
+    assert len(decodes) == 2 + 2 + 2
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_pack_shows_a_progress_bar(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pack(str(raw), str(tmp_path / "shards"), shard_size=2, workers=1, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"train: 100%.* 5/5 ", err) and re.search(r"val: 100%.* 3/3 ", err)
+    pack(str(raw), str(tmp_path / "quiet"), shard_size=2, workers=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_pack_command_takes_workers_and_refuses_bad_numbers(
+    raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(raw), str(out), "--shard-size", "2", "--workers", "2"]) == 0
+    assert (
+        capsys.readouterr().out
+        == f"train: 5 samples in 3 shards -> {out}/train\nval: 3 samples in 2 shards -> {out}/val\n"
+    )
+    for option, value in (("--workers", "0"), ("--shard-size", "-2"), ("--workers", "two")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "pack", str(raw), str(out), option, value])
+        last_line = capsys.readouterr().err.splitlines()[-1]
+        assert exit_.value.code == 2
+        assert last_line.endswith(f"error: argument {option}: expected a whole number >= 1, got '{value}'")
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        pack(str(raw), str(out), workers=0)
+    with pytest.raises(ValueError, match="shard_size must be >= 1, got 0"):
+        pack(str(raw), str(out), shard_size=0)
+
+
+@pytest.mark.slow
+def test_pack_from_and_to_s3_with_a_pool_resumes(
+    raw: Path, tmp_path: Path, s3_server, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import s3fs
+
+    options = s3_server.storage_options  # reaches the pool's processes with the pickled filesystems
+    src, dst = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/shards"
+    synthesize(src, train=5, val=3, size=(64, 36), seed=2, storage_options=options)  # as the raw fixture
+    fs = s3fs.S3FileSystem(**options)
+    val_mask = sorted(fs.ls(f"{s3_bucket}/raw/labels/drivable/masks/val"))[2]  # val shard 1
+    good = fs.cat_file(val_mask)
+    fs.pipe_file(val_mask, b"not a png")
+    with pytest.raises(ValueError, match="mask does not decode as PNG"):
+        pack(src, dst, shard_size=2, storage_options=options, workers=2)
+
+    fs.pipe_file(val_mask, good)
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.shards"):
+        manifests = pack(src, dst, shard_size=2, storage_options=options, workers=2)
+    messages = [r.getMessage() for r in caplog.records if r.name == "orchestrator.data.shards"]
+    assert messages == [
+        "train: reused 3 of 3 shards packed by an earlier run",
+        "val shard 2/2 (1 samples)",
+        "val: reused 1 of 2 shards packed by an earlier run",
+    ]
+    assert manifests == pack(str(raw), str(tmp_path / "local"), shard_size=2, workers=1)
+    fs.invalidate_cache()
+    assert [p.removeprefix(f"{s3_bucket}/shards/") for p in fs.find(f"{s3_bucket}/shards")] == _written(
+        manifests
+    )
+    assert verify(dst, options).problems == []

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import broken_shards as broken
 import pytest
 import s3fs
 import yaml
@@ -53,7 +54,14 @@ def workdir(tmp_path, s3_server, s3_bucket):
         "name": "e2e",
         "data": {"train": f"{shards}/train", "val": f"{shards}/val", "loader_workers": 0},
         "model": {"backbone": "resnet18"},
-        "train": {"epochs": 2, "steps_per_epoch": 2, "batch_per_gpu": 2, "crop": [64, 64], "lr": 0.01},
+        "train": {
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "checkpoint_every": 1,  # mid-epoch checkpoints go to Ray Train, not to Tune
+            "batch_per_gpu": 2,
+            "crop": [64, 64],
+            "lr": 0.01,
+        },
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
         "storage": f"s3://{s3_bucket}/runs",  # Ray Train checkpoints on the S3 server too
         "grid": {"norm": ["bn", "gn:g8"]},
@@ -118,6 +126,32 @@ def test_train_runs_one_trial_without_tune(workdir):
     (trial,) = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'trial'")
     assert trial.data.params["norm"] == "syncbn" and trial.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_miou")] == [1]
+
+
+def test_trial_on_damaged_shards_finishes_and_counts_what_it_skipped(workdir, s3_server, s3_bucket):
+    cwd, env = workdir
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    shards, damaged = f"{s3_bucket}/bdd100k/shards", f"{s3_bucket}/damaged"
+    fs.copy(shards, damaged, recursive=True)
+    changes = {
+        "train/shard-000001.tar": lambda shard: broken.edit(shard, 2, 0, broken.truncate),
+        "train/shard-000003.tar": lambda shard: broken.edit(shard, 0, 1, broken.garbage),
+        "val/shard-000000.tar": lambda shard: broken.edit(shard, 1, 1, broken.resized_png(64, 72)),
+    }
+    for name, change in changes.items():
+        fs.pipe_file(f"{damaged}/{name}", change(fs.cat_file(f"{damaged}/{name}")))
+    # 16 samples = 2 ranks x 4 batches x 2: every training sample is read in each epoch.
+    overrides = ["train.epochs=2", "train.steps_per_epoch=null", f"data.train=s3://{damaged}/train",
+                 f"data.val=s3://{damaged}/val"]  # fmt: skip
+    out = run_cli(["train", "e2e.yaml", *(a for o in overrides for a in ("--set", o))], cwd, env)
+    assert "FINISHED" in out
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    (trial,) = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'trial'")
+    assert trial.info.status == "FINISHED"
+    for metric, per_epoch in (("skipped_samples", 2), ("val_skipped_samples", 1)):
+        history = client.get_metric_history(trial.info.run_id, metric)
+        assert [(m.step, m.value) for m in history] == [(1, per_epoch), (2, per_epoch)], metric
 
 
 def test_a_failing_trial_fails_alone_with_its_reason(workdir):

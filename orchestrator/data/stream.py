@@ -4,27 +4,52 @@ The split happens twice with the same two functions (`bounds` cuts a count into 
 maps a sample range onto shard pieces): the epoch's shard sequence is cut into one range per rank, and a
 rank's range into one per worker. Each reader opens only the shards its range overlaps, so nothing is
 downloaded twice or in advance.
+
+Three promises hold whatever the data or the network do:
+- every rank yields exactly `num_batches` batches (DDP hangs otherwise): a sample that cannot be read is
+  replaced by another of the same worker (training) or by an all-ignore placeholder (validation), and
+  flagged, so the trainer counts it;
+- a loader started at batch k yields exactly what an uninterrupted one yields from batch k on, without
+  decoding the first k (resuming a checkpoint taken mid-epoch neither replays nor skips a sample);
+- a transient read error (reset, timeout, 5xx) reopens the shard after a backoff and resumes at the
+  sample it stopped at.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import posixpath
 import tarfile
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.shards import decode_pair, read_manifest
-from orchestrator.data.storage import join, url_to_fs
-from orchestrator.data.transforms import train_transform, val_transform
+from orchestrator.data.storage import RETRIES, backoff, is_transient, join, url_to_fs
+from orchestrator.data.transforms import (
+    IMAGENET,
+    MeanStd,
+    augment,
+    augment_batch,
+    draw_aug,
+    normalize,
+    to_chw,
+)
 
 SHUFFLE_BUFFER = 256  # encoded samples per worker (~40 MB at 1280x720); decoded would be ~14x larger
 _BLOCK_SIZE = 32 << 20  # one GET per shard; cache_type "none" would cost ~9 range GETs per member
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +60,16 @@ class Piece:
     name: str
     start: int
     stop: int
+
+
+class Encoded(NamedTuple):
+    """One sample as read from a shard: its bytes, or (jpg=None) why it could not be read."""
+
+    shard: int
+    index: int
+    name: str  # "<shard path>:<sample id>", for the log
+    jpg: bytes | None
+    png: bytes | str  # the mask bytes, or the problem
 
 
 def bounds(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -54,9 +89,27 @@ def take(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
     return out
 
 
+def delivered(counts: list[int], consumed: int) -> tuple[list[int], int]:
+    """(batches each DataLoader worker had delivered, the worker asked next) once `consumed` were taken.
+
+    A DataLoader over an iterable dataset asks its workers for batches round-robin, from worker 0, and
+    passes over a worker once it is exhausted; `counts` are the workers' batch counts."""
+    taken, worker = [0] * len(counts), 0
+    for _ in range(consumed):
+        while taken[worker] == counts[worker]:
+            worker = (worker + 1) % len(counts)
+        taken[worker] += 1
+        worker = (worker + 1) % len(counts)
+    return taken, worker
+
+
 @dataclass
 class ShardStream(IterableDataset):
-    """One rank's samples for one epoch; each DataLoader worker streams its own contiguous part."""
+    """One rank's samples for one epoch; each DataLoader worker streams its own contiguous part.
+
+    Yields dicts (collated by the DataLoader): "image", "mask", "bad" (the sample is a stand-in for one
+    that could not be read) and, when augmentation is left to the training device, "aug" (the sample's
+    random draws) with the decoded uint8 image and mask."""
 
     url: str
     pieces: list[Piece]
@@ -64,52 +117,155 @@ class ShardStream(IterableDataset):
     num_batches: int
     batch_size: int
     train: bool
+    image_size: tuple[int, int]  # (width, height): every sample of the split has it
     crop: tuple[int, int]
     scale: tuple[float, float]
+    blur: tuple[float, float]  # (probability, max sigma)
+    mean_std: MeanStd
     seed: int
     epoch: int
     rank: int
+    start_batch: int = 0  # batches of this rank's epoch already consumed
+    on_device: bool = False  # ship uint8 + draws; the Loader augments on the training device
     storage_options: dict | None = field(default=None, repr=False)  # may hold credentials
 
-    def worker_pieces(self, worker: int, workers: int) -> list[Piece]:
+    def worker_batches(self, worker: int, workers: int) -> tuple[int, int]:
         # Workers split whole batches, not samples: each worker's DataLoader batches are then full, so the
         # rank yields exactly num_batches with at most one partial (validation) batch.
-        lo, hi = bounds(self.num_batches, workers, worker)
+        return bounds(self.num_batches, workers, worker)
+
+    def worker_pieces(self, worker: int, workers: int) -> list[Piece]:
+        lo, hi = self.worker_batches(worker, workers)
         return take(self.pieces, lo * self.batch_size, min(hi * self.batch_size, self.num_samples))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        counts = [hi - lo for lo, hi in (self.worker_batches(w, workers) for w in range(workers))]
+        taken, next_worker = delivered(counts, self.start_batch)
+        # A resumed DataLoader asks its worker 0 first: that process plays the part that was asked next.
+        worker = ((info.id if info else 0) + next_worker) % workers
         # The filesystem is made here, inside the worker: a client built before fork is not safe to share.
         fs, root = url_to_fs(self.url, self.storage_options)
-        samples = (
+        samples: Iterable[Encoded] = (
             s for p in self.worker_pieces(worker, workers) for s in _read_piece(fs, join(root, p.name), p)
         )
-        if not self.train:
-            for _, _, jpg, png in samples:
-                yield val_transform(*decode_pair(jpg, png, check_labels=False))
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            samples = _shuffled(samples, SHUFFLE_BUFFER, rng)
+        # Samples before the resume point are passed over undecoded; the shuffle, the per-sample seeds and
+        # the stand-in rule make the rest exactly what an uninterrupted epoch yields.
+        skip = taken[worker] * self.batch_size
+        if self.train:
+            yield from _stand_ins(samples, skip, self._decode, self._train_item)
             return
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        for shard, index, jpg, png in _shuffled(samples, SHUFFLE_BUFFER, rng):
-            # Seeded by the sample itself, so its augmentation does not depend on world size or workers.
-            sample_rng = np.random.default_rng([self.seed, self.epoch, shard, index])
-            yield train_transform(
-                *decode_pair(jpg, png, check_labels=False), self.crop, sample_rng, self.scale
-            )
+        for sample in itertools.islice(samples, skip, None):
+            pair = self._decode(sample)
+            if isinstance(pair, str):
+                log.warning("skipping %s: %s", sample.name, pair)
+            yield self._placeholder() if isinstance(pair, str) else self._val_item(*pair)
+
+    def _decode(self, sample: Encoded) -> tuple[np.ndarray, np.ndarray] | str:
+        """(image, mask), or why the sample cannot be used."""
+        if sample.jpg is None:
+            return sample.png
+        try:
+            image, mask = decode_pair(sample.jpg, sample.png, check_labels=False)
+        except ValueError as e:
+            return str(e)
+        if (image.shape[1], image.shape[0]) != self.image_size:
+            return f"image shape {image.shape}, the split's images are {self.image_size} (w, h)"
+        return image, mask
+
+    def _train_item(self, sample: Encoded, image: np.ndarray, mask: np.ndarray, bad: bool) -> dict:
+        # Seeded by the sample itself, so its augmentation does not depend on world size or workers.
+        rng = np.random.default_rng([self.seed, self.epoch, sample.shard, sample.index])
+        aug = draw_aug(rng, mask.shape, self.crop, self.scale, *self.blur)
+        item = {"bad": bad}
+        if self.on_device:
+            return item | {"image": to_chw(image), "mask": torch.from_numpy(mask), "aug": aug.as_tensor()}
+        x, y = augment(to_chw(image), torch.from_numpy(mask), aug, self.crop, self.mean_std)
+        return item | {"image": x, "mask": y}
+
+    def _val_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
+        if self.on_device:  # normalized by the Loader, on the device
+            return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
+        return {
+            "image": normalize(to_chw(image), self.mean_std),
+            "mask": torch.from_numpy(mask).long(),
+            "bad": bad,
+        }
+
+    def _placeholder(self) -> dict:
+        """An all-ignore sample in place of an unreadable one: scored nowhere, counted as skipped."""
+        width, height = self.image_size
+        return self._val_item(
+            np.zeros((height, width, 3), np.uint8), np.full((height, width), IGNORE_INDEX, np.uint8), True
+        )
+
+
+def _stand_ins(
+    samples: Iterable[Encoded],
+    skip: int,
+    decode: Callable[[Encoded], tuple[np.ndarray, np.ndarray] | str],
+    item: Callable[[Encoded, np.ndarray, np.ndarray, bool], dict],
+) -> Iterator[dict]:
+    """One item per sample after the first `skip`, in order. An unreadable sample is stood in for by the
+    next readable one (at the end of the stream: the last one before it), augmented with the unreadable
+    sample's own draws, and flagged. The rule looks at the stream alone, never at where reading began,
+    and output i always flags sample i: a resumed epoch yields the same items and the same count."""
+    samples = iter(samples)
+    passed = deque(itertools.islice(samples, skip), maxlen=64)  # undecoded; kept for a trailing stand-in
+    owed, last = [], None
+    for sample in samples:
+        pair = decode(sample)
+        if isinstance(pair, str):
+            owed.append((sample, pair))
+            continue
+        yield from _stand_in(owed, pair, item)
+        last = pair
+        yield item(sample, *pair, False)
+    if owed:
+        readable = (p for p in map(decode, reversed(passed)) if not isinstance(p, str))
+        last = last or next(readable, None)
+        if last is None:
+            raise RuntimeError(f"none of the samples of this data loader worker could be read: {owed[0][1]}")
+        yield from _stand_in(owed, last, item)
+
+
+def _stand_in(owed: list, pair: tuple[np.ndarray, np.ndarray], item: Callable) -> Iterator[dict]:
+    for sample, problem in owed:
+        log.warning("skipping %s: %s", sample.name, problem)
+        yield item(sample, *pair, True)
+    owed.clear()
 
 
 @dataclass
 class Loader:
-    """One rank's batches for one epoch: iterable over (images [B,3,H,W] float32, masks [B,H,W] int64)."""
+    """One rank's batches for one epoch: (images [B,3,H,W] float32, masks [B,H,W] int64) on `device`,
+    from `start_batch` on. `skipped` counts the unreadable samples stood in for so far."""
 
     dataloader: DataLoader
     num_batches: int
+    device: torch.device = torch.device("cpu")
+    raw: bool = False  # uint8 images: the caller normalizes (models trained with different mean/std)
+    skipped: int = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.dataloader)
+        stream: ShardStream = self.dataloader.dataset
+        for batch in self.dataloader:
+            self.skipped += int(batch["bad"].sum())
+            images = batch["image"].to(self.device, non_blocking=True)
+            masks = batch["mask"].to(self.device, non_blocking=True)
+            if "aug" in batch:
+                images, masks = augment_batch(images, masks, batch["aug"], stream.crop, stream.mean_std)
+            elif images.dtype == torch.uint8 and not self.raw:
+                images = normalize(images, stream.mean_std)
+            yield images, masks.long()
 
     def __len__(self) -> int:
-        return self.num_batches
+        """Batches still to come (the epoch's, less those consumed before a resume)."""
+        return self.num_batches - self.dataloader.dataset.start_batch
 
 
 def make_loader(
@@ -124,14 +280,20 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     scale: tuple[float, float] = (0.5, 2.0),
+    blur: tuple[float, float] = (0.5, 1.0),
+    mean_std: MeanStd = IMAGENET,
+    start_batch: int = 0,
+    device: torch.device | None = None,
+    augment_on_device: bool = False,
     storage_options: dict | None = None,
 ) -> Loader:
     """A loader over the packed split at url (e.g. s3://bucket/shards/train) for this rank and epoch.
 
-    Training: shard order shuffled by (seed, epoch), the same on every rank; shuffle buffer; augmentation;
-    every rank yields exactly N // world_size // batch_size full batches, as DDP needs. crop=(width,
-    height), None = the image size. Validation: manifest order, whole images, each rank yields all samples
-    of its range (ranges differ by at most one sample), the last batch may be partial.
+    Training: shard order shuffled by (seed, epoch), the same on every rank; shuffle buffer; augmentation
+    (random scale, crop=(width, height), flip, blur=(probability, max sigma)), on the CPU workers or, with
+    augment_on_device, on `device`; every rank yields exactly N // world_size // batch_size full batches,
+    as DDP needs. Validation: manifest order, whole images, each rank yields all samples of its range
+    (ranges differ by at most one sample), the last batch may be partial. start_batch resumes an epoch.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -151,6 +313,9 @@ def make_loader(
         stop = start + num_batches * batch_size  # drop_last, the same count on every rank
     else:
         num_batches = math.ceil((stop - start) / batch_size)
+    if not 0 <= start_batch <= num_batches:
+        raise ValueError(f"start_batch {start_batch} is outside this epoch's {num_batches} batches")
+    device = device or torch.device("cpu")
     stream = ShardStream(
         url=url,
         pieces=take(shards, start, stop),
@@ -158,19 +323,39 @@ def make_loader(
         num_batches=num_batches,
         batch_size=batch_size,
         train=train,
+        image_size=tuple(manifest["image_size"]),
         crop=tuple(crop or manifest["image_size"]),
         scale=scale,
+        blur=blur,
+        mean_std=mean_std,
         seed=seed,
         epoch=epoch,
         rank=rank,
+        start_batch=start_batch,
+        on_device=augment_on_device,
         storage_options=storage_options,
     )
-    return Loader(DataLoader(stream, batch_size=batch_size, num_workers=num_workers), num_batches)
+    dataloader = DataLoader(
+        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    return Loader(dataloader, num_batches, device)
+
+
+def dataset_mean_std(url: str, storage_options: dict | None = None) -> MeanStd:
+    """The RGB mean/std (0..1 scale) that `pack` measured over the split at url."""
+    manifest = read_manifest(url, storage_options)
+    if not manifest.get("rgb_mean"):
+        raise ValueError(
+            f"{url}/manifest.json has no RGB statistics: pack the split again, "
+            "or set data.normalize: imagenet"
+        )
+    return tuple(manifest["rgb_mean"]), tuple(manifest["rgb_std"])
 
 
 def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None = None) -> Loader:
-    """Every sample of a split, in order, whole images, in one process: evaluation outside training."""
-    return make_loader(
+    """Every sample of a split, in order, whole images, in one process: evaluation outside training.
+    Images stay uint8 [B,3,H,W] (masks int64): each model normalizes them with its own mean/std."""
+    loader = make_loader(
         url,
         batch_size=batch_size,
         rank=0,
@@ -179,47 +364,82 @@ def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None
         crop=None,
         epoch=0,
         seed=0,
+        augment_on_device=True,  # decoded uint8 from the workers, left so by raw=True
         storage_options=storage_options,
     )
+    return replace(loader, raw=True)
 
 
-def _read_piece(
-    fs: fsspec.AbstractFileSystem, path: str, piece: Piece
-) -> Iterator[tuple[int, int, bytes, bytes]]:
-    """(shard, index, jpg, png) for samples [piece.start, piece.stop) of one shard, in one streaming pass."""
+def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Iterator[Encoded]:
+    """Samples [piece.start, piece.stop) of one shard, in one streaming pass.
+
+    A transient error reopens the shard after a backoff and goes on at the next sample (RETRIES times,
+    then it is raised: an unreachable store is not bad data). Anything else (a corrupt tar, a missing
+    shard) ends the shard: its remaining samples come out unreadable, to be counted and stood in for."""
+    start, attempt = piece.start, 0
+    while start < piece.stop:
+        try:
+            for sample in _scan(fs, path, piece.shard, start, piece.stop):
+                yield sample
+                start = sample.index + 1
+            return
+        except PermissionError:
+            raise
+        except Exception as e:
+            if is_transient(e) and attempt < RETRIES:
+                attempt += 1
+                delay = backoff(attempt)
+                log.warning(
+                    "%s: %r at sample %d; retry %d/%d in %.1f s", path, e, start, attempt, RETRIES, delay
+                )
+                time.sleep(delay)
+                continue
+            if is_transient(e):
+                raise
+            problem = f"{posixpath.basename(path)} is unreadable from sample {start} on ({e!r})"
+            log.warning("%s: %d sample(s) lost", problem, piece.stop - start)
+            for index in range(start, piece.stop):
+                yield Encoded(piece.shard, index, f"{path}:#{index}", None, problem)
+            return
+
+
+def _scan(fs: fsspec.AbstractFileSystem, path: str, shard: int, start: int, stop: int) -> Iterator[Encoded]:
+    """Samples [start, stop) of a shard: members 2i and 2i+1 are sample i's <id>.jpg and <id>.png.
+    Pairing by position keeps every later sample in place when one member is misnamed."""
     with (
         fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="readahead") as f,
         tarfile.open(fileobj=f, mode="r|") as tar,
     ):
-        index, image = 0, None
-        for member in tar:
-            stem, ext = _member_name(path, member)
-            wanted = index >= piece.start  # earlier members are skipped unread
-            data = tar.extractfile(member).read() if wanted else b""
-            if ext == ".jpg":
-                image = (stem, data)
+        members = iter(tar)
+        for index in range(stop):
+            pair, data = [], []
+            for member in itertools.islice(members, 2):
+                # A stream-mode tar can read a member only before moving on; earlier samples are passed over.
+                wanted = index >= start and member.isfile()
+                pair.append(member)
+                data.append(tar.extractfile(member).read() if wanted else b"")
+            if len(pair) < 2:
+                raise EOFError(f"{2 * index + len(pair)} members, the manifest needs {2 * stop}")
+            if index < start:
                 continue
-            if image is None or image[0] != stem:
-                raise ValueError(f"{path}: {member.name} does not follow {stem}.jpg")
-            if wanted:
-                yield piece.shard, index, image[1], data
-            image, index = None, index + 1
-            if index == piece.stop:
-                return
-    raise ValueError(f"{path} holds {index} samples, its manifest entry needs {piece.stop}")
+            name, problem = _pair_name(pair)
+            label = f"{path}:{name}"
+            yield Encoded(shard, index, label, *((None, problem) if problem else data))
 
 
-def _member_name(path: str, member: tarfile.TarInfo) -> tuple[str, str]:
-    stem, ext = posixpath.splitext(member.name)
-    if not member.isfile() or "/" in member.name or stem in ("", ".", "..") or ext not in (".jpg", ".png"):
-        raise ValueError(
-            f"{path}: member {member.name!r} is not a plain <id>.jpg or <id>.png "
-            "(absolute paths, '..', folders and other files are refused)"
-        )
-    return stem, ext
+def _pair_name(pair: list[tarfile.TarInfo]) -> tuple[str, str | None]:
+    """(sample id, None) for a well-formed <id>.jpg + <id>.png, else (what was found, the problem).
+    Absolute paths, '..' and folders are refused outright: nothing here is ever extracted to disk,
+    but a shard holding them was not written by `pack`."""
+    (stem, ext), (stem2, ext2) = (posixpath.splitext(m.name) for m in pair)
+    safe = all(m.isfile() and "/" not in m.name and m.name not in (".", "..") for m in pair)
+    if safe and stem and stem == stem2 and (ext, ext2) == (".jpg", ".png"):
+        return stem, None
+    names = " + ".join(repr(m.name) for m in pair)
+    return names, f"members {names} refused: want plain <id>.jpg + <id>.png"
 
 
-def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+def _shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
     """Items in a random order, holding at most `size` of them at a time."""
     buffer = []
     for item in items:

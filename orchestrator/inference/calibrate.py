@@ -69,18 +69,19 @@ def calibrate_run(
     ]
     if unexpected or unexplained:
         raise ValueError(f"checkpoint of run {run_id} does not fit its model: {unexpected or unexplained}")
-    original, _ = checkpoint.model_from_state(state)
+    original = checkpoint.model_from_state(state)
 
     batch = batch_size or config["train.batch_per_gpu"]
     values = calibrate(model, _training_images(spec, batch, storage_options), steps=steps, lr=lr)
     val = evaluation_loader(config["data.val"], batch_size=batch, storage_options=storage_options)
-    ema_cm, calibrated_cm = evaluate([original, model.eval()], val)
+    calibrated_model = checkpoint.Trained(model.eval(), calibrated_config, original.mean_std)
+    ema_cm, calibrated_cm = evaluate([original, calibrated_model], val)
     ema, calibrated = metrics.summarize(ema_cm), metrics.summarize(calibrated_cm)
 
     experiment, name = tracking.run_names(run_id)
     with tempfile.TemporaryDirectory() as d:
         ckpt = checkpoint.save(
-            Path(d) / tracking.CHECKPOINT_FILE, model, calibrated_config, source_run=run_id
+            Path(d) / tracking.CHECKPOINT_FILE, model, calibrated_config, original.mean_std, source_run=run_id
         )
         table = Path(d) / "alpha_beta.json"
         table.write_text(json.dumps(values, indent=1))

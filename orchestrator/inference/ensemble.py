@@ -33,14 +33,10 @@ def run_ensemble(
         raise LookupError(
             f"experiment {experiment!r} has no finished trial run with metric {metric!r} and a checkpoint"
         )
-    models, configs = [], []
-    for run in runs:
-        model, config = checkpoint.load_model(tracking.download_checkpoint(run.info.run_id))
-        models.append(model)
-        configs.append(config)
-    val_url = data or configs[0]["data.val"]
+    members = [checkpoint.load_model(tracking.download_checkpoint(run.info.run_id)) for run in runs]
+    val_url = data or members[0].config["data.val"]
     loader = evaluation_loader(val_url, batch_size=batch_size, storage_options=storage_options)
-    cms = evaluate(models, loader, ensemble=True)
+    cms = evaluate(members, loader, ensemble=True)
     member_metrics = [metrics.summarize(cm) for cm in cms[:-1]]
     ensemble_metrics = metrics.summarize(cms[-1])
     ids = [r.info.run_id for r in runs]
@@ -55,5 +51,5 @@ def run_ensemble(
         },
         tags={"orchestrator.members": ",".join(ids)},
     )
-    members = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, member_metrics, strict=True)]
-    return EnsembleResult(members, ensemble_metrics, run_id)
+    scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, member_metrics, strict=True)]
+    return EnsembleResult(scores, ensemble_metrics, run_id)

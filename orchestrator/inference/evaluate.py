@@ -7,22 +7,25 @@ import logging
 from collections.abc import Iterable, Sized
 
 import torch
-from torch import nn
 
 from orchestrator import metrics
 from orchestrator.data.layout import NUM_CLASSES
+from orchestrator.data.transforms import normalize
 from orchestrator.inference.predict import predict_proba
+from orchestrator.train.checkpoint import Trained
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(models: list[nn.Module], loader: Iterable, *, ensemble: bool = False) -> torch.Tensor:
-    """Confusion matrices [len(models) (+1 for the ensemble), C, C], rows = truth."""
-    cms = torch.zeros(len(models) + ensemble, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+def evaluate(members: list[Trained], loader: Iterable, *, ensemble: bool = False) -> torch.Tensor:
+    """Confusion matrices [len(members) (+1 for the ensemble), C, C], rows = truth. The loader yields
+    uint8 images (evaluation_loader); each member sees them normalized as it was trained."""
+    cms = torch.zeros(len(members) + ensemble, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
     total = len(loader) if isinstance(loader, Sized) else None
     every = max(1, (total or 10) // 10)
     for i, (images, masks) in enumerate(loader, 1):
-        probs = [predict_proba(m, images) for m in models]
+        inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
+        probs = [predict_proba(m.model, inputs[m.mean_std]) for m in members]
         if ensemble:
             probs.append(torch.stack(probs).mean(0))
         for j, p in enumerate(probs):

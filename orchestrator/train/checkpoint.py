@@ -3,12 +3,14 @@ checkpoint alone is enough for evaluation and ensembles."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from orchestrator.data.transforms import MeanStd
 from orchestrator.models.build import build_model
 from orchestrator.spec import Spec, from_flat
 
@@ -26,9 +28,13 @@ def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
     )
 
 
-def save(path: str | Path, model: nn.Module, config: dict[str, Any], **extra: Any) -> Path:
-    """Write weights (of the unwrapped model), the trial config and any extra state."""
-    torch.save({"model": model.state_dict(), "config": config, **extra}, path)
+def save(path: str | Path, model: nn.Module, config: dict[str, Any], mean_std: MeanStd, **extra: Any) -> Path:
+    """Write weights (of the unwrapped model), the trial config, the input normalization it was trained
+    with and any extra state."""
+    mean, std = mean_std
+    torch.save(
+        {"model": model.state_dict(), "config": config, "mean_std": [list(mean), list(std)], **extra}, path
+    )
     return Path(path)
 
 
@@ -36,13 +42,23 @@ def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint and load its weights; returns (model in eval mode, config)."""
+@dataclass
+class Trained:
+    """A checkpoint's model (in eval mode), its trial config and the mean/std its inputs need."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    mean_std: MeanStd
+
+
+def load_model(path: str | Path) -> Trained:
+    """Rebuild the model of a checkpoint and load its weights."""
     return model_from_state(load(path))
 
 
-def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of an already loaded checkpoint, in eval mode, and its config."""
+def model_from_state(state: dict[str, Any]) -> Trained:
+    """The model of an already loaded checkpoint."""
     model = model_for(from_flat(state["config"]), pretrained=False)
     model.load_state_dict(state["model"])
-    return model.eval(), state["config"]
+    mean, std = state["mean_std"]
+    return Trained(model.eval(), state["config"], (tuple(mean), tuple(std)))

@@ -11,7 +11,9 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orchestrator import metrics, tracking
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
-from orchestrator.data.stream import Loader, make_loader
+from orchestrator.data.stream import Loader, dataset_mean_std, make_loader
+from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint
@@ -44,10 +47,17 @@ class Worker:
     world: int = 1
     device: torch.device = torch.device("cpu")
 
-    def loader(self, *, train: bool, epoch: int = 0) -> Loader:
-        t = self.spec.train
+    @cached_property
+    def mean_std(self) -> MeanStd:
+        """The input normalization: the training split's RGB statistics or ImageNet's."""
+        if self.spec.data.normalize == "imagenet":
+            return IMAGENET
+        return dataset_mean_std(self.spec.data.train, self.spec.data.storage_options)
+
+    def loader(self, *, train: bool, epoch: int = 0, start_batch: int = 0) -> Loader:
+        t, d = self.spec.train, self.spec.data
         return make_loader(
-            self.spec.data.train if train else self.spec.data.val,
+            d.train if train else d.val,
             batch_size=t.batch_per_gpu,
             rank=self.rank,
             world_size=self.world,
@@ -55,9 +65,14 @@ class Worker:
             crop=tuple(t.crop) if train else None,
             epoch=epoch,
             seed=t.seed,
-            num_workers=self.spec.data.loader_workers,
+            num_workers=d.loader_workers,
             scale=tuple(t.scale),
-            storage_options=self.spec.data.storage_options,
+            blur=(t.blur_p, t.blur_sigma),
+            mean_std=self.mean_std,
+            start_batch=start_batch,
+            device=self.device,
+            augment_on_device=d.augment_on == "device",
+            storage_options=d.storage_options,
         )
 
     def steps_per_epoch(self) -> int:
@@ -70,6 +85,18 @@ class Worker:
                 f"workers needs more training samples than {self.spec.data.train} holds"
             )
         return min(steps, t.steps_per_epoch or steps)
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` optimizer steps into `epoch` (0-based), with the trial's sums over
+    those steps. Saved in every checkpoint, so a trial resumed mid-epoch neither replays nor skips a batch
+    and still reports the whole epoch's loss and skipped samples."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    skipped: int = 0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -86,26 +113,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
 
-    start_epoch, best = 0, -math.inf
+    position, best = Position(), -math.inf
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             state = checkpoint.load(Path(d) / tracking.CHECKPOINT_FILE)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"], state["best"]
-        log.info("rank %d resumed after epoch %d", w.rank, start_epoch)
+        position, best = Position(**state["position"]), state["best"]
+        log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
+
+    def save(p: Position, report: dict[str, float] | None = None, improved: bool = False) -> None:
+        _report(w, config, net, optimizer, p, best, report, improved)
 
     steps = w.steps_per_epoch()
-    for epoch in range(start_epoch, w.spec.train.epochs):
-        report = {"epoch": epoch + 1, **train_epoch(w, model, optimizer, epoch, steps)}
+    while position.epoch < w.spec.train.epochs:
+        report = {"epoch": position.epoch + 1, **train_epoch(w, model, optimizer, position, steps, save)}
         if w.spec.train.precise_bn_batches:
-            images = (x.to(w.device) for x, _ in w.loader(train=True, epoch=epoch))
+            images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
             precise_bn(net, images, w.spec.train.precise_bn_batches)
         report.update(validate(w, net))
         improved = report["val_miou"] > best
         best = report["best_val_miou"] = max(best, report["val_miou"])
-        _report(w, config, net, optimizer, report, improved)
+        position = Position(epoch=position.epoch + 1)
+        save(position, report, improved)
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
@@ -131,33 +162,56 @@ def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_epoch(
-    w: Worker, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, steps: int
+    w: Worker,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    position: Position,
+    steps: int,
+    save: Callable[[Position], None] | None = None,
 ) -> dict[str, float]:
-    """One epoch of `steps` optimizer steps of `train.accumulate` micro-batches each; loss and
-    throughput are the trial's (all ranks), not this rank's."""
+    """The epoch's optimizer steps from `position` on, `train.accumulate` micro-batches each, calling
+    `save` every `train.checkpoint_every` steps; loss, skipped samples and throughput are the trial's
+    (all ranks), not this rank's."""
     t = w.spec.train
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=w.device)
-    batches = iter(w.loader(train=True, epoch=epoch))
+    loader = w.loader(train=True, epoch=position.epoch, start_batch=position.step * t.accumulate)
+    batches = iter(loader)
+    # Sums carried over a resume are already the trial's: they enter on rank 0 only, once.
+    carried = w.rank == 0
+    sums = torch.tensor(
+        [position.loss_sum, position.skipped] if carried else [0.0, 0.0], dtype=torch.float64, device=w.device
+    )
     started = time.perf_counter()
-    for step in range(steps):
-        progress = (epoch * steps + step) / (steps * t.epochs)
+    for step in range(position.step, steps):
+        progress = (position.epoch * steps + step) / (steps * t.epochs)
         for group in optimizer.param_groups:
             group["lr"] = t.lr * group["lr_mult"] * (1 - progress) ** 0.9  # poly schedule, per step
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, [next(batches) for _ in range(t.accumulate)], w.device, t.amp)
         optimizer.step()
-        loss_sum += loss
+        sums[0] += loss
         if w.rank == 0 and (step + 1) % 20 == 0:
-            log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, steps, loss.item())
+            log.info("epoch %d step %d/%d loss %.4f", position.epoch + 1, step + 1, steps, loss.item())
+        if save and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
+            totals = _trial_sums(sums, loader.skipped)
+            save(Position(position.epoch, step + 1, float(totals[0]), int(totals[1])))
     elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=w.device)
-    all_reduce(loss_sum)
+    totals = _trial_sums(sums, loader.skipped)
     all_reduce(elapsed, dist.ReduceOp.MAX)
     return {
-        "train_loss": float(loss_sum) / (steps * w.world),
-        "images_per_s": steps * t.accumulate * t.batch_per_gpu * w.world / float(elapsed),
+        "train_loss": float(totals[0]) / (steps * w.world),
+        "skipped_samples": int(totals[1]),
+        "images_per_s": (steps - position.step) * t.accumulate * t.batch_per_gpu * w.world / float(elapsed),
         "lr": optimizer.param_groups[0]["lr"],
     }
+
+
+def _trial_sums(sums: torch.Tensor, skipped: int) -> torch.Tensor:
+    """[loss sum, skipped samples] of all ranks: this rank's running sums plus the loader's count."""
+    totals = sums.clone()
+    totals[1] += skipped
+    all_reduce(totals)
+    return totals
 
 
 def accumulate_gradients(
@@ -196,13 +250,15 @@ def validate(w: Worker, net: nn.Module) -> dict[str, float]:
     net.eval()
     average_buffers(net)
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=w.device)
-    for images, masks in w.loader(train=False):
-        images, masks = images.to(w.device), masks.to(w.device)
+    loader = w.loader(train=False)
+    for images, masks in loader:
         with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.spec.train.amp == "bf16"):
             logits = net(images)
         cm += metrics.confusion_matrix(logits.argmax(1), masks)
     all_reduce(cm)
-    return metrics.summarize(cm.cpu())
+    skipped = torch.tensor(loader.skipped, device=w.device)
+    all_reduce(skipped)
+    return {**metrics.summarize(cm.cpu()), "val_skipped_samples": int(skipped)}
 
 
 def _report(
@@ -210,32 +266,55 @@ def _report(
     config: dict[str, Any],
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
-    report: dict[str, float],
+    position: Position,
+    best: float,
+    report: dict[str, float] | None,
     improved: bool,
 ) -> None:
-    """Every rank calls ray.train.report (a barrier); rank 0 attaches the checkpoint and logs MLflow."""
+    """Every rank calls ray.train.report (a barrier); rank 0 attaches the checkpoint. At an epoch's end
+    (`report` given) rank 0 also logs the metrics to MLflow and, when `improved`, the best checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0:
-            run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
             trial = public_params(config["trial"])  # never store credentials in a checkpoint
-            epoch, best = report["epoch"], report["best_val_miou"]
             path = Path(d) / tracking.CHECKPOINT_FILE
-            checkpoint.save(path, net, trial, optimizer=optimizer.state_dict(), epoch=epoch, best=best)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-            tracking.log_metrics(run_id, report, step=int(epoch), uri=uri)
-            if improved:
-                with tempfile.TemporaryDirectory() as best_dir:
-                    best_path = Path(best_dir) / tracking.CHECKPOINT_FILE
-                    checkpoint.save(best_path, net, trial, epoch=epoch, metrics=report)
-                    tracking.log_checkpoint(run_id, best_path, uri)
-            log.info(
-                "%s epoch %d/%d: train_loss %.4f val_miou %.4f (%.1f img/s)",
-                w.spec.name,
-                epoch,
-                w.spec.train.epochs,
-                report["train_loss"],
-                report["val_miou"],
-                report["images_per_s"],
+            checkpoint.save(
+                path,
+                net,
+                trial,
+                w.mean_std,
+                optimizer=optimizer.state_dict(),
+                position=asdict(position),
+                best=best,
             )
-        ray.train.report(report, checkpoint=ckpt)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+            if report:
+                _log_epoch(w, config, net, report, improved)
+        # Tune sees epoch ends only (EpochReportCallback); Ray Train keeps every checkpoint's position.
+        ray.train.report(report or {"epoch": position.epoch, "step": position.step}, checkpoint=ckpt)
+
+
+def _log_epoch(
+    w: Worker, config: dict[str, Any], net: nn.Module, report: dict[str, float], improved: bool
+) -> None:
+    run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
+    epoch = report["epoch"]
+    tracking.log_metrics(run_id, report, step=int(epoch), uri=uri)
+    if improved:
+        with tempfile.TemporaryDirectory() as best_dir:
+            best_path = Path(best_dir) / tracking.CHECKPOINT_FILE
+            checkpoint.save(
+                best_path, net, public_params(config["trial"]), w.mean_std, epoch=epoch, metrics=report
+            )
+            tracking.log_checkpoint(run_id, best_path, uri)
+    log.info(
+        "%s epoch %d/%d: train_loss %.4f val_miou %.4f (%.1f img/s, %d+%d samples skipped)",
+        w.spec.name,
+        epoch,
+        w.spec.train.epochs,
+        report["train_loss"],
+        report["val_miou"],
+        report["images_per_s"],
+        report["skipped_samples"],
+        report["val_skipped_samples"],
+    )
