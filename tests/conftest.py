@@ -6,13 +6,9 @@ from __future__ import annotations
 import fnmatch
 import http.client
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -23,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.data.local_s3 import S3Server, local_s3
+
 # One thread per test process: the 2-core CI box is shared with Ray workers and servers, and the
 # default OpenMP busy-wait made steps 10-25x slower there (ENVIRONMENT.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,53 +29,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    env: dict[str, str]  # what a client process needs in its environment to reach the server
-
-    @property
-    def storage_options(self) -> dict:
-        return {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": self.endpoint}}
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    port = free_port()
-    log = Path(tmp_path_factory.mktemp("moto")) / "moto.log"
-    moto = Path(sys.executable).with_name("moto_server")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError as e:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()}") from e
-                time.sleep(0.2)
-        env = {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        yield S3Server(endpoint=endpoint, env=env)
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+    with local_s3(Path(tmp_path_factory.mktemp("moto")) / "moto.log") as server:
+        yield server
 
 
 @pytest.fixture

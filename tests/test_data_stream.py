@@ -239,6 +239,26 @@ def test_s3_streaming_matches_local(raw: Path, local_shards: str, s3_server, s3_
 
 
 @pytest.mark.slow
+def test_s3_training_epoch_reads_each_sample_once_over_ranks_and_workers(
+    raw: Path, s3_server, s3_shards: str
+) -> None:
+    # With augmentation left to the device, the workers' batches hold the decoded samples themselves.
+    source, seen = _source_keys(raw, "train"), Counter()
+    for rank in range(2):
+        loader = make_loader(
+            f"{s3_shards}/train", batch_size=2, rank=rank, world_size=2, train=True, crop=(48, 32), epoch=3,
+            seed=0, num_workers=2, augment_on_device=True, storage_options=s3_server.storage_options,
+        )  # fmt: skip
+        for batch in loader.dataloader:
+            for image, mask in zip(
+                batch["image"].permute(0, 2, 3, 1).numpy(), batch["mask"].numpy(), strict=True
+            ):
+                seen[_key(np.ascontiguousarray(image), mask)] += 1
+    assert sum(seen.values()) == TRAIN // 2 // 2 * 2 * 2  # drop_last: 20 of the 22
+    assert max(seen.values()) == 1 and set(seen) <= set(source)
+
+
+@pytest.mark.slow
 def test_s3_endpoint_from_environment(
     raw: Path, s3_server, s3_shards: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -185,14 +185,15 @@ class ShardStream(IterableDataset):
         if self.on_device:
             return item | {"image": to_chw(image), "mask": torch.from_numpy(mask), "aug": aug.as_tensor()}
         x, y = augment(to_chw(image), torch.from_numpy(mask), aug, self.crop, self.mean_std)
-        return item | {"image": x, "mask": y}
+        # uint8 across the process boundary, an eighth of int64's bytes; the Loader widens it.
+        return item | {"image": x, "mask": y.to(torch.uint8)}
 
     def _val_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
         if self.on_device:  # normalized by the Loader, on the device
             return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
         return {
             "image": normalize(to_chw(image), self.mean_std),
-            "mask": torch.from_numpy(mask).long(),
+            "mask": torch.from_numpy(mask),
             "bad": bad,
         }
 
