@@ -232,3 +232,15 @@ def test_reads_outlast_faults(shards: Path, s3_server, s3_bucket: str, flaky_s3,
     assert _same(batches, list(make_loader(str(shards / "val"), **args)))
     assert remote.skipped == 0 and flaky_s3.injected["reset"] == 7
     assert "retry 1/5" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_on_s3(damaged, s3_server, s3_bucket: str) -> None:
+    s3fs.S3FileSystem(**s3_server.storage_options).put(
+        str(damaged[0] / "train"), f"{s3_bucket}/t", recursive=True
+    )
+    url, options = f"s3://{s3_bucket}/t", s3_server.storage_options
+    full = list(_loader(url, 1, num_workers=2, storage_options=options))
+    rest = _loader(url, 1, num_workers=2, storage_options=options, start_batch=3)
+    assert _same(list(rest), full[3:])
+    assert _same(full, list(_loader(str(damaged[0] / "train"), 1, num_workers=2)))  # S3 reads as local
