@@ -50,11 +50,35 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("sweep", help="run the spec's grid as Ray Tune trials of Ray Train workers")
     spec_args(cmd)
+    cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the spec's sweep after its driver died: keep finished trials, resume the others "
+        "from their last checkpoints, in the same MLflow runs",
+    )
     cmd.set_defaults(func=_sweep)
 
     cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
     spec_args(cmd)
     cmd.set_defaults(func=_train)
+
+    cmd = sub.add_parser(
+        "submit", help="`orchestrator sweep SPEC` as a Ray job on a cluster: stream its logs, exit as it did"
+    )
+    spec_args(cmd)
+    cmd.add_argument(
+        "--address", help="Ray job server URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, the local head)"
+    )
+    cmd.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
+    cmd.add_argument(
+        "--env",
+        dest="extra_env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also forward this environment variable to the job, e.g. a credential (repeatable)",
+    )
+    cmd.set_defaults(func=_submit)
 
     cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
     cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
@@ -128,7 +152,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
     from orchestrator.sweep import run_sweep
 
-    outcomes = run_sweep(spec)
+    outcomes = run_sweep(spec, resume=args.resume)
     _print_outcomes(spec.experiment, outcomes)
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
@@ -142,6 +166,15 @@ def _train(args: argparse.Namespace) -> int:
     outcome = run_single(spec)
     _print_outcomes(spec.experiment, [outcome])
     return 1 if outcome.status == "FAILED" else 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator import spec as specs
+
+    specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
+    from orchestrator.submit import submit
+
+    return submit(args.spec, args.overrides, args.address, args.working_dir, args.extra_env)
 
 
 def _print_outcomes(experiment: str, outcomes: list) -> None:

@@ -181,6 +181,11 @@ class ResourcesSpec(_Section):
     gpus_per_worker: float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
     cpus_per_worker: float = Field(1, gt=0)
     max_concurrent_trials: int = Field(1, ge=1)
+    max_failures: int = Field(
+        2,
+        ge=-1,
+        description="restarts of a trial from its last checkpoint after a worker or node dies (-1: no limit)",
+    )
 
 
 class TrackingSpec(_Section):

@@ -9,17 +9,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
+from orchestrator.errors import UsageError
 from orchestrator.spec import Spec, expand, flatten, from_flat, public_params, resolve, trial_key
 from orchestrator.train.loop import train_loop_per_worker
 
@@ -46,31 +48,41 @@ class TrialOutcome:
     error: str | None = None
 
 
-def run_sweep(spec: Spec) -> list[TrialOutcome]:
-    """Run every grid point of the spec as a Tune trial; returns one outcome per point."""
+def run_sweep(spec: Spec, resume: bool = False) -> list[TrialOutcome]:
+    """Run every grid point of the spec as a Tune trial; returns one outcome per point.
+
+    resume: restore the spec's Tune experiment (after its driver died): finished trials stay finished,
+    the others continue from their last checkpoints, under the same MLflow runs."""
     uri = tracking.tracking_uri()
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
-    parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri)
+    tune_path = f"{_storage(spec).rstrip('/')}/{spec.name}"
     _init_ray(spec)
-    base = flatten(spec)
-    param_space = {**base, **{k: tune.grid_search(v) for k, v in spec.grid.items()}}
+    if resume and not tune.Tuner.can_restore(tune_path):
+        raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
+    parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
+    if not parent:
+        parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri, tune_path)
     trainable = tune.with_parameters(
         _tune_trial, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri, grid=list(spec.grid)
     )
     trainable = tune.with_resources(trainable, _driver_resources())
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=spec.resources.max_concurrent_trials, metric="val_miou", mode="max"
-        ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec), verbose=1),
-    )
+    if resume:
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        base = flatten(spec)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**base, **{k: tune.grid_search(v) for k, v in spec.grid.items()}},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.resources.max_concurrent_trials, metric="val_miou", mode="max"
+            ),
+            run_config=tune.RunConfig(name=spec.name, storage_path=_storage(spec), verbose=1),
+        )
     results = tuner.fit()
     outcomes = []
     for result in results:
         key = trial_key(result.config, spec.grid)
-        error = None if result.error is None else str(result.error).strip().splitlines()[-1]
+        error = None if result.error is None else _reason(result.error)
         outcomes.append(
             TrialOutcome(key, "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
         )
@@ -91,7 +103,7 @@ def run_single(spec: Spec) -> TrialOutcome:
         result = run_trial(config, experiment_id, parent, uri, grid=[], callbacks=[])
     except Exception as e:
         tracking.end_run(parent, uri, failed=True)
-        return TrialOutcome("base", "FAILED", {}, f"{type(e).__name__}: {e}")
+        return TrialOutcome("base", "FAILED", {}, _reason(e))
     tracking.end_run(parent, uri)
     return TrialOutcome("base", "FINISHED", result)
 
@@ -103,11 +115,21 @@ def run_trial(
     tracking_uri: str,
     grid: list[str],
     callbacks: list,
+    on_finished: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """The driver of one trial: open its MLflow child run, fit a TorchTrainer, close the run."""
+    """The driver of one trial: open its MLflow child run, fit a TorchTrainer, close the run.
+
+    A trial whose run already finished (its driver died after it, before Tune recorded it) is not run
+    again: its metrics go to `on_finished` (Tune needs a result) and are returned."""
     config = resolve(config)  # Tune's point holds the unset backbone-dependent defaults as None
     spec = from_flat(config)
     key = trial_key(config, grid)
+    done = tracking.find_trial_run(experiment_id, parent_run_id, key, tracking_uri)
+    if done and done.info.status == "FINISHED":
+        log.info("trial %s finished in an earlier run of this sweep: kept", key)
+        if on_finished:
+            on_finished(done.data.metrics)
+        return dict(done.data.metrics)
     run_id = tracking.start_trial_run(experiment_id, parent_run_id, key, public_params(config), tracking_uri)
     r = spec.resources
     trainer = TorchTrainer(
@@ -127,14 +149,19 @@ def run_trial(
             storage_path=_storage(spec),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # A dead worker or node restarts the worker group from the last checkpoint.
+            failure_config=FailureConfig(max_failures=r.max_failures),
         ),
     )
     try:
         result = trainer.fit()
-    except Exception:
-        tracking.end_run(run_id, tracking_uri, failed=True)
+    except Exception as e:
+        tracking.end_run(run_id, tracking_uri, failed=True, reason=_reason(e))
         raise
-    tracking.end_run(run_id, tracking_uri)
+    reason = tracking.failure(run_id, tracking_uri)  # set by rank 0 for a failure not worth a retry
+    tracking.end_run(run_id, tracking_uri, failed=bool(reason))
+    if reason:
+        raise TrialFailed(reason)
     return dict(result.metrics or {})
 
 
@@ -150,7 +177,17 @@ class EpochReportCallback(TuneReportCallback):
 def _tune_trial(
     config: dict[str, Any], experiment_id: str, parent_run_id: str, tracking_uri: str, grid: list[str]
 ) -> None:
-    run_trial(config, experiment_id, parent_run_id, tracking_uri, grid, callbacks=[EpochReportCallback()])
+    run_trial(config, experiment_id, parent_run_id, tracking_uri, grid, [EpochReportCallback()], tune.report)
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended for a reason of its own (a non-finite loss, out of memory)."""
+
+
+def _reason(error: BaseException) -> str:
+    """The last line of an error: the message, without the tracebacks Ray wraps it in."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def _init_ray(spec: Spec) -> None:

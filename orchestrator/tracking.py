@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 KIND = "orchestrator.kind"  # sweep | trial | ensemble
 SWEEP = "orchestrator.sweep"
 TRIAL_KEY = "orchestrator.trial_key"
+FAILURE = "orchestrator.failure"  # why a run failed, one line
+RESUME_PATH = "orchestrator.tune_path"  # the Tune experiment a sweep run can be resumed from
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
@@ -42,10 +44,38 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     return exp.experiment_id if exp else c.create_experiment(name)
 
 
-def start_sweep_run(experiment_id: str, sweep: str, params: dict[str, Any], uri: str) -> str:
-    run = client(uri).create_run(experiment_id, run_name=sweep, tags={KIND: "sweep", SWEEP: sweep})
+def start_sweep_run(
+    experiment_id: str, sweep: str, params: dict[str, Any], uri: str, tune_path: str | None = None
+) -> str:
+    tags = {KIND: "sweep", SWEEP: sweep, **({RESUME_PATH: tune_path} if tune_path else {})}
+    run = client(uri).create_run(experiment_id, run_name=sweep, tags=tags)
     log_params(run.info.run_id, params, uri)
     return run.info.run_id
+
+
+def resume_sweep_run(experiment_id: str, tune_path: str, uri: str) -> str | None:
+    """The latest sweep run of the Tune experiment at tune_path, marked running again; None if none."""
+    c = client(uri)
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KIND}` = 'sweep' and tags.`{RESUME_PATH}` = '{tune_path}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    c.update_run(runs[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    return runs[0].info.run_id
+
+
+def find_trial_run(experiment_id: str, parent_run_id: str, key: str, uri: str) -> Run | None:
+    """The child run of one grid point of a sweep run, if it was started."""
+    found = client(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT}` = '{parent_run_id}' and tags.`{TRIAL_KEY}` = '{key}'",
+        max_results=1,
+    )
+    return found[0] if found else None
 
 
 def start_trial_run(
@@ -54,14 +84,12 @@ def start_trial_run(
     """The child run of one grid point; a restarted trial driver finds and continues its own run
     (same parent, same trial key) instead of opening a second one."""
     c = client(uri)
-    found = c.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PARENT}` = '{parent_run_id}' and tags.`{TRIAL_KEY}` = '{key}'",
-        max_results=1,
-    )
+    found = find_trial_run(experiment_id, parent_run_id, key, uri)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        if FAILURE in found.data.tags:  # a resumed trial that failed before starts without the verdict
+            c.delete_tag(run_id, FAILURE)
         return run_id
     run = c.create_run(
         experiment_id, run_name=key, tags={KIND: "trial", PARENT: parent_run_id, TRIAL_KEY: key}
@@ -91,7 +119,23 @@ def log_checkpoint(run_id: str, path: str | Path, uri: str) -> None:
     client(uri).log_artifact(run_id, str(path), CHECKPOINT_DIR)
 
 
-def end_run(run_id: str, uri: str, failed: bool = False) -> None:
+def log_epoch(run_id: str, metrics: dict[str, float], epoch: int, uri: str) -> bool:
+    """Log one epoch's metrics at step `epoch` unless the run already has that step: a trial restarted
+    from an older checkpoint runs an epoch again that its first attempt logged. Returns whether it logged."""
+    if any(m.step == epoch for m in client(uri).get_metric_history(run_id, "epoch")):
+        return False
+    log_metrics(run_id, metrics, step=epoch, uri=uri)
+    return True
+
+
+def failure(run_id: str, uri: str) -> str | None:
+    """Why the run failed, as its trial recorded it; None if it did not."""
+    return client(uri).get_run(run_id).data.tags.get(FAILURE)
+
+
+def end_run(run_id: str, uri: str, failed: bool = False, reason: str | None = None) -> None:
+    if reason:
+        set_tags(run_id, {FAILURE: reason[:5000]}, uri)
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 

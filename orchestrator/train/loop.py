@@ -38,6 +38,10 @@ from orchestrator.train.precise_bn import precise_bn
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLoss(ArithmeticError):
+    pass
+
+
 @dataclass(frozen=True)
 class Worker:
     """Who is running: the trial's spec, this rank, the world size, the device."""
@@ -122,21 +126,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         position, best = Position(**state["position"]), state["best"]
         log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
+        if w.rank == 0 and state.get("report"):  # the attempt before may have died before logging it
+            _log_epoch(w, config, net, state["report"], state["improved"])
 
     def save(p: Position, report: dict[str, float] | None = None, improved: bool = False) -> None:
         _report(w, config, net, optimizer, p, best, report, improved)
 
-    steps = w.steps_per_epoch()
-    while position.epoch < w.spec.train.epochs:
-        report = {"epoch": position.epoch + 1, **train_epoch(w, model, optimizer, position, steps, save)}
-        if w.spec.train.precise_bn_batches:
-            images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
-            precise_bn(net, images, w.spec.train.precise_bn_batches)
-        report.update(validate(w, net))
-        improved = report["val_miou"] > best
-        best = report["best_val_miou"] = max(best, report["val_miou"])
-        position = Position(epoch=position.epoch + 1)
-        save(position, report, improved)
+    try:
+        steps = w.steps_per_epoch()
+        while position.epoch < w.spec.train.epochs:
+            report = {"epoch": position.epoch + 1, **train_epoch(w, model, optimizer, position, steps, save)}
+            if w.spec.train.precise_bn_batches:
+                images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
+                precise_bn(net, images, w.spec.train.precise_bn_batches)
+            report.update(validate(w, net))
+            improved = report["val_miou"] > best
+            best = report["best_val_miou"] = max(best, report["val_miou"])
+            position = Position(epoch=position.epoch + 1)
+            save(position, report, improved)
+    except (NonFiniteLoss, torch.OutOfMemoryError) as e:
+        # Deterministic: a restart from the last checkpoint would fail the same way, so the workers end
+        # normally (no retry) and rank 0 records why; the trial driver then fails the trial with it.
+        # Every rank meets a non-finite loss at the same step: the loss is all-reduced.
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.error("%s: %s", w.spec.name, reason)
+        if w.rank == 0:
+            tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
@@ -188,6 +203,10 @@ def train_epoch(
             group["lr"] = t.lr * group["lr_mult"] * (1 - progress) ** 0.9  # poly schedule, per step
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, [next(batches) for _ in range(t.accumulate)], w.device, t.amp)
+        trial_loss = loss.clone()
+        all_reduce(trial_loss)  # every rank sees a non-finite loss at the same step
+        if not torch.isfinite(trial_loss):
+            raise NonFiniteLoss(f"loss {float(trial_loss)} at epoch {position.epoch + 1} step {step + 1}")
         optimizer.step()
         sums[0] += loss
         if w.rank == 0 and (step + 1) % 20 == 0:
@@ -272,7 +291,8 @@ def _report(
     improved: bool,
 ) -> None:
     """Every rank calls ray.train.report (a barrier); rank 0 attaches the checkpoint. At an epoch's end
-    (`report` given) rank 0 also logs the metrics to MLflow and, when `improved`, the best checkpoint."""
+    (`report` given) rank 0 then logs the metrics to MLflow, after the checkpoint is stored: a trial that
+    dies in between finds the report in its checkpoint on restart and logs it then (see log_epoch)."""
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0:
@@ -286,12 +306,14 @@ def _report(
                 optimizer=optimizer.state_dict(),
                 position=asdict(position),
                 best=best,
+                report=report,
+                improved=improved,
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
-            if report:
-                _log_epoch(w, config, net, report, improved)
         # Tune sees epoch ends only (EpochReportCallback); Ray Train keeps every checkpoint's position.
         ray.train.report(report or {"epoch": position.epoch, "step": position.step}, checkpoint=ckpt)
+    if w.rank == 0 and report:
+        _log_epoch(w, config, net, report, improved)
 
 
 def _log_epoch(
@@ -299,7 +321,8 @@ def _log_epoch(
 ) -> None:
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
     epoch = report["epoch"]
-    tracking.log_metrics(run_id, report, step=int(epoch), uri=uri)
+    if not tracking.log_epoch(run_id, report, int(epoch), uri):
+        return  # logged by an earlier attempt of this trial
     if improved:
         with tempfile.TemporaryDirectory() as best_dir:
             best_path = Path(best_dir) / tracking.CHECKPOINT_FILE

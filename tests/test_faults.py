@@ -1,0 +1,174 @@
+"""Faults with real processes: a killed Ray Train worker, a killed sweep driver (`--resume`) and a trial whose
+loss turns NaN. What must hold: finished work is kept, each MLflow run has one value per epoch (no step
+logged twice, none missing), and a trial failing for its own reasons fails alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.data.shards import pack
+from orchestrator.data.synth import synthesize
+from orchestrator.models.resnet import ResNet
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "orchestrator"]
+EPOCHS = 3
+
+
+@pytest.fixture
+def workdir(tmp_path: Path):
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "RAY_TMPDIR": ray_tmp,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    synthesize(str(tmp_path / "synth"), train=16, val=4, size=(128, 72))
+    pack(str(tmp_path / "synth"), str(tmp_path / "shards"), shard_size=4, workers=1)
+    spec = {
+        "name": "faults",
+        "data": {"train": "shards/train", "val": "shards/val", "loader_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "train": {
+            "epochs": EPOCHS,
+            "steps_per_epoch": 4,
+            "checkpoint_every": 2,
+            "batch_per_gpu": 2,
+            "crop": [64, 64],
+            "lr": 0.01,
+        },  # fmt: skip
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "storage": str(tmp_path / "runs"),
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    yield tmp_path, env
+    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    # Its own session: killing the process group takes the local Ray it started along.
+    return subprocess.Popen(
+        CLI + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def trial_runs(env: dict[str, str]) -> list:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("faults")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} first:\n{proc.stdout.read()[-6000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below pid, from /proc."""
+    parents, cmdlines = {}, {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (ValueError, OSError):
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = cmdlines[child]
+                frontier.append(child)
+    return found
+
+
+def epochs_logged(env: dict[str, str], run_id: str) -> list[int]:
+    return [m.step for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, "val_miou")]
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(workdir) -> None:
+    cwd, env = workdir
+    proc = start(["train", "spec.yaml"], cwd, env)
+    wait_for(lambda: any(epochs_logged(env, r.info.run_id) for r in trial_runs(env)), proc)
+    workers = [pid for pid, cmdline in descendants(proc.pid).items() if "RayTrainWorker" in cmdline]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    code, out = finish(proc)
+    assert code == 0, out[-6000:]
+    assert "resumed at epoch" in out
+    (run,) = trial_runs(env)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(env, run.info.run_id) == list(range(1, EPOCHS + 1))
+
+
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(workdir) -> None:
+    cwd, env = workdir
+    overrides = ["--set", "grid.norm=[bn,gn:g8]", "--set", "train.epochs=2"]
+    proc = start(["sweep", "spec.yaml", *overrides], cwd, env)
+    wait_for(lambda: any(r.info.status == "FINISHED" for r in trial_runs(env)), proc)
+    (done,) = [r for r in trial_runs(env) if r.info.status == "FINISHED"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    code, out = finish(start(["sweep", "spec.yaml", *overrides, "--resume"], cwd, env))
+    assert code == 0, out[-6000:]
+    runs = trial_runs(env)
+    assert sorted(r.data.params["norm"] for r in runs) == ["bn", "gn:g8"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert epochs_logged(env, run.info.run_id) == [1, 2]
+    (again,) = [r for r in runs if r.info.run_id == done.info.run_id]
+    assert again.info.end_time == done.info.end_time  # the finished trial did not run again
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    sweeps = client.search_runs([runs[0].info.experiment_id], "tags.`orchestrator.kind` = 'sweep'")
+    assert [s.info.status for s in sweeps] == ["FINISHED"]  # the same parent run, finished
+
+
+def test_resume_without_a_sweep_to_resume_says_so(workdir) -> None:
+    cwd, env = workdir
+    code, out = finish(start(["sweep", "spec.yaml", "--resume"], cwd, env))
+    assert code == 1 and "nothing to resume" in out
+
+
+def test_a_trial_whose_loss_turns_nan_fails_alone(workdir) -> None:
+    cwd, env = workdir
+    weights = ResNet("resnet18").state_dict()
+    weights["conv1.weight"].fill_(float("nan"))
+    torch.save(weights, cwd / "nan.pth")
+    overrides = ["--set", f"grid.model.pretrained=[null,{cwd / 'nan.pth'}]", "--set", "train.epochs=1"]
+    code, out = finish(start(["sweep", "spec.yaml", *overrides], cwd, env))
+    assert code == 1
+    assert "NonFiniteLoss: loss nan at epoch 1 step 1" in out
+    runs = {r.data.params["model.pretrained"]: r for r in trial_runs(env)}
+    assert runs["None"].info.status == "FINISHED" and epochs_logged(env, runs["None"].info.run_id) == [1]
+    failed = runs[str(cwd / "nan.pth")]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["orchestrator.failure"].startswith("NonFiniteLoss: loss nan at epoch 1 step 1")
+    assert "resumed at epoch" not in out  # not retried: a restart would meet the same NaN
