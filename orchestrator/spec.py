@@ -186,6 +186,11 @@ class ResourcesSpec(_Section):
         ge=-1,
         description="restarts of a trial from its last checkpoint after a worker or node dies (-1: no limit)",
     )
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack",
+        description="a trial's workers: packed on few nodes, spread over nodes where possible, or each on "
+        "its own node (strict_spread)",
+    )
 
 
 class TrackingSpec(_Section):

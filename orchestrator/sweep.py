@@ -22,7 +22,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
 from orchestrator.errors import UsageError
-from orchestrator.spec import Spec, expand, flatten, from_flat, public_params, resolve, trial_key
+from orchestrator.spec import (
+    ResourcesSpec,
+    Spec,
+    expand,
+    flatten,
+    from_flat,
+    public_params,
+    resolve,
+    trial_key,
+)
 from orchestrator.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,7 @@ def run_sweep(spec: Spec, resume: bool = False) -> list[TrialOutcome]:
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     tune_path = f"{_storage(spec).rstrip('/')}/{spec.name}"
     _init_ray(spec)
+    _check_fits(spec)
     if resume and not tune.Tuner.can_restore(tune_path):
         raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
     parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
@@ -96,8 +106,9 @@ def run_single(spec: Spec) -> TrialOutcome:
     """One trial (the spec's base point, grid ignored) through the same driver, without Tune."""
     uri = tracking.tracking_uri()
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
-    parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri)
     _init_ray(spec)
+    _check_fits(spec.model_copy(update={"grid": {}}))
+    parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri)
     config = expand(spec.model_copy(update={"grid": {}}))[0]
     try:
         result = run_trial(config, experiment_id, parent, uri, grid=[], callbacks=[])
@@ -142,6 +153,7 @@ def run_trial(
                 "CPU": r.cpus_per_worker,
                 **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}),
             },
+            placement_strategy=r.placement.upper(),
         ),
         run_config=RunConfig(
             # Stable per grid point, so a restarted driver resumes the same Ray Train run.
@@ -203,6 +215,34 @@ def _init_ray(spec: Spec) -> None:
     else:
         slots = {DRIVER_SLOT: spec.resources.max_concurrent_trials}
         ray.init(address="local", runtime_env={"env_vars": env}, resources=slots)
+
+
+def _check_fits(spec: Spec) -> None:
+    """A trial that can never be placed would wait forever: on a local Ray, say so and stop; on a cluster
+    (whose autoscaler may add nodes), warn. Every grid point is checked (the grid may vary resources)."""
+    points = (from_flat(config).resources for config in expand(spec))
+    for r in {r.model_dump_json(): r for r in points}.values():
+        _check_resources(r)
+
+
+def _check_resources(r: ResourcesSpec) -> None:
+    have = ray.cluster_resources()
+    needs = {"CPU": r.workers_per_trial * r.cpus_per_worker, "GPU": r.workers_per_trial * r.gpus_per_worker}
+    short = [
+        f"{k} {v:g} (the cluster has {have.get(k, 0):g})" for k, v in needs.items() if v > have.get(k, 0)
+    ]
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if r.placement == "strict_spread" and nodes < r.workers_per_trial:
+        short.append(f"{r.workers_per_trial} nodes for placement strict_spread (the cluster has {nodes})")
+    if not short:
+        return
+    problem = f"a trial of {r.workers_per_trial} workers needs " + ", ".join(short)
+    if not os.environ.get("RAY_ADDRESS"):
+        raise UsageError(
+            f"{problem}: lower resources.workers_per_trial, cpus_per_worker or gpus_per_worker, "
+            "or run on a cluster"
+        )
+    log.warning("%s: trials wait until the cluster grows", problem)
 
 
 def _driver_resources() -> dict[str, float]:

@@ -35,6 +35,15 @@ def average_buffers(net: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def count_distinct(value: str) -> int:
+    """How many different values the ranks hold (e.g. node ids: the nodes a trial runs on)."""
+    if world_size() == 1:
+        return 1
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return len(set(values))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (what is checkpointed and evaluated)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

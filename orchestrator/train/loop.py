@@ -32,7 +32,7 @@ from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint
-from orchestrator.train.distributed import all_reduce, average_buffers, unwrap
+from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, unwrap
 from orchestrator.train.precise_bn import precise_bn
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
+    nodes = count_distinct(ray.get_runtime_context().get_node_id())
+    if w.rank == 0:  # where the trial ran, for the UI (placement: pack | spread | strict_spread)
+        tracking.set_tags(config["mlflow_run_id"], {"orchestrator.nodes": nodes}, config["tracking_uri"])
 
     position, best = Position(), -math.inf
     resumed = ray.train.get_checkpoint()
