@@ -179,6 +179,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _print_outcomes(experiment: str, outcomes: list) -> None:
     from orchestrator import tracking
+    from orchestrator.spec import redact
 
     width = max(len(o.key) for o in outcomes)
     print(f"\n{'trial':<{width}}  {'status':<8}  {'val_miou':>8}  {'best':>8}  {'loss':>7}  {'img/s':>7}")
@@ -191,7 +192,7 @@ def _print_outcomes(experiment: str, outcomes: list) -> None:
         )
         if o.error:
             print(f"  error: {o.error}")
-    print(f"\nMLflow: experiment {experiment!r} at {tracking.tracking_uri()}")
+    print(f"\nMLflow: experiment {experiment!r} at {redact(tracking.tracking_uri())}")
 
 
 def _spec(args: argparse.Namespace) -> int:

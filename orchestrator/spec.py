@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -302,8 +303,17 @@ def trial_key(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
 
 
 def public_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial config minus values that may hold credentials (what MLflow and tables show)."""
-    return {k: v for k, v in config.items() if k not in SECRET_KEYS}
+    """The trial config minus values that may hold credentials, and with any password written into a
+    URL masked: what MLflow, checkpoints and tables show. Credentials belong in the environment."""
+    return {k: redact(v) for k, v in config.items() if k not in SECRET_KEYS}
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """scheme://user:password@host/... -> scheme://***@host/...; other values unchanged."""
+    return _USERINFO.sub("***@", value) if isinstance(value, str) else value
 
 
 def _compact(value: Any) -> str:

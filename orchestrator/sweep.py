@@ -214,7 +214,8 @@ def _init_ray(spec: Spec) -> None:
         ray.init(runtime_env={"env_vars": env})
     else:
         slots = {DRIVER_SLOT: spec.resources.max_concurrent_trials}
-        ray.init(address="local", runtime_env={"env_vars": env}, resources=slots)
+        # The dashboard (and its job API) answers on loopback only; Ray 2.60 adds token auth.
+        ray.init(address="local", runtime_env={"env_vars": env}, resources=slots, dashboard_host="127.0.0.1")
 
 
 def _check_fits(spec: Spec) -> None:

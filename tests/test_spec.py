@@ -60,6 +60,16 @@ def test_defaults_and_flat_round_trip():
     assert "data.storage_options" not in specs.public_params(flat)
 
 
+def test_credentials_written_into_urls_are_masked_in_what_is_logged():
+    flat = specs.flatten(
+        specs.validate({**MINIMAL, "data": {"train": "s3://AKIA1:s3cr3t@bucket/x", "val": "v"}})
+    )
+    public = specs.public_params(flat)
+    assert public["data.train"] == "s3://***@bucket/x" and "s3cr3t" not in str(public)
+    assert specs.redact("http://user:pw@mlflow:5000/#/x") == "http://***@mlflow:5000/#/x"
+    assert specs.redact("s3://bucket/a@b.tar") == "s3://bucket/a@b.tar"  # an @ past the host is no password
+
+
 def test_each_problem_is_one_line_naming_field_value_and_allowed(tmp_path):
     doc = {
         **MINIMAL,
