@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
+    def resume_arg(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the spec's sweep after its driver died: keep finished trials, resume the others "
+            "from their last checkpoints, in the same MLflow runs",
+        )
+
     def spec_args(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("spec", help="sweep spec YAML (see jobs/)")
         cmd.add_argument(
@@ -50,12 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("sweep", help="run the spec's grid as Ray Tune trials of Ray Train workers")
     spec_args(cmd)
-    cmd.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the spec's sweep after its driver died: keep finished trials, resume the others "
-        "from their last checkpoints, in the same MLflow runs",
-    )
+    resume_arg(cmd)
     cmd.set_defaults(func=_sweep)
 
     cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also forward this environment variable to the job, e.g. a credential (repeatable)",
     )
+    resume_arg(cmd)
     cmd.set_defaults(func=_submit)
 
     cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
@@ -174,7 +178,7 @@ def _submit(args: argparse.Namespace) -> int:
     specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
     from orchestrator.submit import submit
 
-    return submit(args.spec, args.overrides, args.address, args.working_dir, args.extra_env)
+    return submit(args.spec, args.overrides, args.address, args.working_dir, args.extra_env, args.resume)
 
 
 def _print_outcomes(experiment: str, outcomes: list) -> None:

@@ -36,13 +36,14 @@ def job_address(address: str | None) -> str:
     )
 
 
-def entrypoint(spec: str, overrides: Sequence[str], working_dir: str) -> str:
+def entrypoint(spec: str, overrides: Sequence[str], working_dir: str, resume: bool = False) -> str:
     """The job's shell command; the spec as a path inside the uploaded working directory."""
     path, root = Path(spec).resolve(), Path(working_dir).resolve()
     if not path.is_relative_to(root):
         raise UsageError(f"{spec} is outside the working directory {root}: the job would not have it")
     sets = (a for o in overrides for a in ("--set", o))
-    return shlex.join(["orchestrator", "sweep", path.relative_to(root).as_posix(), *sets])
+    flags = ["--resume"] if resume else []
+    return shlex.join(["orchestrator", "sweep", path.relative_to(root).as_posix(), *sets, *flags])
 
 
 def job_env(extra: Sequence[str] = ()) -> dict[str, str]:
@@ -56,6 +57,7 @@ def submit(
     address: str | None = None,
     working_dir: str = ".",
     extra_env: Sequence[str] = (),
+    resume: bool = False,
 ) -> int:
     """Submit, stream the job's output to stdout, and return 0 if it SUCCEEDED, else 1 (130 after Ctrl-C,
     which stops the job: a sweep left running unwatched would hold the cluster's GPUs)."""
@@ -67,7 +69,7 @@ def submit(
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    command = entrypoint(spec, overrides, working_dir)
+    command = entrypoint(spec, overrides, working_dir, resume)
     env = job_env(extra_env)
     try:
         client = JobSubmissionClient(address)
