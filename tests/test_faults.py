@@ -171,4 +171,14 @@ def test_a_trial_whose_loss_turns_nan_fails_alone(workdir) -> None:
     failed = runs[str(cwd / "nan.pth")]
     assert failed.info.status == "FAILED"
     assert failed.data.tags["orchestrator.failure"].startswith("NonFiniteLoss: loss nan at epoch 1 step 1")
-    assert "resumed at epoch" not in out  # not retried: a restart would meet the same NaN
+    assert "[FailurePolicy]" not in out  # not retried: a restart would meet the same NaN
+
+
+def test_a_trial_out_of_memory_fails_alone_without_retries(workdir) -> None:
+    cwd, env = workdir
+    # One training crop of 3 x 2^24 x 2^24 floats: more than any address space, refused at once.
+    code, out = finish(start(["train", "spec.yaml", "--set", "train.crop=[16777216,16777216]"], cwd, env))
+    assert code == 1 and "can't allocate memory" in out
+    (run,) = trial_runs(env)
+    assert run.info.status == "FAILED" and "can't allocate memory" in run.data.tags["orchestrator.failure"]
+    assert "[FailurePolicy]" not in out  # ended by the trial itself: Ray Train had nothing to retry

@@ -147,7 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best = report["best_val_miou"] = max(best, report["val_miou"])
             position = Position(epoch=position.epoch + 1)
             save(position, report, improved)
-    except (NonFiniteLoss, torch.OutOfMemoryError) as e:
+    except Exception as e:
+        if not (isinstance(e, NonFiniteLoss) or _out_of_memory(e)):
+            raise  # a worker or node failure: Ray Train restarts the trial from its checkpoint
         # Deterministic: a restart from the last checkpoint would fail the same way, so the workers end
         # normally (no retry) and rank 0 records why; the trial driver then fails the trial with it.
         # Every rank meets a non-finite loss at the same step: the loss is all-reduced.
@@ -155,6 +157,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.error("%s: %s", w.spec.name, reason)
         if w.rank == 0:
             tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a RuntimeError that says so (also when a
+    DataLoader worker re-raises it)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
