@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     resume_arg(cmd)
     cmd.set_defaults(func=_submit)
 
+    cmd = sub.add_parser(
+        "report",
+        help="the study's figure (mIoU vs batch per GPU, a line per norm, facets backbone x crop) and "
+        "a table of all trials, logged to the sweep's MLflow run",
+    )
+    cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
+    cmd.add_argument("--sweep-run", help="sweep parent run id (default: the experiment's latest sweep)")
+    cmd.add_argument("--out", default="report", help="folder for report.png and report.md")
+    cmd.set_defaults(func=_report)
+
     cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
     cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -179,6 +189,20 @@ def _submit(args: argparse.Namespace) -> int:
     from orchestrator.submit import submit
 
     return submit(args.spec, args.overrides, args.address, args.working_dir, args.extra_env, args.resume)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orchestrator.report import build_report
+
+    r = build_report(args.experiment, Path(args.out), sweep_run_id=args.sweep_run)
+    failed = sum(t.status == "FAILED" for t in r.rows)
+    print(
+        f"{len(r.rows)} trials ({failed} failed) of sweep run {r.sweep_run_id} in experiment {r.experiment!r}"
+    )
+    print(f"wrote {r.figure} and {r.table}; logged both to MLflow run {r.sweep_run_id} under report/")
+    return 0
 
 
 def _print_outcomes(experiment: str, outcomes: list) -> None:

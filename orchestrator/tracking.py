@@ -218,3 +218,51 @@ def log_derived_run(
 def _param_text(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+# Queries of `orchestrator report`: None or [] where nothing matches; the report words the errors.
+
+
+def find_experiment_id(name: str, uri: str | None = None) -> str | None:
+    exp = client(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
+
+
+def latest_sweep_run(experiment_ids: list[str] | None = None, uri: str | None = None) -> Run | None:
+    """The most recently started sweep run in these experiments (None: in any)."""
+    c = client(uri)
+    ids = [e.experiment_id for e in c.search_experiments()] if experiment_ids is None else experiment_ids
+    runs = c.search_runs(
+        ids, f"tags.`{KIND}` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def find_run(run_id: str, uri: str | None = None) -> Run | None:
+    from mlflow.exceptions import MlflowException  # imported here to keep this block in one piece
+
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def trial_runs(experiment_id: str, parent_run_id: str, uri: str | None = None) -> list[Run]:
+    """Every trial run of a sweep run, whatever its status."""
+    return client(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KIND}` = 'trial' and tags.`{PARENT}` = '{parent_run_id}'",
+        max_results=10_000,
+    )
+
+
+def metric_values(run_id: str, key: str, uri: str | None = None) -> list[float]:
+    """Every value the run logged for a metric (all steps)."""
+    return [m.value for m in client(uri).get_metric_history(run_id, key)]
+
+
+def log_files(run_id: str, paths: list[Path], folder: str, uri: str | None = None) -> None:
+    for path in paths:
+        client(uri).log_artifact(run_id, str(path), folder)

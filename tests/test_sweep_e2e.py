@@ -116,6 +116,11 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
         assert ensembles[0].data.metrics[f"member{i}_val_miou"] == pytest.approx(best[run_id], abs=1e-9)
     assert best[members[0]] >= best[members[1]]  # ranked by the best value of the metric
 
+    out = run_cli(["report", "--out", "study"], cwd, env)
+    assert "2 trials (0 failed)" in out and (cwd / "study" / "report.png").stat().st_size > 0
+    logged = [f.path for f in client.list_artifacts(sweeps[0].info.run_id, "report")]
+    assert logged == ["report/report.md", "report/report.png"]
+
 
 def test_train_runs_one_trial_without_tune(workdir):
     cwd, env = workdir
