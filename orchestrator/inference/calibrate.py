@@ -75,7 +75,7 @@ def calibrate_run(
     values = calibrate(model, _training_images(spec, batch, storage_options), steps=steps, lr=lr)
     val = evaluation_loader(config["data.val"], batch_size=batch, storage_options=storage_options)
     calibrated_model = checkpoint.Trained(model.eval(), calibrated_config, original.mean_std)
-    ema_cm, calibrated_cm = evaluate([original, calibrated_model], val)
+    ema_cm, calibrated_cm = evaluate([original, calibrated_model], val).cms
     ema, calibrated = metrics.summarize(ema_cm), metrics.summarize(calibrated_cm)
 
     experiment, name = tracking.run_names(run_id)

@@ -36,7 +36,7 @@ def run_ensemble(
     members = [checkpoint.load_model(tracking.download_checkpoint(run.info.run_id)) for run in runs]
     val_url = data or members[0].config["data.val"]
     loader = evaluation_loader(val_url, batch_size=batch_size, storage_options=storage_options)
-    cms = evaluate(members, loader, ensemble=True)
+    cms = evaluate(members, loader, ensemble=True).cms
     member_metrics = [metrics.summarize(cm) for cm in cms[:-1]]
     ensemble_metrics = metrics.summarize(cms[-1])
     ids = [r.info.run_id for r in runs]

@@ -1,35 +1,223 @@
-"""Score models on a validation loader in one pass: one confusion matrix per model, and optionally
-one for their ensemble (the average of their softmax)."""
+"""Score models on a validation loader in one pass: one confusion matrix per image and predictor (each
+member, and optionally their ensemble), from which every total and per-image score follows, and the
+best and worst images of the last predictor for overlays. `evaluate_checkpoints` is the whole job for
+`orchestrator evaluate` and ensembles: load, score, write the per-image artifacts; no MLflow."""
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Iterable, Sized
+import math
+from collections.abc import Iterable, Sequence, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
 
 import torch
+from tqdm import tqdm
 
 from orchestrator import metrics
 from orchestrator.data.layout import NUM_CLASSES
+from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.transforms import normalize
-from orchestrator.inference.predict import predict_proba
+from orchestrator.errors import UsageError
+from orchestrator.inference import visualize
+from orchestrator.inference.predict import WHOLE, InferenceSettings, predict_proba
+from orchestrator.inference.visualize import Sample
+from orchestrator.train import checkpoint
 from orchestrator.train.checkpoint import Trained
 
 log = logging.getLogger(__name__)
 
+Combine = Literal["mean", "weighted", "vote"]
 
-def evaluate(members: list[Trained], loader: Iterable, *, ensemble: bool = False) -> torch.Tensor:
-    """Confusion matrices [len(members) (+1 for the ensemble), C, C], rows = truth. The loader yields
-    uint8 images (evaluation_loader); each member sees them normalized as it was trained."""
-    cms = torch.zeros(len(members) + ensemble, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+
+@dataclass
+class Evaluation:
+    """Confusion matrices per predictor and image, rows = truth: the members in order, then (when
+    ensembled) the ensemble; images in loader order (the split's manifest order)."""
+
+    per_image: torch.Tensor  # [P, N, C, C] int64
+    members: int
+    best: list[Sample] = field(default_factory=list)  # the last predictor's, highest per-image mIoU first
+    worst: list[Sample] = field(default_factory=list)  # lowest first
+
+    @property
+    def cms(self) -> torch.Tensor:
+        """[P, C, C]: each predictor's matrix over the whole split."""
+        return self.per_image.sum(1)
+
+    def summary(self, predictor: int = -1, prefix: str = "val_") -> dict[str, float]:
+        """metrics.summarize of a predictor (default: the last, i.e. the ensemble when there is one)."""
+        return metrics.summarize(self.cms[predictor], prefix)
+
+    def images(self, predictor: int = -1) -> dict[str, torch.Tensor]:
+        """Per-image columns: `index` and every metrics.scores name (NaN where an image has no score)."""
+        per_image = self.per_image[predictor]
+        return {"index": torch.arange(len(per_image)), **metrics.scores(per_image)}
+
+
+@dataclass
+class Report:
+    data: str  # the split scored
+    evaluation: Evaluation
+    files: list[Path]  # per-image CSV, histogram, overlays: for the caller to log as artifacts
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The scored predictor's: the ensemble's, or the single model's."""
+        return self.evaluation.summary()
+
+    @property
+    def member_metrics(self) -> list[dict[str, float]]:
+        return [self.evaluation.summary(i) for i in range(self.evaluation.members)]
+
+
+def ensemble_labels(
+    probs: Sequence[torch.Tensor], combine: Combine = "mean", weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Class ids [B, H, W] from the members' probabilities [B, C, H, W]: "mean" of the softmax;
+    "weighted" mean by `weights`; "vote": per-pixel majority of the members' argmax, ties broken by
+    the mean softmax (among the tied classes only)."""
+    stacked = torch.stack(list(probs))
+    if combine == "weighted":
+        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        return torch.einsum("m,mbchw->bchw", w / w.sum(), stacked).argmax(1)
+    mean = stacked.mean(0)
+    if combine == "mean":
+        return mean.argmax(1)
+    classes = torch.arange(stacked.shape[2], device=stacked.device).view(-1, 1, 1)
+    votes = (stacked.argmax(2, keepdim=True) == classes).sum(0)  # [B, C, H, W]
+    tied = votes == votes.amax(1, keepdim=True)
+    return torch.where(tied, mean, -1.0).argmax(1)
+
+
+def evaluate(
+    members: list[Trained],
+    loader: Iterable,
+    *,
+    ensemble: bool = False,
+    settings: InferenceSettings = WHOLE,
+    combine: Combine = "mean",
+    weights: Sequence[float] | None = None,
+    keep: int = 0,
+) -> Evaluation:
+    """Score each member (and, with `ensemble`, their combination) predicting in `settings`' mode. The
+    loader yields uint8 images (evaluation_loader) and masks; each member sees the images normalized as
+    it was trained, on the device of the first member's parameters. `keep`: how many best and worst
+    images (by per-image 3-class mIoU) of the last predictor to keep for overlays."""
+    _check_combine(combine, weights, len(members))
+    device = next(members[0].model.parameters()).device
+    extremes = _Extremes(keep)
+    batches, offset = [], 0
     total = len(loader) if isinstance(loader, Sized) else None
     every = max(1, (total or 10) // 10)
-    for i, (images, masks) in enumerate(loader, 1):
+    bar = tqdm(loader, total=total, desc="evaluate", unit="batch", disable=None, leave=False)
+    for i, (images, masks) in enumerate(bar, 1):
+        images, masks = images.to(device), masks.to(device)
         inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
-        probs = [predict_proba(m.model, inputs[m.mean_std]) for m in members]
+        probs = [predict_proba(m.model, inputs[m.mean_std], settings) for m in members]
+        labels = [p.argmax(1) for p in probs]
         if ensemble:
-            probs.append(torch.stack(probs).mean(0))
-        for j, p in enumerate(probs):
-            cms[j] += metrics.confusion_matrix(p.argmax(1), masks)
+            labels.append(ensemble_labels(probs, combine, weights))
+        cms = torch.stack([metrics.confusion_matrices(y, masks, NUM_CLASSES) for y in labels])
+        batches.append(cms.cpu())
+        extremes.add(offset, metrics.scores(batches[-1][-1])["miou"].tolist(), images, masks, labels[-1])
+        offset += len(images)
         if i % every == 0 or i == total:
             log.info("evaluated %d/%s validation batches", i, total or "?")
-    return cms
+    return Evaluation(torch.cat(batches, 1), len(members), _ranked(extremes.best), _ranked(extremes.worst))
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str | Path | Trained],
+    data: str | None = None,
+    settings: InferenceSettings = WHOLE,
+    *,
+    combine: Combine = "mean",
+    weights: Sequence[float] | None = None,
+    batch_size: int = 2,
+    out_dir: str | Path | None = None,
+    keep: int = 4,
+    device: str | torch.device = "cpu",
+    storage_options: dict | None = None,
+) -> Report:
+    """Score local checkpoint files (or loaded models, moved to `device`) on the packed split `data`
+    (default: the first member's `data.val`): each member, and their ensemble when there are several.
+    With `out_dir`, the scored predictor's (the ensemble's, or the single model's) per-image CSV,
+    histogram and `keep` best and worst overlays are written there and listed in `Report.files`."""
+    members = [c if isinstance(c, Trained) else checkpoint.load_model(c) for c in checkpoints]
+    for m in members:
+        m.model.to(device)
+    data = data or members[0].config["data.val"]
+    loader = evaluation_loader(data, batch_size=batch_size, storage_options=storage_options)
+    result = evaluate(
+        members,
+        loader,
+        ensemble=len(members) > 1,
+        settings=settings,
+        combine=combine,
+        weights=weights,
+        keep=keep if out_dir is not None else 0,
+    )
+    return Report(data, result, [] if out_dir is None else write_report(result, out_dir))
+
+
+def write_report(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
+    """The last predictor's per_image.csv, per_image_miou.png and best-/worst- overlays in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = evaluation.images()
+    series = {"mIoU, 3 classes": columns["miou"], "official mIoU": columns["miou_official"]}
+    return [
+        visualize.write_csv(out / "per_image.csv", columns),
+        visualize.write_histogram(out / "per_image_miou.png", series),
+        *visualize.write_overlays(out, evaluation.best, "best"),
+        *visualize.write_overlays(out, evaluation.worst, "worst"),
+    ]
+
+
+def _check_combine(combine: str, weights: Sequence[float] | None, members: int) -> None:
+    if combine not in get_args(Combine):
+        raise UsageError(f"combine {combine!r}: allowed are {', '.join(get_args(Combine))}")
+    if (combine == "weighted") != (weights is not None):
+        raise UsageError(
+            f"weights {weights} go with combine 'weighted' and only with it (combine is {combine!r})"
+        )
+    if weights is not None and (len(weights) != members or min(weights) < 0 or sum(weights) <= 0):
+        raise UsageError(f"weights {list(weights)}: want {members} non-negative numbers, not all 0")
+
+
+@dataclass
+class _Extremes:
+    """The `keep` highest and lowest scored images added so far, each in a min-heap of
+    (key, -index, Sample): key = score (best) or -score (worst); the earlier image wins a tie."""
+
+    keep: int
+    best: list = field(default_factory=list)
+    worst: list = field(default_factory=list)
+
+    def add(
+        self,
+        offset: int,
+        scores: list[float],
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        """A batch of images (offset, offset + 1, ... of the split) with their scores and predictions."""
+        for j, score in enumerate(scores):
+            if not self.keep or math.isnan(score):  # an image with nothing labelled has no score
+                continue
+            index, sample = offset + j, None
+            for heap, key in ((self.best, score), (self.worst, -score)):
+                if len(heap) < self.keep or (key, -index) > heap[0][:2]:
+                    if sample is None:  # copied off the device only when kept; class ids as uint8
+                        mask, pred = (t[j].to(torch.uint8).cpu() for t in (masks, labels))
+                        sample = Sample(index, score, images[j].cpu(), mask, pred)
+                    push = heapq.heappush if len(heap) < self.keep else heapq.heapreplace
+                    push(heap, (key, -index, sample))
+
+
+def _ranked(heap: list) -> list[Sample]:
+    return [entry[2] for entry in sorted(heap, key=lambda e: e[:2], reverse=True)]
