@@ -124,12 +124,42 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("url", help="a packed split folder, or the packed root holding one per split")
     cmd.set_defaults(func=_verify)
 
+    def inference_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--data", help="packed split URL to score (default: the (first) model's data.val)")
+        cmd.add_argument("--mode", choices=("whole", "slide", "multiscale"), default="whole")
+        cmd.add_argument(
+            "--crop", type=_size, help="sliding window WIDTHxHEIGHT (slide; multiscale by windows)"
+        )
+        cmd.add_argument("--stride", type=_size, help="step between windows XxY, at most the crop")
+        cmd.add_argument(
+            "--scales", type=_scales, default=(1.0,), help="multiscale factors, e.g. 0.75,1,1.25"
+        )
+        cmd.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+        cmd.add_argument("--batch-size", type=_positive, default=2)
+
+    cmd = sub.add_parser(
+        "evaluate", help="score one model (an MLflow run's best checkpoint, or a checkpoint file/URI)"
+    )
+    cmd.add_argument("model", help="MLflow run id, or a checkpoint path/URI (model.pt)")
+    inference_args(cmd)
+    cmd.add_argument("--experiment", help="MLflow experiment of the evaluation run for a checkpoint file "
+                     "(default: evaluation); a run's evaluation goes to the run's experiment")  # fmt: skip
+    cmd.set_defaults(func=_evaluate)
+
     cmd = sub.add_parser("ensemble", help="ensemble the best trials of an experiment and log it to MLflow")
-    cmd.add_argument("--top", type=int, default=3)
+    cmd.add_argument("--top", type=_positive, default=3)
     cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
     cmd.add_argument("--metric", default="val_miou", help="metric to rank trials by (higher is better)")
-    cmd.add_argument("--data", help="validation split URL (default: the best member's data.val)")
-    cmd.add_argument("--batch-size", type=int, default=2)
+    cmd.add_argument(
+        "--filter", help="MLflow filter on the trials, e.g. \"params.`model.backbone` = 'resnet101'\""
+    )
+    cmd.add_argument(
+        "--combine",
+        choices=("mean", "weighted", "vote"),
+        default="mean",
+        help="mean softmax, mean weighted by each member's best metric, or per-pixel vote",
+    )
+    inference_args(cmd)
     cmd.set_defaults(func=_ensemble)
 
     cmd = sub.add_parser(
@@ -152,6 +182,19 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
     return w, h
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected factors such as 0.75,1,1.25, got {text!r}") from None
+
+
+def _settings(args: argparse.Namespace):
+    from orchestrator.inference.predict import InferenceSettings
+
+    return InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip)
 
 
 def _positive(text: str) -> int:
@@ -270,16 +313,41 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.inference.ensemble import run_ensemble
+    from orchestrator.inference.runs import run_ensemble
 
+    settings = _settings(args)  # a bad combination fails before any download
     experiment = args.experiment or tracking.latest_sweep_experiment()
-    result = run_ensemble(experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size)
-    print(f"\n{'member':<48}  {'val_miou':>8}")
-    for run_id, name, m in result.members:
-        print(f"{name + ' (' + run_id[:8] + ')':<48}  {m['val_miou']:8.4f}")
-    print(f"{'ensemble of ' + str(len(result.members)):<48}  {result.metrics['val_miou']:8.4f}")
+    result = run_ensemble(
+        experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size,
+        filter_string=args.filter, settings=settings, combine=args.combine,
+    )  # fmt: skip
+    rows = [(f"{name} ({run_id[:8]})", m) for run_id, name, m in result.members]
+    _print_scores(rows + [(f"ensemble of {len(result.members)} ({args.combine})", result.metrics)])
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.inference.runs import evaluate_model
+
+    settings = _settings(args)
+    result = evaluate_model(
+        args.model, settings, data=args.data, batch_size=args.batch_size, experiment=args.experiment
+    )
+    _print_scores([(result.name, result.metrics)])
+    print(f"\nMLflow: evaluation run {result.run_id} in experiment {result.experiment!r}")
+    return 0
+
+
+def _print_scores(rows: list[tuple[str, dict[str, float]]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'':<{width}}  {'mIoU':>7}  {'official':>8}  {'direct':>7}  {'altern.':>7}  {'pix acc':>7}")
+    keys = ("val_miou", "val_miou_official", "val_iou_direct", "val_iou_alternative", "val_pixel_acc")
+    for name, m in rows:
+        print(
+            f"{name:<{width}}  "
+            + "  ".join(f"{m[k]:{w}.4f}" for k, w in zip(keys, (7, 8, 7, 7, 7), strict=True))
+        )
 
 
 def _calibrate(args: argparse.Namespace) -> int:

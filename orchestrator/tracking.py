@@ -7,12 +7,14 @@ the runs are written from different processes (the CLI, Tune trial drivers, rank
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 KIND = "orchestrator.kind"  # sweep | trial | ensemble
@@ -139,16 +141,20 @@ def end_run(run_id: str, uri: str, failed: bool = False, reason: str | None = No
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def top_trial_runs(experiment: str, metric: str, k: int, uri: str | None = None) -> list[Run]:
-    """The k finished trial runs with a checkpoint, ranked by the best value of `metric` in their
-    history (not the last value: each run's checkpoint is its best epoch)."""
+def top_trial_runs(
+    experiment: str, metric: str, k: int, uri: str | None = None, filter_string: str | None = None
+) -> list[tuple[Run, float]]:
+    """The k finished trial runs with a checkpoint (and matching filter_string, an MLflow filter such as
+    "params.`model.backbone` = 'resnet101'"), each with its best value of `metric`, ranked by it (the
+    best value, not the last: each run's checkpoint is its best epoch)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {uri or tracking_uri()}")
+    conditions = [f"tags.`{KIND}` = 'trial'", "attributes.status = 'FINISHED'"]
     runs = c.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{KIND}` = 'trial' and attributes.status = 'FINISHED'",
+        filter_string=" and ".join(conditions + ([f"({filter_string})"] if filter_string else [])),
         max_results=10_000,
     )
     scored = [
@@ -157,7 +163,7 @@ def top_trial_runs(experiment: str, metric: str, k: int, uri: str | None = None)
         if (history := c.get_metric_history(run.info.run_id, metric))
     ]
     scored.sort(key=lambda pair: -pair[1])
-    return [run for run, _ in scored if has_checkpoint(run.info.run_id, uri)][:k]
+    return [(run, best) for run, best in scored if has_checkpoint(run.info.run_id, uri)][:k]
 
 
 def latest_sweep_experiment(uri: str | None = None) -> str:
@@ -172,6 +178,11 @@ def latest_sweep_experiment(uri: str | None = None) -> str:
     if not runs:
         raise LookupError(f"no sweep runs at {uri or tracking_uri()}; run `orchestrator sweep SPEC` first")
     return c.get_experiment(runs[0].info.experiment_id).name
+
+
+def is_run(text: str, uri: str | None = None) -> bool:
+    """Whether text is the id of a run in the tracking store (not, say, a checkpoint path)."""
+    return bool(re.fullmatch(r"[0-9a-f]{32}", text)) and find_run(text, uri) is not None
 
 
 def run_names(run_id: str, uri: str | None = None) -> tuple[str, str]:
@@ -191,6 +202,20 @@ def download_checkpoint(run_id: str, dst: str | Path | None = None, uri: str | N
     return Path(path)
 
 
+def cached_checkpoint(run_id: str, uri: str | None = None) -> Path:
+    """The run's best checkpoint, downloaded once into ORCHESTRATOR_CACHE (default ~/.cache/orchestrator):
+    a finished run's checkpoint never changes, and ensembles fetch the same members again and again."""
+    cache = Path(os.environ.get("ORCHESTRATOR_CACHE", Path.home() / ".cache" / "orchestrator"))
+    path = cache / "checkpoints" / run_id / CHECKPOINT_DIR / CHECKPOINT_FILE
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as partial:
+            downloaded = download_checkpoint(run_id, partial, uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            downloaded.replace(path)  # atomic: a killed download never leaves a half file in the cache
+    return path
+
+
 def log_derived_run(
     experiment: str,
     kind: str,
@@ -201,8 +226,8 @@ def log_derived_run(
     files: dict[str, str | Path] | None = None,
     uri: str | None = None,
 ) -> str:
-    """A finished run made from other runs (an ensemble, a calibrated model): params, metrics, tags
-    naming its sources, and files as artifacts ({artifact folder: local file})."""
+    """A finished run made from other runs (an ensemble, a calibrated model, an evaluation): params,
+    metrics, tags naming its sources, and files as artifacts ({artifact folder: local file or folder})."""
     uri = uri or tracking_uri()
     c = client(uri)
     run = c.create_run(ensure_experiment(experiment, uri), run_name=name, tags={KIND: kind, **(tags or {})})
@@ -210,7 +235,10 @@ def log_derived_run(
     log_params(run_id, params, uri)
     log_metrics(run_id, metrics, step=0, uri=uri)
     for folder, path in (files or {}).items():
-        c.log_artifact(run_id, str(path), folder)
+        if Path(path).is_dir():
+            c.log_artifacts(run_id, str(path), folder)
+        else:
+            c.log_artifact(run_id, str(path), folder)
     end_run(run_id, uri)
     return run_id
 
@@ -239,8 +267,6 @@ def latest_sweep_run(experiment_ids: list[str] | None = None, uri: str | None = 
 
 
 def find_run(run_id: str, uri: str | None = None) -> Run | None:
-    from mlflow.exceptions import MlflowException  # imported here to keep this block in one piece
-
     try:
         return client(uri).get_run(run_id)
     except MlflowException as e:

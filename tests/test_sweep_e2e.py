@@ -99,8 +99,14 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
             "checkpoints/best/model.pt"
         ]
 
-    out = run_cli(["ensemble", "--top", "3"], cwd, env)  # experiment: the latest sweep's
-    assert "ensemble of 2" in out
+    proc = subprocess.run(CLI + ["ensemble", "--top", "3"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1  # fails clearly, before any download
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --top 3: experiment 'e2e' has 2 finished trial run(s) with metric 'val_miou' and a checkpoint"
+    )
+    env = {**env, "ORCHESTRATOR_CACHE": str(cwd / "cache")}
+    out = run_cli(["ensemble", "--top", "2"], cwd, env)  # experiment: the latest sweep's
+    assert "ensemble of 2 (mean)" in out
     ensembles = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'ensemble'")
     assert len(ensembles) == 1
     members = ensembles[0].data.tags["orchestrator.members"].split(",")
@@ -115,6 +121,26 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
     for i, run_id in enumerate(members):
         assert ensembles[0].data.metrics[f"member{i}_val_miou"] == pytest.approx(best[run_id], abs=1e-9)
     assert best[members[0]] >= best[members[1]]  # ranked by the best value of the metric
+    predictions = {f.path for f in client.list_artifacts(ensembles[0].info.run_id, "predictions")}
+    assert {"predictions/per_image.csv", "predictions/per_image_miou.png"} <= predictions
+    assert any(p.startswith("predictions/worst-") for p in predictions)
+    cached = sorted(p.parent.parent.parent.name for p in (cwd / "cache").rglob("model.pt"))
+    assert cached == sorted(members)  # fetched once, kept for the next ensemble
+
+    # One member again, by sliding windows and by a checkpoint file, each logged as an evaluation run.
+    out = run_cli(
+        ["evaluate", members[0], "--mode", "slide", "--crop", "64x64", "--stride", "48x48"], cwd, env
+    )
+    (evaluation,) = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`orchestrator.kind` = 'evaluation'"
+    )
+    assert evaluation.data.params["inference.mode"] == "slide"
+    assert evaluation.data.params["inference.crop"] == "64x64"
+    assert evaluation.data.tags["orchestrator.source_run"] == members[0]
+    assert 0 <= evaluation.data.metrics["val_miou_official"] <= 1
+    model_file = next((cwd / "cache").rglob("model.pt"))
+    out = run_cli(["evaluate", str(model_file), "--flip"], cwd, env)
+    assert "official" in out and "experiment 'evaluation'" in out
 
     out = run_cli(["report", "--out", "study"], cwd, env)
     assert "2 trials (0 failed)" in out and (cwd / "study" / "report.png").stat().st_size > 0
