@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except (LookupError, UsageError) as e:  # nothing to act on, or not like this: say why, no traceback
+        if isinstance(e, (KeyError, IndexError)):
+            raise  # a bug, not a lookup of ours: keep the traceback
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 1
 

@@ -358,3 +358,14 @@ def test_evaluate_checkpoints_scores_members_and_ensemble_and_writes_the_report(
     assert all(p.is_file() for p in report.files)
     single = evaluate_checkpoints([path], settings=settings)
     assert single.files == [] and torch.equal(single.evaluation.per_image[0], per_image[0])
+
+
+def test_a_checkpoint_from_before_dataset_normalization_loads_with_imagenet_statistics(tmp_path) -> None:
+    raw = {"name": "old", "data": {"train": "t", "val": "v"}, "model": {"backbone": "resnet18"}}
+    spec = specs.validate(raw)
+    config = specs.flatten(spec)
+    model = checkpoint.model_for(spec)
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "old.pt")  # no "mean_std"
+    assert checkpoint.load_model(tmp_path / "old.pt").mean_std == IMAGENET
+    checkpoint.save(tmp_path / "new.pt", model, config, ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
+    assert checkpoint.load_model(tmp_path / "new.pt").mean_std == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))

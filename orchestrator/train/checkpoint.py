@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.data.transforms import MeanStd
+from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.build import build_model
 from orchestrator.spec import Spec, from_flat
 
@@ -60,5 +60,6 @@ def model_from_state(state: dict[str, Any]) -> Trained:
     """The model of an already loaded checkpoint."""
     model = model_for(from_flat(state["config"]), pretrained=False)
     model.load_state_dict(state["model"])
-    mean, std = state["mean_std"]
+    # Checkpoints from before inputs were normalized by the dataset's statistics used ImageNet's.
+    mean, std = state.get("mean_std", IMAGENET)
     return Trained(model.eval(), state["config"], (tuple(mean), tuple(std)))
