@@ -22,6 +22,7 @@ demo: setup
 	$(BIN)/orchestrator data pack data/synth data/shards --shard-size 32
 	$(BIN)/orchestrator sweep jobs/smoke.yaml
 	$(BIN)/orchestrator ensemble --top 3 --experiment smoke
+	$(BIN)/orchestrator report --experiment smoke --out data/report
 
 test: setup lint
 	$(PY) -m pytest -q
