@@ -155,12 +155,26 @@ class TrainSpec(_Section):
     head_lr_mult: float = Field(
         10.0, gt=0, description="learning-rate multiplier of the head (ASPP, decoder)"
     )
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1 (one_cycle cycles it)")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd: heavy-ball momentum; adamw: betas (momentum, 0.999), decoupled weight decay"
+    )
+    lr_schedule: Literal["poly", "one_cycle"] = Field(
+        "poly",
+        description="poly: lr x (1 - t)^0.9 after warmup_steps; one_cycle: lr is the peak (Smith)",
+    )
+    warmup_steps: int = Field(0, ge=0, description="poly: linear warmup over this many optimizer steps")
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = Field(False, description="also apply weight decay to norm weights and biases")
     loss: Literal["ce"] = "ce"
     amp: Literal["none", "bf16"] = "none"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_is_polys(self) -> TrainSpec:
+        if self.warmup_steps and self.lr_schedule != "poly":
+            raise ValueError("train.warmup_steps applies to lr_schedule poly; one_cycle has its own warmup")
+        return self
 
     @field_validator("crop")
     @classmethod

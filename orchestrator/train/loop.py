@@ -31,7 +31,7 @@ from orchestrator.data.stream import Loader, dataset_mean_std, make_loader
 from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, from_flat, public_params
-from orchestrator.train import checkpoint
+from orchestrator.train import checkpoint, schedules
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, unwrap
 from orchestrator.train.precise_bn import precise_bn
 
@@ -166,10 +166,11 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
-    """SGD over parameter groups: the head at `head_lr_mult` x the backbone's learning rate (set per
-    step by train_epoch); no weight decay on norm weights and biases unless `decay_norm_and_bias`
-    (decaying a norm's scale fights the normalization it follows); EvalNorm's alpha/beta never decay,
-    since decay would pull them to 0, towards plain BN evaluation, whatever the data says."""
+    """SGD or AdamW (`train.optimizer`) over parameter groups: the head at `head_lr_mult` x the
+    backbone's learning rate (set per step by train_epoch from `train.lr_schedule`); no weight decay on
+    norm weights and biases unless `decay_norm_and_bias` (decaying a norm's scale fights the
+    normalization it follows); EvalNorm's alpha/beta never decay, since decay would pull them to 0,
+    towards plain BN evaluation, whatever the data says."""
     t = spec.train
     estimators = {id(p) for p in evalnorm_parameters(net)}
     groups = []
@@ -182,8 +183,12 @@ def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
             {"params": [p for p in params if id(p) in no_decay], "lr_mult": lr_mult, "weight_decay": 0.0}
         )
     groups.append({"params": evalnorm_parameters(net), "lr_mult": 1.0, "weight_decay": 0.0})
-    return torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    return schedules.build_optimizer(
+        t.optimizer,
+        [g for g in groups if g["params"]],
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
     )
 
 
@@ -208,10 +213,9 @@ def train_epoch(
         [position.loss_sum, position.skipped] if carried else [0.0, 0.0], dtype=torch.float64, device=w.device
     )
     started = time.perf_counter()
+    schedule = schedules.Schedule(t.lr_schedule, warmup=t.warmup_steps)
     for step in range(position.step, steps):
-        progress = (position.epoch * steps + step) / (steps * t.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * group["lr_mult"] * (1 - progress) ** 0.9  # poly schedule, per step
+        schedules.apply(optimizer, position.epoch * steps + step, steps * t.epochs, schedule, t.lr)
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, [next(batches) for _ in range(t.accumulate)], w.device, t.amp)
         trial_loss = loss.clone()
