@@ -37,6 +37,7 @@ from orchestrator.models.catalog import (
     output_strides,
     parse_norm,
 )
+from orchestrator.train.loss_spec import LOSS_GRAMMAR, LOSS_PATTERN, parse_loss
 
 # Flat keys whose values are never logged or shown: they may carry credentials.
 SECRET_KEYS = ("data.storage_options",)
@@ -166,9 +167,17 @@ class TrainSpec(_Section):
     warmup_steps: int = Field(0, ge=0, description="poly: linear warmup over this many optimizer steps")
     weight_decay: float = Field(5e-4, ge=0)
     decay_norm_and_bias: bool = Field(False, description="also apply weight decay to norm weights and biases")
-    loss: Literal["ce"] = "ce"
+    loss: str = Field(
+        "ce", description=f"loss spec string: {LOSS_GRAMMAR}", json_schema_extra={"pattern": LOSS_PATTERN}
+    )
     amp: Literal["none", "bf16"] = "none"
     seed: int = 0
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        parse_loss(v)
+        return v
 
     @model_validator(mode="after")
     def _warmup_is_polys(self) -> TrainSpec:

@@ -36,6 +36,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def tiny_shards(tmp_path: Path) -> Path:
+    """8 training and 2 validation scenes of 64x36, packed in shards of 4: enough for a training epoch."""
+    from orchestrator.data.shards import pack
+    from orchestrator.data.synth import synthesize
+
+    synthesize(str(tmp_path / "raw"), train=8, val=2, size=(64, 36))
+    pack(str(tmp_path / "raw"), str(tmp_path / "shards"), shard_size=4, workers=1)
+    return tmp_path / "shards"
+
+
+@pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh bucket per test; returns its name."""
     import s3fs

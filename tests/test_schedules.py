@@ -1,13 +1,12 @@
 """LR schedules: poly with warmup and one-cycle against their closed forms and against torch's OneCycleLR."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator import spec as specs
-from orchestrator.data.shards import pack
-from orchestrator.data.synth import synthesize
 from orchestrator.train import schedules
 from orchestrator.train.checkpoint import model_for
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
@@ -223,13 +222,11 @@ def test_schedule_rejects_bad_settings(kwargs, match):
 
 @pytest.mark.parametrize(("name", "optimizer"), [("one_cycle", "adamw"), ("poly", "sgd")])
 def test_the_training_loop_follows_the_spec_schedule_and_optimizer(
-    tmp_path, name: str, optimizer: str
+    tiny_shards: Path, name: str, optimizer: str
 ) -> None:
-    synthesize(str(tmp_path / "raw"), train=8, val=2, size=(64, 36))
-    pack(str(tmp_path / "raw"), str(tmp_path / "shards"), shard_size=4, workers=1)
     raw = {
         "name": "sched",
-        "data": {"train": f"{tmp_path}/shards/train", "val": f"{tmp_path}/shards/val", "loader_workers": 0},
+        "data": {"train": f"{tiny_shards}/train", "val": f"{tiny_shards}/val", "loader_workers": 0},
         "model": {"backbone": "resnet18"},
         "train": {"epochs": 2, "batch_per_gpu": 2, "crop": [32, 32], "lr": 0.05, "lr_schedule": name,
                   "optimizer": optimizer, "warmup_steps": 2 if name == "poly" else 0},

@@ -21,21 +21,25 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orchestrator import metrics, tracking
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
+from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, dataset_mean_std, make_loader
 from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, from_flat, public_params
 from orchestrator.train import checkpoint, schedules
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, unwrap
+from orchestrator.train.loss_spec import parse_loss
+from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
 
 log = logging.getLogger(__name__)
+
+CROSS_ENTROPY = make_loss("ce")
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -78,6 +82,14 @@ class Worker:
             augment_on_device=d.augment_on == "device",
             storage_options=d.storage_options,
         )
+
+    @cached_property
+    def loss(self) -> Loss:
+        """The training objective of `train.loss`; balanced CE weighs classes by the training manifest."""
+        spec, d = parse_loss(self.spec.train.loss), self.spec.data
+        if not spec.needs_class_pixels:
+            return make_loss(spec)
+        return make_loss(spec, read_manifest(d.train, d.storage_options)["class_pixels"])
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: equal on every rank, as the loader's batch count is."""
@@ -217,7 +229,8 @@ def train_epoch(
     for step in range(position.step, steps):
         schedules.apply(optimizer, position.epoch * steps + step, steps * t.epochs, schedule, t.lr)
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, [next(batches) for _ in range(t.accumulate)], w.device, t.amp)
+        micro = [next(batches) for _ in range(t.accumulate)]
+        loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss)
         trial_loss = loss.clone()
         all_reduce(trial_loss)  # every rank sees a non-finite loss at the same step
         if not torch.isfinite(trial_loss):
@@ -249,14 +262,19 @@ def _trial_sums(sums: torch.Tensor, skipped: int) -> torch.Tensor:
 
 
 def accumulate_gradients(
-    model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp: str
+    model: nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: str,
+    loss: Loss = CROSS_ENTROPY,
 ) -> torch.Tensor:
     """Forward and backward each micro-batch, adding up the gradients of one step over their union.
 
     Each micro-batch is normalized on its own (the small normalization batch of the papers) while
-    the gradient is that of the whole: every pixel loss is divided by the valid pixels of all
-    micro-batches together, exact even when crops are padded with the ignore label. DDP all-reduces
-    the gradients once, on the last micro-batch. Returns the mean pixel loss."""
+    the gradient is that of the whole: a pixel-wise loss is divided by the valid pixels of all
+    micro-batches together, exact even when crops are padded with the ignore label (batch-wise terms,
+    OHEM and Dice, take the mean over micro-batches). DDP all-reduces the gradients once, on the last
+    micro-batch. Returns the step's loss."""
     valid = sum(int((masks != IGNORE_INDEX).sum()) for _, masks in micro_batches)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, (images, masks) in enumerate(micro_batches):
@@ -266,14 +284,13 @@ def accumulate_gradients(
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-            objective = loss / max(valid, 1)
+            objective = loss(logits, masks, valid_pixels=valid, micro_batches=len(micro_batches))
+            total += objective.detach()
             aux = evalnorm_aux_loss(unwrap(model))  # reaches only EvalNorm's alpha/beta (stop-gradients)
             if aux is not None:
                 objective = objective + aux / len(micro_batches)
             objective.backward()
-        total += loss.detach()
-    return total / max(valid, 1)
+    return total
 
 
 @torch.no_grad()
