@@ -59,7 +59,7 @@ def main() -> None:
         for norm, model in models.items():
             started = time.perf_counter()
             optimizers[norm].zero_grad(set_to_none=True)
-            accumulate_gradients(model, batch, torch.device("cpu"), "none")
+            accumulate_gradients(model, batch, torch.device("cpu"), "off")
             optimizers[norm].step()
             if round_:  # the first round warms up allocators and kernels
                 times[norm].append(time.perf_counter() - started)

@@ -170,7 +170,11 @@ class TrainSpec(_Section):
     loss: str = Field(
         "ce", description=f"loss spec string: {LOSS_GRAMMAR}", json_schema_extra={"pattern": LOSS_PATTERN}
     )
-    amp: Literal["none", "bf16"] = "none"
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="mixed precision: bf16 (CPU and GPU) or fp16 (with a gradient scaler); norms keep their "
+        "statistics in fp32",
+    )
     seed: int = 0
 
     @field_validator("loss")

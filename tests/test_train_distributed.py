@@ -74,11 +74,11 @@ def test_accumulating_micro_batches_gives_the_gradient_of_their_union_for_gn() -
     torch.manual_seed(0)
     model = tiny_segmenter(nn.GroupNorm(2, 4))
     micro = micro_batches(seed=3, k=3)
-    loss_k = accumulate_gradients(model, micro, torch.device("cpu"), "none")
+    loss_k = accumulate_gradients(model, micro, torch.device("cpu"), "off")
     accumulated = grads(model)
     model.zero_grad()
     union = [(torch.cat([x for x, _ in micro]), torch.cat([m for _, m in micro]))]
-    loss_1 = accumulate_gradients(model, union, torch.device("cpu"), "none")
+    loss_1 = accumulate_gradients(model, union, torch.device("cpu"), "off")
     for a, b in zip(accumulated, grads(model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(loss_k, loss_1, rtol=1e-6, atol=0)
@@ -88,11 +88,11 @@ def test_bn_normalizes_each_micro_batch_on_its_own() -> None:
     torch.manual_seed(0)
     model = tiny_segmenter(nn.BatchNorm2d(4))
     micro = micro_batches(seed=3, k=2, b=2)
-    accumulate_gradients(model, micro, torch.device("cpu"), "none")
+    accumulate_gradients(model, micro, torch.device("cpu"), "off")
     accumulated = grads(model)
     model.zero_grad()
     union = [(torch.cat([x for x, _ in micro]), torch.cat([m for _, m in micro]))]
-    accumulate_gradients(model, union, torch.device("cpu"), "none")
+    accumulate_gradients(model, union, torch.device("cpu"), "off")
     assert not torch.allclose(accumulated[0], grads(model)[0], rtol=1e-3)  # the norm batch is the micro-batch
 
 
@@ -101,7 +101,7 @@ def _accumulate_worker(rank: int, store: str, out: str) -> None:
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(tiny_segmenter(nn.GroupNorm(2, 4)))
-        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "none")
+        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "off")
         torch.save(grads(model), f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -113,7 +113,7 @@ def test_ddp_accumulation_averages_every_micro_batch_over_ranks(tmp_path: Path) 
     for rank in range(2):  # the same accumulation in one process, without DDP
         torch.manual_seed(0)
         model = tiny_segmenter(nn.GroupNorm(2, 4))
-        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "none")
+        accumulate_gradients(model, micro_batches(seed=10 + rank, k=3), torch.device("cpu"), "off")
         per_rank.append(grads(model))
     expected = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
     for rank in range(2):

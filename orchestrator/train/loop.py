@@ -149,8 +149,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     try:
         steps = w.steps_per_epoch()
+        scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
         while position.epoch < w.spec.train.epochs:
-            report = {"epoch": position.epoch + 1, **train_epoch(w, model, optimizer, position, steps, save)}
+            trained = train_epoch(w, model, optimizer, position, steps, save, scaler)
+            report = {"epoch": position.epoch + 1, **trained}
             if w.spec.train.precise_bn_batches:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
                 precise_bn(net, images, w.spec.train.precise_bn_batches)
@@ -175,6 +177,15 @@ def _out_of_memory(error: BaseException) -> bool:
     """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a RuntimeError that says so (also when a
     DataLoader worker re-raises it)."""
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    """Mixed precision for the forward pass: convolutions in bf16/fp16, losses and norm statistics in fp32
+    (norm buffers stay fp32, the loss upcasts the logits)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp in AMP_DTYPES)
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
@@ -211,10 +222,12 @@ def train_epoch(
     position: Position,
     steps: int,
     save: Callable[[Position], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """The epoch's optimizer steps from `position` on, `train.accumulate` micro-batches each, calling
     `save` every `train.checkpoint_every` steps; loss, skipped samples and throughput are the trial's
-    (all ranks), not this rank's."""
+    (all ranks), not this rank's. fp16 runs scale the loss with `scaler` (kept across epochs by the
+    caller; a fresh one otherwise)."""
     t = w.spec.train
     model.train()
     loader = w.loader(train=True, epoch=position.epoch, start_batch=position.step * t.accumulate)
@@ -226,16 +239,22 @@ def train_epoch(
     )
     started = time.perf_counter()
     schedule = schedules.Schedule(t.lr_schedule, warmup=t.warmup_steps)
+    if scaler is None and t.amp == "fp16":  # fp16 gradients underflow without loss scaling
+        scaler = torch.amp.GradScaler(w.device.type)
     for step in range(position.step, steps):
         schedules.apply(optimizer, position.epoch * steps + step, steps * t.epochs, schedule, t.lr)
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
-        loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss)
+        loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler)
         trial_loss = loss.clone()
         all_reduce(trial_loss)  # every rank sees a non-finite loss at the same step
         if not torch.isfinite(trial_loss):
             raise NonFiniteLoss(f"loss {float(trial_loss)} at epoch {position.epoch + 1} step {step + 1}")
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)  # skips a step whose fp16 gradients overflowed, then lowers the scale
+            scaler.update()
+        else:
+            optimizer.step()
         sums[0] += loss
         if w.rank == 0 and (step + 1) % 20 == 0:
             log.info("epoch %d step %d/%d loss %.4f", position.epoch + 1, step + 1, steps, loss.item())
@@ -267,6 +286,7 @@ def accumulate_gradients(
     device: torch.device,
     amp: str,
     loss: Loss = CROSS_ENTROPY,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """Forward and backward each micro-batch, adding up the gradients of one step over their union.
 
@@ -282,14 +302,14 @@ def accumulate_gradients(
         sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with sync:
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            with autocast(device, amp):
                 logits = model(images)
             objective = loss(logits, masks, valid_pixels=valid, micro_batches=len(micro_batches))
             total += objective.detach()
             aux = evalnorm_aux_loss(unwrap(model))  # reaches only EvalNorm's alpha/beta (stop-gradients)
             if aux is not None:
                 objective = objective + aux / len(micro_batches)
-            objective.backward()
+            (scaler.scale(objective) if scaler else objective).backward()
     return total
 
 
@@ -303,7 +323,7 @@ def validate(w: Worker, net: nn.Module) -> dict[str, float]:
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=w.device)
     loader = w.loader(train=False)
     for images, masks in loader:
-        with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.spec.train.amp == "bf16"):
+        with autocast(w.device, w.spec.train.amp):
             logits = net(images)
         cm += metrics.confusion_matrix(logits.argmax(1), masks)
     all_reduce(cm)
