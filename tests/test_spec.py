@@ -44,7 +44,7 @@ def test_shipped_specs_are_valid():
         "drn_d_105",
         "wider_resnet38",
     }
-    for name in ("sweep_ibn.yaml", "enet.yaml"):
+    for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml"):
         assert specs.expand(specs.load(ROOT / "jobs" / name))
 
 
@@ -131,7 +131,7 @@ def test_overrides(tmp_path):
 
 def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
     schema = specs.json_schema()
-    for name in ("smoke.yaml", "sweep_norms.yaml", "sweep_ibn.yaml", "enet.yaml"):
+    for name in ("smoke.yaml", "sweep_norms.yaml", "sweep_ibn.yaml", "enet.yaml", "recipes.yaml"):
         jsonschema.validate(yaml.safe_load((ROOT / "jobs" / name).read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**MINIMAL, "grid": {"nrom": ["bn"]}}, schema)
