@@ -36,9 +36,8 @@ def in_process(spec: specs.Spec) -> float:
     torch.manual_seed(spec.train.seed)
     model = checkpoint.model_for(spec)
     optimizer = make_optimizer(spec, model)
-    steps = w.steps_per_epoch()
-    train_epoch(w, model, optimizer, Position(0), steps)
-    return train_epoch(w, model, optimizer, Position(1), steps)["images_per_s"]
+    train_epoch(w, model, optimizer, Position(0))
+    return train_epoch(w, model, optimizer, Position(1))["images_per_s"]
 
 
 def main() -> None:

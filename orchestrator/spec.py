@@ -131,6 +131,27 @@ class ModelSpec(_Section):
         return v and _one_of("head", v, HEADS)
 
 
+class StageSpec(_Section):
+    """One stage of progressive scaling (training-procedures paper, Table II): small crops with large
+    batches and LR first, the full crop last."""
+
+    epochs: int = Field(ge=1)
+    crop: tuple[int, int] = Field(description="[width, height]")
+    batch_per_gpu: int = Field(ge=1)
+    lr: float = Field(gt=0, description="the base LR of the stage; the schedule runs over the whole run")
+
+    @field_validator("crop")
+    @classmethod
+    def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
+        return _check_crop(v)
+
+
+def _check_crop(v: tuple[int, int]) -> tuple[int, int]:
+    if min(v) < 32:
+        raise ValueError(f"crop {list(v)} is too small; both sides must be >= 32 pixels")
+    return v
+
+
 class TrainSpec(_Section):
     epochs: int = Field(50, ge=1)
     batch_per_gpu: int = Field(2, ge=1, description="images per worker per forward: the normalization batch")
@@ -148,6 +169,11 @@ class TrainSpec(_Section):
     blur_sigma: float = Field(1.0, gt=0, description="the blur's sigma is drawn uniformly in (0, blur_sigma]")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="cap on optimizer steps per epoch (smoke runs)"
+    )
+    stages: list[StageSpec] | None = Field(
+        None,
+        description="progressive scaling: consecutive stages of (epochs, crop, batch_per_gpu, lr) whose "
+        "epochs add up to train.epochs; they replace crop, batch_per_gpu and lr epoch by epoch",
     )
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
@@ -192,9 +218,24 @@ class TrainSpec(_Section):
     @field_validator("crop")
     @classmethod
     def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 32:
-            raise ValueError(f"crop {list(v)} is too small; both sides must be >= 32 pixels")
-        return v
+        return _check_crop(v)
+
+    @model_validator(mode="after")
+    def _stages_cover_the_epochs(self) -> TrainSpec:
+        if self.stages and sum(s.epochs for s in self.stages) != self.epochs:
+            raise ValueError(
+                f"train.stages last {sum(s.epochs for s in self.stages)} epochs in all, train.epochs is "
+                f"{self.epochs}: make them equal"
+            )
+        return self
+
+    def stage(self, epoch: int) -> StageSpec:
+        """The stage of a 0-based epoch; without stages, one stage of the train section's own values."""
+        for stage in self.stages or ():
+            if epoch < stage.epochs:
+                return stage
+            epoch -= stage.epochs
+        return StageSpec(epochs=self.epochs, crop=self.crop, batch_per_gpu=self.batch_per_gpu, lr=self.lr)
 
     @field_validator("scale")
     @classmethod
@@ -280,6 +321,8 @@ def flatten(spec: Spec) -> dict[str, Any]:
             value = getattr(model, key)
             if isinstance(value, BaseModel):
                 walk(value, f"{prefix}{key}.")
+            elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                flat[prefix + key] = [v.model_dump(mode="json") for v in value]  # JSON-able, e.g. stages
             else:
                 flat[prefix + key] = list(value) if isinstance(value, tuple) else value
 

@@ -183,7 +183,7 @@ def test_training_resumed_mid_epoch_ends_exactly_as_an_uninterrupted_epoch(damag
         train=TrainSpec(epochs=2, batch_per_gpu=2, crop=(40, 32), checkpoint_every=2, lr=0.01),
     )
     w = Worker(spec)
-    steps = w.steps_per_epoch()
+    steps = w.epoch_steps[1]
 
     def fresh():
         torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_training_resumed_mid_epoch_ends_exactly_as_an_uninterrupted_epoch(damag
 
     uninterrupted, optimizer = fresh()
     saved: list[Position] = []
-    full = train_epoch(w, uninterrupted, optimizer, Position(epoch=1), steps, saved.append)
+    full = train_epoch(w, uninterrupted, optimizer, Position(epoch=1), saved.append)
     assert [p.step for p in saved] == list(range(2, steps, 2))
 
     # The same epoch, killed right after its second mid-epoch checkpoint, then resumed from it.
@@ -205,12 +205,12 @@ def test_training_resumed_mid_epoch_ends_exactly_as_an_uninterrupted_epoch(damag
             raise Crash
 
     with pytest.raises(Crash):
-        train_epoch(w, model, optimizer, Position(epoch=1), steps, crash_on_second)
+        train_epoch(w, model, optimizer, Position(epoch=1), crash_on_second)
     assert state["at"] == saved[1]
     resumed, resumed_optimizer = fresh()
     resumed.load_state_dict(state["model"])
     resumed_optimizer.load_state_dict(state["optimizer"])
-    rest = train_epoch(w, resumed, resumed_optimizer, state["at"], steps)
+    rest = train_epoch(w, resumed, resumed_optimizer, state["at"])
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name  # no batch replayed, none skipped
     assert rest["train_loss"] == pytest.approx(full["train_loss"], rel=1e-12)

@@ -448,5 +448,5 @@ def test_the_training_loop_uses_train_loss_with_the_manifests_class_pixels(
         pixels = read_manifest(f"{tiny_shards}/train")["class_pixels"]
         assert torch.equal(w.loss.class_weights, balanced_weights(pixels))
     model = model_for(w.spec)
-    report = train_epoch(w, model, make_optimizer(w.spec, model), Position(), w.steps_per_epoch())
+    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
     assert math.isfinite(report["train_loss"]) and report["train_loss"] > 0

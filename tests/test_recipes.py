@@ -1,12 +1,20 @@
-"""Training recipes in the loop itself: mixed precision, and seeded runs that are bit-identical."""
+"""Training recipes in the loop itself: mixed precision, seeded runs that are bit-identical, and progressive
+scaling through a real Ray Train trial."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as specs
 from orchestrator.train.checkpoint import model_for
@@ -30,7 +38,7 @@ def test_mixed_precision_trains_without_nan_and_keeps_norm_statistics_in_fp32(
     w = worker(tiny_shards, amp=amp)
     model = model_for(w.spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = train_epoch(w, model, make_optimizer(w.spec, model), Position(), w.steps_per_epoch())
+    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
     assert math.isfinite(report["train_loss"])
     state = model.state_dict()
     assert all(v.dtype == before[k].dtype for k, v in state.items())  # fp32 weights and BN statistics
@@ -45,9 +53,55 @@ def test_two_runs_with_one_seed_end_bit_identical_and_another_seed_does_not(tiny
         model = model_for(w.spec)
         optimizer = make_optimizer(w.spec, model)
         for epoch in range(2):
-            train_epoch(w, model, optimizer, Position(epoch=epoch), w.steps_per_epoch())
+            train_epoch(w, model, optimizer, Position(epoch=epoch))
         return model.state_dict()
 
     first, second, other = run(7), run(7), run(8)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_a_staged_run_changes_crop_batch_and_lr_at_its_stage_boundaries(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    stages = [
+        {"epochs": 1, "crop": [32, 32], "batch_per_gpu": 4, "lr": 0.04},
+        {"epochs": 2, "crop": [64, 48], "batch_per_gpu": 2, "lr": 0.01},
+    ]
+    spec = {
+        "name": "staged",
+        "data": {"train": f"{tiny_shards}/train", "val": f"{tiny_shards}/val", "loader_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "train": {"epochs": 3, "stages": stages},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "storage": str(tmp_path / "runs"),
+    }
+    (tmp_path / "staged.yaml").write_text(yaml.safe_dump(spec))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "train", "staged.yaml"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("staged").experiment_id], "tags.`orchestrator.kind` = 'trial'"
+    )
+
+    def history(metric: str) -> list[float]:
+        return [
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+        ]
+
+    assert history("batch_per_gpu") == [4, 2, 2]
+    assert history("crop_width") == [32, 64, 64] and history("crop_height") == [32, 48, 48]
+    # 8 samples over 2 ranks: 1 step at batch 4, then 2 per epoch at batch 2; the last LR of each epoch
+    # is the stage's LR times the poly factor of the whole run's 5 steps.
+    factors = [(1 - s / 5) ** 0.9 for s in (0, 2, 4)]
+    assert history("lr") == pytest.approx([0.04 * factors[0], 0.01 * factors[1], 0.01 * factors[2]])

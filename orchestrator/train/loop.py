@@ -63,14 +63,17 @@ class Worker:
         return dataset_mean_std(self.spec.data.train, self.spec.data.storage_options)
 
     def loader(self, *, train: bool, epoch: int = 0, start_batch: int = 0) -> Loader:
+        """This rank's loader of an epoch: training at the epoch's stage (crop, batch), validation of
+        whole images at train.batch_per_gpu."""
         t, d = self.spec.train, self.spec.data
+        stage = t.stage(epoch)
         return make_loader(
             d.train if train else d.val,
-            batch_size=t.batch_per_gpu,
+            batch_size=stage.batch_per_gpu if train else t.batch_per_gpu,
             rank=self.rank,
             world_size=self.world,
             train=train,
-            crop=tuple(t.crop) if train else None,
+            crop=tuple(stage.crop) if train else None,
             epoch=epoch,
             seed=t.seed,
             num_workers=d.loader_workers,
@@ -91,16 +94,21 @@ class Worker:
             return make_loss(spec)
         return make_loss(spec, read_manifest(d.train, d.storage_options)["class_pixels"])
 
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: equal on every rank, as the loader's batch count is."""
-        t = self.spec.train
-        steps = len(self.loader(train=True)) // t.accumulate
-        if steps == 0:
-            raise ValueError(
-                f"train.accumulate={t.accumulate} x train.batch_per_gpu={t.batch_per_gpu} x {self.world} "
-                f"workers needs more training samples than {self.spec.data.train} holds"
-            )
-        return min(steps, t.steps_per_epoch or steps)
+    @cached_property
+    def epoch_steps(self) -> list[int]:
+        """Optimizer steps of each epoch (stages change the batch, hence the count): equal on every rank,
+        as the loader's batch count is. The LR schedule runs over their sum."""
+        t, steps = self.spec.train, []
+        for epoch in range(t.epochs):
+            batch = t.stage(epoch).batch_per_gpu
+            count = len(self.loader(train=True, epoch=epoch)) // t.accumulate
+            if count == 0:
+                raise ValueError(
+                    f"train.accumulate={t.accumulate} x batch_per_gpu={batch} x {self.world} workers needs "
+                    f"more training samples than {self.spec.data.train} holds"
+                )
+            steps.append(min(count, t.steps_per_epoch or count))
+        return steps
 
 
 @dataclass
@@ -148,10 +156,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(w, config, net, optimizer, p, best, report, improved)
 
     try:
-        steps = w.steps_per_epoch()
         scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
         while position.epoch < w.spec.train.epochs:
-            trained = train_epoch(w, model, optimizer, position, steps, save, scaler)
+            trained = train_epoch(w, model, optimizer, position, save, scaler)
             report = {"epoch": position.epoch + 1, **trained}
             if w.spec.train.precise_bn_batches:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
@@ -220,15 +227,17 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     position: Position,
-    steps: int,
     save: Callable[[Position], None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """The epoch's optimizer steps from `position` on, `train.accumulate` micro-batches each, calling
+    """The epoch's optimizer steps (at its stage's crop, batch and LR) from `position` on,
+    `train.accumulate` micro-batches each, calling
     `save` every `train.checkpoint_every` steps; loss, skipped samples and throughput are the trial's
     (all ranks), not this rank's. fp16 runs scale the loss with `scaler` (kept across epochs by the
     caller; a fresh one otherwise)."""
     t = w.spec.train
+    stage, steps = t.stage(position.epoch), w.epoch_steps[position.epoch]
+    done, total = sum(w.epoch_steps[: position.epoch]), sum(w.epoch_steps)  # the schedule's steps
     model.train()
     loader = w.loader(train=True, epoch=position.epoch, start_batch=position.step * t.accumulate)
     batches = iter(loader)
@@ -242,7 +251,7 @@ def train_epoch(
     if scaler is None and t.amp == "fp16":  # fp16 gradients underflow without loss scaling
         scaler = torch.amp.GradScaler(w.device.type)
     for step in range(position.step, steps):
-        schedules.apply(optimizer, position.epoch * steps + step, steps * t.epochs, schedule, t.lr)
+        schedules.apply(optimizer, done + step, total, schedule, stage.lr)
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
         loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler)
@@ -267,8 +276,15 @@ def train_epoch(
     return {
         "train_loss": float(totals[0]) / (steps * w.world),
         "skipped_samples": int(totals[1]),
-        "images_per_s": (steps - position.step) * t.accumulate * t.batch_per_gpu * w.world / float(elapsed),
+        "images_per_s": (steps - position.step)
+        * t.accumulate
+        * stage.batch_per_gpu
+        * w.world
+        / float(elapsed),
         "lr": optimizer.param_groups[0]["lr"],
+        "batch_per_gpu": stage.batch_per_gpu,  # what stages change, per epoch in MLflow
+        "crop_width": stage.crop[0],
+        "crop_height": stage.crop[1],
     }
 
 
