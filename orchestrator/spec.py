@@ -196,6 +196,9 @@ class TrainSpec(_Section):
     loss: str = Field(
         "ce", description=f"loss spec string: {LOSS_GRAMMAR}", json_schema_extra={"pattern": LOSS_PATTERN}
     )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="mixup: images mixed with lam ~ Beta(alpha, alpha), soft labels (0: off)"
+    )
     amp: Literal["off", "bf16", "fp16"] = Field(
         "off",
         description="mixed precision: bf16 (CPU and GPU) or fp16 (with a gradient scaler); norms keep their "

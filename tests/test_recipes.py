@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as specs
 from orchestrator.train.checkpoint import model_for
-from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
+from orchestrator.train.loop import Position, Worker, accumulate_gradients, make_optimizer, mixup, train_epoch
 
 
 def worker(shards: Path, **train) -> Worker:
@@ -48,7 +49,7 @@ def test_mixed_precision_trains_without_nan_and_keeps_norm_statistics_in_fp32(
 
 def test_two_runs_with_one_seed_end_bit_identical_and_another_seed_does_not(tiny_shards: Path) -> None:
     def run(seed: int) -> dict[str, torch.Tensor]:
-        w = worker(tiny_shards, seed=seed, epochs=2)
+        w = worker(tiny_shards, seed=seed, epochs=2, mixup_alpha=0.4)  # its draws are seeded too
         torch.manual_seed(w.spec.train.seed)  # as train_loop_per_worker does
         model = model_for(w.spec)
         optimizer = make_optimizer(w.spec, model)
@@ -105,3 +106,21 @@ def test_a_staged_run_changes_crop_batch_and_lr_at_its_stage_boundaries(
     # is the stage's LR times the poly factor of the whole run's 5 steps.
     factors = [(1 - s / 5) ** 0.9 for s in (0, 2, 4)]
     assert history("lr") == pytest.approx([0.04 * factors[0], 0.01 * factors[1], 0.01 * factors[2]])
+
+
+def test_mixup_is_cross_entropy_on_mixed_images_with_soft_labels() -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Conv2d(3, 3, 1)
+    images, masks = torch.randn(4, 3, 5, 6), torch.randint(0, 3, (4, 5, 6))
+    cpu = torch.device("cpu")
+    torch.manual_seed(11)
+    lam, partner = mixup(4, 0.4, cpu)
+    assert 0 < lam < 1 and sorted(partner.tolist()) == [0, 1, 2, 3] and partner.tolist() != [0, 1, 2, 3]
+    log_p = model(lam * images + (1 - lam) * images[partner]).log_softmax(1)
+    soft = lam * F.one_hot(masks, 3) + (1 - lam) * F.one_hot(masks[partner], 3)
+    expected = -(soft.permute(0, 3, 1, 2) * log_p).sum(1).mean()
+    torch.manual_seed(11)  # the same draw inside
+    got = accumulate_gradients(model, [(images, masks)], cpu, "off", mixup_alpha=0.4)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    plain = F.cross_entropy(model(images), masks)
+    assert float(accumulate_gradients(model, [(images, masks)], cpu, "off")) == pytest.approx(float(plain))

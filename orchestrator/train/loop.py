@@ -254,7 +254,7 @@ def train_epoch(
         schedules.apply(optimizer, done + step, total, schedule, stage.lr)
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
-        loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler)
+        loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler, t.mixup_alpha)
         trial_loss = loss.clone()
         all_reduce(trial_loss)  # every rank sees a non-finite loss at the same step
         if not torch.isfinite(trial_loss):
@@ -303,6 +303,7 @@ def accumulate_gradients(
     amp: str,
     loss: Loss = CROSS_ENTROPY,
     scaler: torch.amp.GradScaler | None = None,
+    mixup_alpha: float = 0.0,
 ) -> torch.Tensor:
     """Forward and backward each micro-batch, adding up the gradients of one step over their union.
 
@@ -318,15 +319,30 @@ def accumulate_gradients(
         sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with sync:
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            lam, partner = mixup(len(images), mixup_alpha, device)
+            if lam < 1:
+                images = lam * images + (1 - lam) * images[partner]
             with autocast(device, amp):
                 logits = model(images)
-            objective = loss(logits, masks, valid_pixels=valid, micro_batches=len(micro_batches))
+            share = {"valid_pixels": valid, "micro_batches": len(micro_batches)}
+            objective = loss(logits, masks, **share)
+            if lam < 1:  # the soft label lam * y + (1 - lam) * y[partner], by linearity of the loss in it
+                objective = lam * objective + (1 - lam) * loss(logits, masks[partner], **share)
             total += objective.detach()
             aux = evalnorm_aux_loss(unwrap(model))  # reaches only EvalNorm's alpha/beta (stop-gradients)
             if aux is not None:
                 objective = objective + aux / len(micro_batches)
             (scaler.scale(objective) if scaler else objective).backward()
     return total
+
+
+def mixup(batch: int, alpha: float, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Mixup's draw for one micro-batch: lam ~ Beta(alpha, alpha) and each image's partner (a random
+    permutation of the micro-batch); lam = 1 (no mixing) when alpha is 0. Drawn from torch's seeded RNG."""
+    if alpha <= 0:
+        return 1.0, torch.arange(batch, device=device)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    return lam, torch.randperm(batch).to(device)
 
 
 @torch.no_grad()
