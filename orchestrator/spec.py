@@ -390,8 +390,12 @@ def redact(value: Any) -> Any:
 
 
 def _compact(value: Any) -> str:
+    """[720, 720] -> 720x720; a stage {epochs, crop, batch_per_gpu, lr} -> 100:384x384:16:0.04, stages
+    joined by |. Keys are run names and MLflow filter values: no quotes, no spaces."""
+    if isinstance(value, dict):
+        return ":".join(_compact(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return "x".join(str(v) for v in value)
+        return ("|" if any(isinstance(v, dict) for v in value) else "x").join(_compact(v) for v in value)
     return str(value)
 
 

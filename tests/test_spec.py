@@ -44,7 +44,7 @@ def test_shipped_specs_are_valid():
         "drn_d_105",
         "wider_resnet38",
     }
-    for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml"):
+    for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml", "progressive.yaml"):
         assert specs.expand(specs.load(ROOT / "jobs" / name))
 
 
@@ -131,7 +131,14 @@ def test_overrides(tmp_path):
 
 def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
     schema = specs.json_schema()
-    for name in ("smoke.yaml", "sweep_norms.yaml", "sweep_ibn.yaml", "enet.yaml", "recipes.yaml"):
+    for name in (
+        "smoke.yaml",
+        "sweep_norms.yaml",
+        "sweep_ibn.yaml",
+        "enet.yaml",
+        "recipes.yaml",
+        "progressive.yaml",
+    ):
         jsonschema.validate(yaml.safe_load((ROOT / "jobs" / name).read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**MINIMAL, "grid": {"nrom": ["bn"]}}, schema)
@@ -220,3 +227,13 @@ def test_multi_grid_reaches_the_model_and_only_on_resnets(tmp_path):
         "model: multi_grid needs 2 positive unit rates for 'resnet18' (one per block of its last stage), "
         "got [1, 2, 4]"
     ]
+
+
+def test_trial_keys_of_stages_are_compact_and_quote_free():
+    spec = specs.load(ROOT / "jobs/progressive.yaml")
+    keys = [specs.trial_key(c, spec.grid) for c in specs.expand(spec)]
+    assert (
+        keys[2]
+        == "train.stages=100:384x384:16:0.04|100:512x512:8:0.02|100:768x768:4:0.01,train.mixup_alpha=0.0"
+    )
+    assert not any("'" in k or " " in k for k in keys)
