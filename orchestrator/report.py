@@ -200,9 +200,7 @@ def _row(run: Run, uri: str | None) -> TrialRow:
 def _best(run: Run, key: str, uri: str | None) -> float | None:
     if key not in run.data.metrics:  # saves a query per trial that never logged it
         return None
-    # A diverged epoch logs NaN, and max() over a NaN depends on its position.
-    values = [v for v in tracking.metric_values(run.info.run_id, key, uri) if math.isfinite(v)]
-    return max(values, default=None)
+    return tracking.best_value(run.info.run_id, key, uri)
 
 
 def _crop_text(crop: tuple[int, ...]) -> str:

@@ -6,6 +6,7 @@ the runs are written from different processes (the CLI, Tune trial drivers, rank
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -157,11 +158,7 @@ def top_trial_runs(
         filter_string=" and ".join(conditions + ([f"({filter_string})"] if filter_string else [])),
         max_results=10_000,
     )
-    scored = [
-        (run, max(m.value for m in history))
-        for run in runs
-        if (history := c.get_metric_history(run.info.run_id, metric))
-    ]
+    scored = [(run, best) for run in runs if (best := best_value(run.info.run_id, metric, uri)) is not None]
     scored.sort(key=lambda pair: -pair[1])
     return [(run, best) for run, best in scored if has_checkpoint(run.info.run_id, uri)][:k]
 
@@ -284,9 +281,11 @@ def trial_runs(experiment_id: str, parent_run_id: str, uri: str | None = None) -
     )
 
 
-def metric_values(run_id: str, key: str, uri: str | None = None) -> list[float]:
-    """Every value the run logged for a metric (all steps)."""
-    return [m.value for m in client(uri).get_metric_history(run_id, key)]
+def best_value(run_id: str, key: str, uri: str | None = None) -> float | None:
+    """The highest finite value the run logged for a metric over all steps; None if it logged none.
+    (A diverged epoch logs NaN, and max() over a NaN depends on its position.)"""
+    values = [m.value for m in client(uri).get_metric_history(run_id, key) if math.isfinite(m.value)]
+    return max(values, default=None)
 
 
 def log_files(run_id: str, paths: list[Path], folder: str, uri: str | None = None) -> None:
