@@ -98,17 +98,20 @@ class Worker:
     def epoch_steps(self) -> list[int]:
         """Optimizer steps of each epoch (stages change the batch, hence the count): equal on every rank,
         as the loader's batch count is. The LR schedule runs over their sum."""
-        t, steps = self.spec.train, []
-        for epoch in range(t.epochs):
-            batch = t.stage(epoch).batch_per_gpu
+        t = self.spec.train
+        batches = [t.stage(epoch).batch_per_gpu for epoch in range(t.epochs)]
+        steps: dict[int, int] = {}  # one loader (a manifest read) per distinct batch, not per epoch
+        for epoch, batch in enumerate(batches):
+            if batch in steps:
+                continue
             count = len(self.loader(train=True, epoch=epoch)) // t.accumulate
             if count == 0:
                 raise ValueError(
                     f"train.accumulate={t.accumulate} x batch_per_gpu={batch} x {self.world} workers needs "
                     f"more training samples than {self.spec.data.train} holds"
                 )
-            steps.append(min(count, t.steps_per_epoch or count))
-        return steps
+            steps[batch] = min(count, t.steps_per_epoch or count)
+        return [steps[batch] for batch in batches]
 
 
 @dataclass
