@@ -6,8 +6,10 @@ from __future__ import annotations
 import fnmatch
 import http.client
 import os
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -33,6 +35,18 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with local_s3(Path(tmp_path_factory.mktemp("moto")) / "moto.log") as server:
         yield server
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The environment of an `orchestrator` command run by a test: a SQLite MLflow store in tmp_path and a
+    Ray of its own. RAY_TMPDIR is short (Ray's socket paths must fit in 107 bytes) and private, so the
+    command never joins another test's (or a stale) Ray; set here too, for a Ray the test starts itself."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture

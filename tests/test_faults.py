@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +27,8 @@ EPOCHS = 3
 
 
 @pytest.fixture
-def workdir(tmp_path: Path):
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-        "RAY_TMPDIR": ray_tmp,
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("RAY_ADDRESS", None)
+def workdir(tmp_path: Path, cli_env: dict[str, str]):
+    env = cli_env
     synthesize(str(tmp_path / "synth"), train=16, val=4, size=(128, 72))
     pack(str(tmp_path / "synth"), str(tmp_path / "shards"), shard_size=4, workers=1)
     spec = {
@@ -55,8 +47,7 @@ def workdir(tmp_path: Path):
         "storage": str(tmp_path / "runs"),
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    yield tmp_path, env
-    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    return tmp_path, env
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -3,10 +3,8 @@ across them, and a trial that can never fit says so instead of waiting forever."
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,8 @@ CLI = [sys.executable, "-m", "orchestrator"]
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+def workdir(tmp_path: Path, cli_env: dict[str, str]):
+    env = cli_env
     synthesize(str(tmp_path / "synth"), train=8, val=2, size=(128, 72))
     pack(str(tmp_path / "synth"), str(tmp_path / "shards"), shard_size=4, workers=1)
     spec = {
@@ -39,8 +34,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "storage": str(tmp_path / "runs"),
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    yield tmp_path, env
-    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    return tmp_path, env
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

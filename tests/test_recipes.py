@@ -4,11 +4,8 @@ scaling through a real Ray Train trial."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,7 +61,7 @@ def test_two_runs_with_one_seed_end_bit_identical_and_another_seed_does_not(tiny
 
 @pytest.mark.slow
 def test_a_staged_run_changes_crop_batch_and_lr_at_its_stage_boundaries(
-    tiny_shards: Path, tmp_path: Path
+    tiny_shards: Path, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     stages = [
         {"epochs": 1, "crop": [32, 32], "batch_per_gpu": 4, "lr": 0.04},
@@ -79,16 +76,11 @@ def test_a_staged_run_changes_crop_batch_and_lr_at_its_stage_boundaries(
         "storage": str(tmp_path / "runs"),
     }
     (tmp_path / "staged.yaml").write_text(yaml.safe_dump(spec))
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "train", "staged.yaml"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = cli_env
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", "staged.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs(

@@ -3,10 +3,8 @@ S3 API server -> a 2-trial Ray Tune sweep of 2 gloo workers each -> SQLite MLflo
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import broken_shards as broken
@@ -29,19 +27,9 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600)
 
 
 @pytest.fixture
-def workdir(tmp_path, s3_server, s3_bucket):
+def workdir(tmp_path, s3_server, s3_bucket, cli_env):
     """A user's working directory: env for S3 + MLflow, synthetic shards in the bucket."""
-    # A short RAY_TMPDIR of our own: Ray's socket paths must fit in 107 bytes, and a private one
-    # never joins another test's (or a stale) Ray instance.
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {
-        **os.environ,
-        **s3_server.env,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-        "RAY_TMPDIR": ray_tmp,
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = {**cli_env, **s3_server.env}
     shards = f"s3://{s3_bucket}/bdd100k/shards"
     run_cli(
         ["data", "synth", str(tmp_path / "synth"), "--train", "16", "--val", "4", "--size", "128x72"],
@@ -67,8 +55,7 @@ def workdir(tmp_path, s3_server, s3_bucket):
         "grid": {"norm": ["bn", "gn:g8"]},
     }
     (tmp_path / "e2e.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    yield tmp_path, env
-    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    return tmp_path, env
 
 
 def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bucket):
