@@ -20,7 +20,6 @@ from orchestrator.data.transforms import (
     normalize,
     to_chw,
     train_transform,
-    val_transform,
 )
 
 H, W = 36, 64
@@ -124,12 +123,11 @@ def test_mask_resampling_is_nearest(seed: int) -> None:
 
 
 @pytest.mark.parametrize("mean_std", [IMAGENET, BDD])
-def test_val_transform_normalizes_only(mean_std: MeanStd) -> None:
-    image, mask = _sample()
-    x, y = val_transform(image, mask, mean_std)
+def test_normalize_a_decoded_image(mean_std: MeanStd) -> None:
+    image, _ = _sample()
+    x = normalize(to_chw(image), mean_std)  # what validation does to a whole image
     np.testing.assert_allclose(x.numpy(), _normalized(image, mean_std), atol=1e-5)
     assert x.dtype == torch.float32 and x.is_contiguous()
-    assert torch.equal(y, torch.from_numpy(mask).long())
 
 
 def test_normalize_takes_batches_and_any_dtype_without_touching_the_input() -> None:

@@ -119,13 +119,6 @@ def train_transform(
     return augment(to_chw(image), torch.from_numpy(mask), aug, crop, mean_std)
 
 
-def val_transform(
-    image: np.ndarray, mask: np.ndarray, mean_std: MeanStd = IMAGENET
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole image, normalized; the mask unchanged."""
-    return normalize(to_chw(image), mean_std), torch.from_numpy(mask).long()
-
-
 def normalize(image: torch.Tensor, mean_std: MeanStd = IMAGENET) -> torch.Tensor:
     """[3, H, W] or [B, 3, H, W] of any dtype (0..255) -> a new contiguous float32 (x / 255 - mean) / std."""
     scale, shift = _affine(mean_std, image.device)
