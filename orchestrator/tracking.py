@@ -165,16 +165,10 @@ def top_trial_runs(
 
 def latest_sweep_experiment(uri: str | None = None) -> str:
     """The experiment of the most recently started sweep."""
-    c = client(uri)
-    runs = c.search_runs(
-        [e.experiment_id for e in c.search_experiments()],
-        filter_string=f"tags.`{KIND}` = 'sweep'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    run = latest_sweep_run(uri=uri)
+    if run is None:
         raise LookupError(f"no sweep runs at {uri or tracking_uri()}; run `orchestrator sweep SPEC` first")
-    return c.get_experiment(runs[0].info.experiment_id).name
+    return client(uri).get_experiment(run.info.experiment_id).name
 
 
 def is_run(text: str, uri: str | None = None) -> bool:
