@@ -199,6 +199,25 @@ class TrainSpec(_Section):
     mixup_alpha: float = Field(
         0.0, ge=0, description="mixup: images mixed with lam ~ Beta(alpha, alpha), soft labels (0: off)"
     )
+    sample_weights_from: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="MLflow run id of an `orchestrator evaluate` of the training split: its per-image "
+        "scores repeat the worst images (repeat_below) or drop those below drop_below (the BDD100K report, "
+        "Section X)",
+    )
+    sample_score: Literal["miou", "miou_official"] = Field(
+        "miou", description="the per-image score of sample_weights_from that repeat_below and drop_below read"
+    )
+    repeat_below: float | None = Field(
+        None, gt=0, le=1, description="images scoring below this are read repeat_times times per epoch"
+    )
+    repeat_times: int = Field(
+        2, ge=1, description="copies per epoch of an image scoring below repeat_below (1: a grid's baseline)"
+    )
+    drop_below: float | None = Field(
+        None, gt=0, le=1, description="images scoring below this are left out (suspected wrong labels)"
+    )
     amp: Literal["off", "bf16", "fp16"] = Field(
         "off",
         description="mixed precision: bf16 (CPU and GPU) or fp16 (with a gradient scaler); norms keep their "
@@ -211,6 +230,24 @@ class TrainSpec(_Section):
     def _known_loss(cls, v: str) -> str:
         parse_loss(v)
         return v
+
+    @model_validator(mode="after")
+    def _resampling_is_complete(self) -> TrainSpec:
+        thresholds = {"repeat_below": self.repeat_below, "drop_below": self.drop_below}
+        if self.sample_weights_from is None:
+            given = [k for k, v in thresholds.items() if v is not None]
+            if given:
+                raise ValueError(
+                    f"train.{given[0]} needs train.sample_weights_from, the run that scored the images"
+                )
+        elif all(v is None for v in thresholds.values()):
+            raise ValueError("train.sample_weights_from needs train.repeat_below, train.drop_below or both")
+        if None not in thresholds.values() and self.drop_below >= self.repeat_below:
+            raise ValueError(
+                f"train.drop_below ({self.drop_below}) must be below train.repeat_below "
+                f"({self.repeat_below}): images below drop_below are left out, those between the two repeated"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warmup_is_polys(self) -> TrainSpec:

@@ -21,6 +21,8 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
+from orchestrator.data.resample import sample_repeats, split_ids
+from orchestrator.data.shards import read_manifest
 from orchestrator.errors import UsageError
 from orchestrator.spec import (
     ResourcesSpec,
@@ -142,10 +144,20 @@ def run_trial(
             on_finished(done.data.metrics)
         return dict(done.data.metrics)
     run_id = tracking.start_trial_run(experiment_id, parent_run_id, key, public_params(config), tracking_uri)
+    try:
+        repeats = _sample_repeats(spec, run_id, tracking_uri)
+    except (LookupError, ValueError) as e:
+        tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
+        raise TrialFailed(str(e)) from None
     r = spec.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": config, "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "trial": config,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "repeats": repeats,
+        },
         scaling_config=ScalingConfig(
             num_workers=r.workers_per_trial,
             use_gpu=r.gpus_per_worker > 0,
@@ -175,6 +187,31 @@ def run_trial(
     if reason:
         raise TrialFailed(reason)
     return dict(result.metrics or {})
+
+
+def _sample_repeats(spec: Spec, run_id: str, uri: str) -> dict[str, int] | None:
+    """train.sample_weights_from as copies per training sample id, resolved once by the trial's driver
+    (the workers get the plan, not MLflow access); the counts go to the trial's params."""
+    t, d = spec.train, spec.data
+    if t.sample_weights_from is None:
+        return None
+    scores = tracking.per_image_scores(t.sample_weights_from, t.sample_score, uri)
+    ids = [i for shard in split_ids(read_manifest(d.train, d.storage_options), d.train) for i in shard]
+    repeats = sample_repeats(
+        scores, ids, repeat_below=t.repeat_below, repeat_times=t.repeat_times, drop_below=t.drop_below
+    )
+    counts = list(repeats.values())
+    tracking.log_params(
+        run_id,
+        {
+            "resample.scored": len(scores.keys() & set(ids)),
+            "resample.repeated": sum(c > 1 for c in counts),
+            "resample.dropped": counts.count(0),
+            "resample.epoch_samples": len(ids) + sum(c - 1 for c in counts),
+        },
+        uri,
+    )
+    return repeats
 
 
 class EpochReportCallback(TuneReportCallback):

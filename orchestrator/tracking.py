@@ -6,6 +6,7 @@ the runs are written from different processes (the CLI, Tune trial drivers, rank
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -285,3 +286,31 @@ def best_value(run_id: str, key: str, uri: str | None = None) -> float | None:
 def log_files(run_id: str, paths: list[Path], folder: str, uri: str | None = None) -> None:
     for path in paths:
         client(uri).log_artifact(run_id, str(path), folder)
+
+
+PER_IMAGE = "predictions/per_image.csv"  # where evaluation and ensemble runs keep their per-image scores
+
+
+def per_image_scores(run_id: str, column: str = "miou", uri: str | None = None) -> dict[str, float]:
+    """{sample id: score} from a run's per-image CSV (train.sample_weights_from). LookupError in one line
+    when the run, its CSV or the CSV's sample ids are missing."""
+    c = client(uri)
+    where = f"train.sample_weights_from: run {run_id}"
+    if find_run(run_id, uri) is None:
+        raise LookupError(f"{where} is not in the MLflow store {uri or tracking_uri()}")
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = c.download_artifacts(run_id, PER_IMAGE, d)
+        except (MlflowException, OSError):
+            raise LookupError(
+                f"{where} has no {PER_IMAGE}: score the training split with "
+                "`orchestrator evaluate TRIAL_RUN_ID --data TRAIN_URL` and name that evaluation run"
+            ) from None
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    if rows and "id" not in rows[0]:
+        raise LookupError(
+            f"{where}: its per-image scores have no sample ids (the split was packed before they were "
+            "recorded): pack it again and evaluate again"
+        )
+    return {row["id"]: float(row[column]) for row in rows}

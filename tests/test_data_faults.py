@@ -14,7 +14,7 @@ import s3fs
 import torch
 
 from orchestrator.data.layout import IGNORE_INDEX
-from orchestrator.data.shards import pack
+from orchestrator.data.shards import pack, read_manifest
 from orchestrator.data.stream import delivered, make_loader
 from orchestrator.data.synth import synthesize
 from orchestrator.spec import DataSpec, ModelSpec, Spec, TrainSpec
@@ -140,18 +140,28 @@ def test_delivered_follows_dataloader_round_robin(counts, consumed, expected) ->
     assert delivered(counts, consumed) == expected
 
 
-@pytest.mark.parametrize("workers", [0, 2, 3])
-@pytest.mark.parametrize("on_device", [False, True])
-def test_resumed_loader_yields_exactly_the_rest_of_the_epoch(damaged, workers: int, on_device: bool) -> None:
+@pytest.mark.parametrize(
+    ("workers", "on_device", "resampled"),
+    [(0, False, False), (2, False, False), (3, False, False), (0, True, False), (2, True, False),
+     (3, True, False), (2, False, True), (3, True, True)],
+)  # fmt: skip
+def test_resumed_loader_yields_exactly_the_rest_of_the_epoch(
+    damaged, workers: int, on_device: bool, resampled: bool
+) -> None:
     # 5 batches per rank; 3 workers hold 1, 2 and 2 of them, so the DataLoader's round-robin is uneven.
+    # Resampled: 4 samples read 3 times, 2 dropped, so copies of one sample straddle ranks and workers.
     url = str(damaged[0] / "train")
-    full_loader = _loader(url, 1, num_workers=workers, augment_on_device=on_device)
+    ids = [i for shard in read_manifest(url)["shards"] for i in shard["ids"]]
+    repeats = {i: 3 for i in ids[1:17:4]} | {ids[7]: 0, ids[20]: 0} if resampled else None
+    args = {"num_workers": workers, "augment_on_device": on_device, "repeats": repeats}
+    full_loader = _loader(url, 1, **args)
     full = list(full_loader)
+    assert len(full) == (7 if resampled else 5)  # (22 + 4 x 2 - 2) copies // 2 ranks // 2
     for start in range(len(full) + 1):
-        loader = _loader(url, 1, num_workers=workers, augment_on_device=on_device, start_batch=start)
+        loader = _loader(url, 1, start_batch=start, **args)
         assert len(loader) == len(full) - start
         assert _same(list(loader), full[start:]), start
-        prefix = _loader(url, 1, num_workers=workers, augment_on_device=on_device)
+        prefix = _loader(url, 1, **args)
         for _ in zip(range(start), prefix, strict=False):
             pass
         assert prefix.skipped + loader.skipped == full_loader.skipped  # counts add up across a resume

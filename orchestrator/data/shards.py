@@ -245,7 +245,7 @@ def _merge_split(
             stats.merge(packed.stats)
             sizes.update(map(tuple, packed.sizes))
             problems.extend(packed.problems)
-            shards.append(packed.entry)
+            shards.append({**packed.entry, "ids": list(job.ids)})  # member order: what resampling keys on
             reused += packed.reused
             if not packed.reused:
                 log.info("%s shard %d/%d (%d samples)", split, len(shards), len(jobs), len(job.ids))
@@ -340,6 +340,13 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{join(url, MANIFEST)} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def shard_ids(manifest: dict) -> list[list[str]] | None:
+    """Each shard's sample ids in member order; None for a manifest packed before they were recorded."""
+    if any("ids" not in shard for shard in manifest["shards"]):
+        return None
+    return [shard["ids"] for shard in manifest["shards"]]
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:

@@ -24,7 +24,7 @@ import posixpath
 import tarfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator.data.layout import IGNORE_INDEX
+from orchestrator.data.resample import repeated, split_ids
 from orchestrator.data.shards import decode_pair, read_manifest
 from orchestrator.data.storage import RETRIES, backoff, is_transient, join, url_to_fs
 from orchestrator.data.transforms import (
@@ -54,19 +55,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples [start, stop) of one shard; `shard` is its manifest index, stable across epochs and splits."""
+    """Positions [start, stop) of one shard's epoch order; `shard` is its manifest index, stable across
+    epochs and splits. The order is the shard's samples in member order, each once, or as many times as
+    train.sample_weights_from says (0: dropped); a position names one copy of a sample."""
 
     shard: int
     name: str
     start: int
     stop: int
+    order: tuple[int, ...] | None = None  # the sample at each position; None: position p is sample p
+
+    def sample(self, position: int) -> int:
+        return position if self.order is None else self.order[position]
 
 
 class Encoded(NamedTuple):
     """One sample as read from a shard: its bytes, or (jpg=None) why it could not be read."""
 
     shard: int
-    index: int
+    index: int  # its position in the shard's epoch order (the sample's index when nothing is repeated)
     name: str  # "<shard path>:<sample id>", for the log
     jpg: bytes | None
     png: bytes | str  # the mask bytes, or the problem
@@ -286,6 +293,7 @@ def make_loader(
     start_batch: int = 0,
     device: torch.device | None = None,
     augment_on_device: bool = False,
+    repeats: Mapping[str, int] | None = None,
     storage_options: dict | None = None,
 ) -> Loader:
     """A loader over the packed split at url (e.g. s3://bucket/shards/train) for this rank and epoch.
@@ -295,14 +303,21 @@ def make_loader(
     augment_on_device, on `device`; every rank yields exactly N // world_size // batch_size full batches,
     as DDP needs. Validation: manifest order, whole images, each rank yields all samples of its range
     (ranges differ by at most one sample), the last batch may be partial. start_batch resumes an epoch.
+    repeats: training copies per sample id (0 drops a sample; ids not named are read once), from
+    `data.resample.sample_repeats`; the split then works on the copies as it does on the samples.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     manifest = read_manifest(url, storage_options)
-    total = manifest["num_samples"]
-    shards = [Piece(i, s["name"], 0, s["num_samples"]) for i, s in enumerate(manifest["shards"])]
+    if repeats is None or not train:
+        shards = [Piece(i, s["name"], 0, s["num_samples"]) for i, s in enumerate(manifest["shards"])]
+    else:
+        orders = [repeated(shard, repeats) for shard in split_ids(manifest, url)]
+        entries = enumerate(zip(manifest["shards"], orders, strict=True))
+        shards = [Piece(i, entry["name"], 0, len(order), order) for i, (entry, order) in entries]
+    total = sum(p.stop for p in shards)
     start, stop = bounds(total, world_size, rank)
     if train:
         shards = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
@@ -372,15 +387,15 @@ def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None
 
 
 def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Iterator[Encoded]:
-    """Samples [piece.start, piece.stop) of one shard, in one streaming pass.
+    """Positions [piece.start, piece.stop) of one shard, in one streaming pass.
 
-    A transient error reopens the shard after a backoff and goes on at the next sample (RETRIES times,
+    A transient error reopens the shard after a backoff and goes on at the next position (RETRIES times,
     then it is raised: an unreachable store is not bad data). Anything else (a corrupt tar, a missing
     shard) ends the shard: its remaining samples come out unreadable, to be counted and stood in for."""
     start, attempt = piece.start, 0
     while start < piece.stop:
         try:
-            for sample in _scan(fs, path, piece.shard, start, piece.stop):
+            for sample in _scan(fs, path, piece, start):
                 yield sample
                 start = sample.index + 1
             return
@@ -397,35 +412,35 @@ def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Itera
                 continue
             if is_transient(e):
                 raise
-            problem = f"{posixpath.basename(path)} is unreadable from sample {start} on ({e!r})"
+            problem = f"{posixpath.basename(path)} is unreadable from sample {piece.sample(start)} on ({e!r})"
             log.warning("%s: %d sample(s) lost", problem, piece.stop - start)
             for index in range(start, piece.stop):
                 yield Encoded(piece.shard, index, f"{path}:#{index}", None, problem)
             return
 
 
-def _scan(fs: fsspec.AbstractFileSystem, path: str, shard: int, start: int, stop: int) -> Iterator[Encoded]:
-    """Samples [start, stop) of a shard: members 2i and 2i+1 are sample i's <id>.jpg and <id>.png.
-    Pairing by position keeps every later sample in place when one member is misnamed."""
+def _scan(fs: fsspec.AbstractFileSystem, path: str, piece: Piece, start: int) -> Iterator[Encoded]:
+    """Positions [start, piece.stop) of a shard: members 2i and 2i+1 are sample i's <id>.jpg and <id>.png.
+    Pairing by position keeps every later sample in place when one member is misnamed. The order is
+    ascending, so a repeated sample is read once and yielded for each of its positions."""
     with (
         fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="readahead") as f,
         tarfile.open(fileobj=f, mode="r|") as tar,
     ):
-        members = iter(tar)
-        for index in range(stop):
-            pair, data = [], []
-            for member in itertools.islice(members, 2):
-                # A stream-mode tar can read a member only before moving on; earlier samples are passed over.
-                wanted = index >= start and member.isfile()
-                pair.append(member)
-                data.append(tar.extractfile(member).read() if wanted else b"")
-            if len(pair) < 2:
-                raise EOFError(f"{2 * index + len(pair)} members, the manifest needs {2 * stop}")
-            if index < start:
-                continue
+        members, index, pair, data = iter(tar), -1, [], []
+        for position in range(start, piece.stop):
+            wanted = piece.sample(position)
+            while index < wanted:
+                index, pair, data = index + 1, [], []
+                for member in itertools.islice(members, 2):
+                    # A stream-mode tar can read a member only before moving on; others are passed over.
+                    read = index == wanted and member.isfile()
+                    pair.append(member)
+                    data.append(tar.extractfile(member).read() if read else b"")
+                if len(pair) < 2:
+                    raise EOFError(f"{2 * index + len(pair)} members, the manifest needs {2 * wanted + 2}")
             name, problem = _pair_name(pair)
-            label = f"{path}:{name}"
-            yield Encoded(shard, index, label, *((None, problem) if problem else data))
+            yield Encoded(piece.shard, position, f"{path}:{name}", *((None, problem) if problem else data))
 
 
 def _pair_name(pair: list[tarfile.TarInfo]) -> tuple[str, str | None]:

@@ -71,6 +71,9 @@ def _verify_split(url: str, storage_options: dict | None, report: Report) -> Non
         pairs = _pairs(shard, data, report.problems)
         if len(pairs) != entry["num_samples"]:
             report.problems.append(f"{shard}: {len(pairs)} samples, the manifest says {entry['num_samples']}")
+        stems = [stem for stem, _, _ in pairs]
+        if "ids" in entry and stems != entry["ids"][: len(stems)]:
+            report.problems.append(f"{shard}: its sample ids differ from the manifest's (or their order)")
         for stem, jpg, png in pairs:
             try:
                 image, _ = decode_pair(jpg, png)

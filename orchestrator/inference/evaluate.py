@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from orchestrator import metrics
 from orchestrator.data.layout import NUM_CLASSES
+from orchestrator.data.shards import read_manifest, shard_ids
 from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.transforms import normalize
 from orchestrator.errors import UsageError
@@ -41,6 +42,7 @@ class Evaluation:
     members: int
     best: list[Sample] = field(default_factory=list)  # the last predictor's, highest per-image mIoU first
     worst: list[Sample] = field(default_factory=list)  # lowest first
+    ids: list[str] | None = None  # the images' sample ids, where the split's manifest records them
 
     @property
     def cms(self) -> torch.Tensor:
@@ -51,10 +53,12 @@ class Evaluation:
         """metrics.summarize of a predictor (default: the last, i.e. the ensemble when there is one)."""
         return metrics.summarize(self.cms[predictor], prefix)
 
-    def images(self, predictor: int = -1) -> dict[str, torch.Tensor]:
-        """Per-image columns: `index` and every metrics.scores name (NaN where an image has no score)."""
+    def images(self, predictor: int = -1) -> dict[str, Sequence]:
+        """Per-image columns: `index`, `id` (where known: what train.sample_weights_from keys on) and every
+        metrics.scores name (NaN where an image has no score)."""
         per_image = self.per_image[predictor]
-        return {"index": torch.arange(len(per_image)), **metrics.scores(per_image)}
+        ids = {"id": self.ids} if self.ids is not None else {}
+        return {"index": torch.arange(len(per_image)), **ids, **metrics.scores(per_image)}
 
 
 @dataclass
@@ -151,6 +155,7 @@ def evaluate_checkpoints(
         m.model.to(device)
     data = data or members[0].config["data.val"]
     loader = evaluation_loader(data, batch_size=batch_size, storage_options=storage_options)
+    ids = shard_ids(read_manifest(data, storage_options))
     result = evaluate(
         members,
         loader,
@@ -160,6 +165,7 @@ def evaluate_checkpoints(
         weights=weights,
         keep=keep if out_dir is not None else 0,
     )
+    result.ids = None if ids is None else [i for shard in ids for i in shard]
     return Report(data, result, [] if out_dir is None else write_report(result, out_dir))
 
 

@@ -31,13 +31,14 @@ class Sample:
     pred: torch.Tensor  # predicted class ids [H, W]
 
 
-def write_csv(path: str | Path, columns: dict[str, torch.Tensor]) -> Path:
-    """One row per entry of the equally long 1-D columns, a header of their names."""
+def write_csv(path: str | Path, columns: dict[str, Sequence]) -> Path:
+    """One row per entry of the equally long 1-D columns (tensors or lists), a header of their names."""
     path = Path(path)
+    lists = [c.tolist() if isinstance(c, torch.Tensor) else list(c) for c in columns.values()]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        writer.writerows(zip(*(c.tolist() for c in columns.values()), strict=True))
+        writer.writerows(zip(*lists, strict=True))
     return path
 
 

@@ -54,6 +54,11 @@ class Worker:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    repeats: dict[str, int] | None = None  # train.sample_weights_from, resolved by the trial's driver
+
+    def __post_init__(self) -> None:
+        if self.spec.train.sample_weights_from and self.repeats is None:
+            raise ValueError("train.sample_weights_from is set: pass the driver's plan as repeats")
 
     @cached_property
     def mean_std(self) -> MeanStd:
@@ -83,6 +88,7 @@ class Worker:
             start_batch=start_batch,
             device=self.device,
             augment_on_device=d.augment_on == "device",
+            repeats=self.repeats if train else None,
             storage_options=d.storage_options,
         )
 
@@ -130,7 +136,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """`config`: {"trial": flat trial config, "mlflow_run_id": child run, "tracking_uri": MLflow store}."""
     ctx = ray.train.get_context()
     w = Worker(
-        from_flat(config["trial"]), ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+        from_flat(config["trial"]),
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+        config.get("repeats"),
     )
 
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
