@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,9 @@ from orchestrator.spec import SpecError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command = shlex.join(["orchestrator", *argv])  # tagged on the runs it makes; a report prints it
     # Checkpoint downloads take a second; MLflow's bars for them would bury the one-line errors below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -88,12 +91,16 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser(
         "report",
-        help="the study's figure (mIoU vs batch per GPU, a line per norm, facets backbone x crop) and "
-        "a table of all trials, logged to the sweep's MLflow run",
+        help="the study's figure (mIoU vs batch per GPU, a line per norm, seeds averaged, facets backbone x "
+        "crop) and document (wall time, ensemble gain, commands, tables), logged to the sweep's MLflow run",
     )
     cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
     cmd.add_argument("--sweep-run", help="sweep parent run id (default: the experiment's latest sweep)")
-    cmd.add_argument("--out", default="report", help="folder for report.png and report.md")
+    where = cmd.add_mutually_exclusive_group()
+    where.add_argument("--out", default="report", help="folder for report.png and report.md")
+    where.add_argument(
+        "--doc", help="write the document to this .md path instead, its figure beside it (same name, .png)"
+    )
     cmd.set_defaults(func=_report)
 
     cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
@@ -211,7 +218,7 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
     from orchestrator.sweep import run_sweep
 
-    outcomes = run_sweep(spec, resume=args.resume)
+    outcomes = run_sweep(spec, resume=args.resume, command=args.command)
     _print_outcomes(spec.experiment, outcomes)
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
@@ -222,7 +229,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
     from orchestrator.sweep import run_single
 
-    outcome = run_single(spec)
+    outcome = run_single(spec, command=args.command)
     _print_outcomes(spec.experiment, [outcome])
     return 1 if outcome.status == "FAILED" else 0
 
@@ -241,11 +248,18 @@ def _report(args: argparse.Namespace) -> int:
 
     from orchestrator.report import build_report
 
-    r = build_report(args.experiment, Path(args.out), sweep_run_id=args.sweep_run)
+    doc = Path(args.doc) if args.doc else None
+    r = build_report(
+        args.experiment, Path(args.out), sweep_run_id=args.sweep_run, doc=doc, command=args.command
+    )
     failed = sum(t.status == "FAILED" for t in r.rows)
     print(
-        f"{len(r.rows)} trials ({failed} failed) of sweep run {r.sweep_run_id} in experiment {r.experiment!r}"
+        f"{len(r.rows)} trials ({failed} failed) in {len(r.configurations)} configurations of sweep run "
+        f"{r.sweep_run_id} in experiment {r.experiment!r}"
     )
+    e = r.ensemble
+    if e and e.gain is not None:
+        print(f"ensemble run {e.run_id}: val mIoU {e.miou:.4f}, {e.gain:+.4f} over its best member")
     print(f"wrote {r.figure} and {r.table}; logged both to MLflow run {r.sweep_run_id} under report/")
     return 0
 
@@ -321,7 +335,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     experiment = args.experiment or tracking.latest_sweep_experiment()
     result = run_ensemble(
         experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size,
-        filter_string=args.filter, settings=settings, combine=args.combine,
+        filter_string=args.filter, settings=settings, combine=args.combine, command=args.command,
     )  # fmt: skip
     rows = [(f"{name} ({run_id[:8]})", m) for run_id, name, m in result.members]
     _print_scores(rows + [(f"ensemble of {len(result.members)} ({args.combine})", result.metrics)])
@@ -334,8 +348,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     result = evaluate_model(
-        args.model, settings, data=args.data, batch_size=args.batch_size, experiment=args.experiment
-    )
+        args.model, settings, data=args.data, batch_size=args.batch_size, experiment=args.experiment,
+        command=args.command,
+    )  # fmt: skip
     _print_scores([(result.name, result.metrics)])
     print(f"\nMLflow: evaluation run {result.run_id} in experiment {result.experiment!r}")
     return 0

@@ -1,9 +1,13 @@
-"""The study's figure and table from MLflow runs, never training.
+"""The study's figure and document from MLflow runs, never training.
 
 The figure is Figure 1 of the GN paper for this study: best validation mIoU against images per GPU, one
-line per norm, a facet per backbone (rows) and crop (columns). The table lists every trial of the sweep,
-failed ones with their reason. Both are written locally and logged to the sweep's parent run under
-`report/`.
+line per norm, a facet per backbone (rows) and crop (columns). Trials that differ only in `train.seed` are
+one configuration: its point is the mean over its seeds, its error bar their min..max. The document holds
+the sweep's wall time, the trials' durations, the latest ensemble's gain over its best member, the command
+lines that made the runs (and this report), the figure, a norm x batch table per facet, a table of the
+configurations and one of every trial, failed ones with their reason. Everything in it comes from MLflow.
+Both files are written locally (`--out` folder, or `--doc` path with the figure beside it) and logged to
+the sweep's parent run under `report/`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +25,26 @@ from matplotlib.lines import Line2D
 from mlflow.entities import Run
 
 from orchestrator import tracking
+from orchestrator.errors import UsageError
 from orchestrator.spec import redact
 
 ARTIFACT_DIR = "report"
 METRIC = "val_miou"
 OFFICIAL = "val_miou_official"  # the BDD100K 2-class rule, where trials log it
+SEED = "train.seed"  # trials that differ only in it are one configuration
 SHOWN = ("FINISHED", "FAILED")  # runs still going (or killed with their driver) have no verdict yet
 MARKERS = "osD^v<>ph*"
+DODGE = 0.04  # log2 units between the points of neighbouring norms at one batch, where there are error bars
+# Settings every trial of a sweep shares (unless the grid sweeps them): the document's "every trial" line.
+SETUP_KEYS = (
+    "model.backbone",
+    "train.crop",
+    "train.epochs",
+    "train.steps_per_epoch",
+    "train.lr",
+    "train.loss",
+    "resources.workers_per_trial",
+)
 
 
 @dataclass(frozen=True)
@@ -42,28 +60,115 @@ class TrialRow:
     last_epoch: int | None
     status: str  # FINISHED | FAILED
     failure: str | None
+    seed: int | None = None
+    config: tuple[tuple[str, str], ...] = ()  # every param but train.seed: equal for the seeds of one setup
+    duration_s: float | None = None  # the run's start to end
 
     @property
     def crop_text(self) -> str:
         return _crop_text(self.crop)
+
+    @property
+    def config_name(self) -> str:
+        """The trial's name without its seed: the name of its configuration."""
+        parts = [p for p in self.name.split(",") if not p.startswith(f"{SEED}=")]
+        return ",".join(parts) or "base"
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The trials of one configuration (they differ only in train.seed): one point of the figure."""
+
+    trials: tuple[TrialRow, ...]
+
+    @property
+    def first(self) -> TrialRow:
+        return self.trials[0]
+
+    @property
+    def values(self) -> list[float]:
+        """Best val mIoU of each finished seed."""
+        return [
+            t.best_val_miou for t in self.trials if t.status == "FINISHED" and t.best_val_miou is not None
+        ]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def low(self) -> float | None:
+        return min(self.values, default=None)
+
+    @property
+    def high(self) -> float | None:
+        return max(self.values, default=None)
+
+    @property
+    def mean_official(self) -> float | None:
+        values = [
+            t.best_official for t in self.trials if t.status == "FINISHED" and t.best_official is not None
+        ]
+        return statistics.fmean(values) if values else None
+
+    @property
+    def mean_duration_s(self) -> float | None:
+        values = [t.duration_s for t in self.trials if t.duration_s is not None]
+        return statistics.fmean(values) if values else None
+
+
+@dataclass(frozen=True)
+class EnsembleSummary:
+    """The latest ensemble run of the experiment, with its members scored in the same pass."""
+
+    run_id: str
+    name: str
+    combine: str
+    miou: float | None
+    members: tuple[tuple[str, str, float | None], ...]  # (run id, name, val mIoU in the ensemble's pass)
+    outside: int  # members that are not trials of the reported sweep
+    command: str | None
+
+    @property
+    def best_member(self) -> tuple[str, str, float] | None:
+        scored = [(i, n, v) for i, n, v in self.members if v is not None]
+        return max(scored, key=lambda m: m[2], default=None)
+
+    @property
+    def gain(self) -> float | None:
+        best = self.best_member
+        return None if best is None or self.miou is None else self.miou - best[2]
 
 
 @dataclass(frozen=True)
 class ReportResult:
     experiment: str
     sweep_run_id: str
-    rows: list[TrialRow]  # sorted by backbone, crop, norm, batch per GPU
+    rows: list[TrialRow]  # sorted by backbone, crop, norm, batch per GPU, configuration, seed
     figure: Path
-    table: Path
+    table: Path  # the markdown document
+    configurations: list[Configuration]
+    ensemble: EnsembleSummary | None
+    commands: list[str]  # the fenced block of the document, in order: sweep, ensemble, report
 
 
 def build_report(
-    experiment: str | None, out_dir: Path, uri: str | None = None, sweep_run_id: str | None = None
+    experiment: str | None,
+    out_dir: Path,
+    uri: str | None = None,
+    sweep_run_id: str | None = None,
+    *,
+    doc: Path | None = None,
+    command: str | None = None,
 ) -> ReportResult:
-    """Figure and table of one sweep's trials, written to out_dir and logged to the sweep's run.
+    """Figure and document of one sweep's trials, written to out_dir (report.png, report.md) or, with
+    `doc`, to that markdown path with the figure beside it (same name, .png), and logged to the sweep's run.
+    `command` is the command line of this report, printed with those of the sweep and the ensemble.
 
     The sweep is sweep_run_id, else the latest sweep of `experiment`, else the latest sweep anywhere.
     Raises LookupError (one line) when there is no such experiment or sweep run, or it has no trials."""
+    if doc is not None and doc.suffix.lower() != ".md":
+        raise UsageError(f"--doc {doc}: give a markdown path ending in .md (the figure goes beside it)")
     uri = uri or tracking.tracking_uri()
     sweep = _sweep_run(experiment, sweep_run_id, uri)
     sweep_id = sweep.info.run_id
@@ -74,45 +179,111 @@ def build_report(
             f"no finished or failed trial runs in sweep run {sweep_id} ({sweep.info.run_name!r}) "
             f"of experiment {experiment!r} at {redact(uri)}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure_path, table_path = out_dir / "report.png", out_dir / "report.md"
+    ensemble = ensemble_summary(sweep, uri)
+    commands = command_lines(sweep, ensemble, command)
+    figure_path, table_path = (
+        (doc.with_suffix(".png"), doc) if doc else (out_dir / "report.png", out_dir / "report.md")
+    )
+    table_path.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, title=f"{experiment} (sweep run {sweep_id[:8]})").savefig(figure_path, dpi=100)
-    table_path.write_text(markdown(rows, experiment, sweep, figure_path.name))
+    table_path.write_text(markdown(rows, experiment, sweep, figure_path.name, ensemble, commands))
     tracking.log_files(sweep_id, [figure_path, table_path], ARTIFACT_DIR, uri)
-    return ReportResult(experiment, sweep_id, rows, figure_path, table_path)
+    return ReportResult(
+        experiment, sweep_id, rows, figure_path, table_path, configurations(rows), ensemble, commands
+    )
 
 
 def trial_rows(sweep: Run, uri: str | None = None) -> list[TrialRow]:
     runs = tracking.trial_runs(sweep.info.experiment_id, sweep.info.run_id, uri)
     rows = [_row(run, uri) for run in runs if run.info.status in SHOWN]
-    return sorted(rows, key=lambda r: (r.backbone, r.crop, r.norm, r.batch_per_gpu or math.inf, r.name))
+    return sorted(rows, key=_order)
+
+
+def configurations(rows: list[TrialRow]) -> list[Configuration]:
+    """The rows grouped by everything but their seed, in the rows' order."""
+    groups: dict[tuple, list[TrialRow]] = {}
+    for r in rows:
+        groups.setdefault(r.config or (("run", r.run_id),), []).append(r)
+    return [Configuration(tuple(sorted(g, key=_order))) for g in groups.values()]
+
+
+def ensemble_summary(sweep: Run, uri: str | None = None) -> EnsembleSummary | None:
+    """The latest finished ensemble run of the sweep's experiment (None: there is none); its members'
+    scores are those of the ensemble's own pass (same split, same inference settings)."""
+    run = tracking.latest_ensemble_run(sweep.info.experiment_id, uri)
+    if run is None:
+        return None
+    params, metrics = run.data.params, run.data.metrics
+    ids = [
+        i for i in (params.get("members") or run.data.tags.get("orchestrator.members", "")).split(",") if i
+    ]
+    members, outside = [], 0
+    for i, run_id in enumerate(ids):
+        member = tracking.find_run(run_id, uri)
+        outside += member is None or member.data.tags.get(tracking.PARENT) != sweep.info.run_id
+        name = member.info.run_name if member else run_id[:8]
+        members.append((run_id, name, metrics.get(f"member{i}_val_miou")))
+    return EnsembleSummary(
+        run.info.run_id,
+        run.info.run_name,
+        params.get("combine", "mean"),
+        metrics.get(METRIC),
+        tuple(members),
+        outside,
+        run.data.tags.get(tracking.COMMAND),
+    )
+
+
+def command_lines(sweep: Run, ensemble: EnsembleSummary | None, report_command: str | None) -> list[str]:
+    """The command lines that made the sweep, the ensemble and this report, in that order; a run that did
+    not record its own (made before commands were tagged, or by a library call) gets a comment instead."""
+    lines = [
+        sweep.data.tags.get(tracking.COMMAND) or f"# sweep run {sweep.info.run_id}: command not recorded"
+    ]
+    if ensemble:
+        lines.append(ensemble.command or f"# ensemble run {ensemble.run_id}: command not recorded")
+    return lines + ([report_command] if report_command else [])
 
 
 def plot(rows: list[TrialRow], title: str = "") -> Figure:
     """Facets backbone x crop (all that have a trial, an empty one says so), shared y; failed trials and
-    trials without a val_miou are left out. The x axis runs from large to small batches, as in the paper."""
+    trials without a val_miou are left out. A point is the mean over a configuration's seeds, with a bar
+    from their min to their max where there are several. The x axis runs from large to small batches, as
+    in the paper."""
     backbones = sorted({r.backbone for r in rows})
     crops = sorted({r.crop for r in rows})
     norms = sorted({r.norm for r in rows})
     cmap = colormaps["tab10" if len(norms) <= 10 else "tab20"]
     style = {n: {"color": cmap(i), "marker": MARKERS[i % len(MARKERS)]} for i, n in enumerate(norms)}
-    points = [r for r in rows if r.status == "FINISHED" and r.best_val_miou is not None and r.batch_per_gpu]
+    points = facet_points(configurations(rows))
     batches = sorted({r.batch_per_gpu for r in rows if r.batch_per_gpu}) or [1]
+    seeded = any(
+        len(c.values) > 1 for facet in points.values() for line in facet.values() for c in line.values()
+    )
 
-    fig = Figure(figsize=(1.8 + 3.4 * len(crops), 0.8 + 2.8 * len(backbones)), layout="constrained")
+    fig = Figure(figsize=(2.6 + 4.0 * len(crops), 1.0 + 3.4 * len(backbones)), layout="constrained")
     axes = fig.subplots(len(backbones), len(crops), sharex=True, sharey=True, squeeze=False)
     for ax_row, backbone in zip(axes, backbones, strict=True):
         for ax, crop in zip(ax_row, crops, strict=True):
-            facet = [r for r in points if r.backbone == backbone and r.crop == crop]
-            for norm in norms:
-                # Other grid keys (lr, ...) can give several trials per point: the point is the best.
-                best: dict[int, float] = {}
-                for r in facet:
-                    if r.norm == norm:
-                        best[r.batch_per_gpu] = max(best.get(r.batch_per_gpu, -math.inf), r.best_val_miou)
-                if best:
-                    xs = sorted(best)
-                    ax.plot(xs, [best[x] for x in xs], label=norm, **style[norm])
+            facet = points.get((backbone, crop), {})
+            for norm, line in sorted(facet.items()):
+                xs = sorted(line)
+                means = [line[x].mean for x in xs]
+                # With error bars, each norm's points sit a little aside (log scale: a factor), so that
+                # the bars of a batch do not hide one another.
+                shift = 2 ** (DODGE * (norms.index(norm) - (len(norms) - 1) / 2)) if seeded else 1
+                ax.plot([x * shift for x in xs], means, label=norm, **style[norm])
+                spread = [(x, line[x]) for x in xs if len(line[x].values) > 1]
+                if spread:  # no caps: the bars stay out of ax.lines, which are the norms' lines
+                    ax.errorbar(
+                        [x * shift for x, _ in spread],
+                        [c.mean for _, c in spread],
+                        yerr=[[c.mean - c.low for _, c in spread], [c.high - c.mean for _, c in spread]],
+                        fmt="none",
+                        ecolor=style[norm]["color"],
+                        elinewidth=1.5,
+                        capsize=0,
+                    )
             if not facet:
                 ax.text(0.5, 0.5, "no finished trials", transform=ax.transAxes, ha="center", color="gray")
             ax.set_title(f"{backbone}, crop {_crop_text(crop)}", fontsize="medium")
@@ -125,38 +296,190 @@ def plot(rows: list[TrialRow], title: str = "") -> Figure:
     fig.supylabel("best val mIoU")
     if title:
         fig.suptitle(title)
-    plotted = sorted({r.norm for r in points})
+    plotted = sorted({norm for facet in points.values() for norm in facet})
     if plotted:
         handles = [Line2D([], [], label=n, **style[n]) for n in plotted]
-        fig.legend(handles=handles, title="norm", loc="outside right upper")
+        legend = "norm\n(mean over seeds,\nbars: min..max)" if seeded else "norm"
+        fig.legend(handles=handles, title=legend, loc="outside right upper")
     return fig
 
 
-def markdown(rows: list[TrialRow], experiment: str, sweep: Run, figure_name: str = "report.png") -> str:
+Points = dict[tuple[str, tuple[int, ...]], dict[str, dict[int, Configuration]]]
+
+
+def facet_points(configs: list[Configuration]) -> Points:
+    """{(backbone, crop): {norm: {batch per GPU: configuration}}} over configurations with a finished
+    seed. Other grid keys (lr, ...) can give several configurations per point: the point is the one with
+    the best mean."""
+    points: Points = {}
+    for c in configs:
+        t = c.first
+        if c.mean is None or not t.batch_per_gpu:
+            continue
+        line = points.setdefault((t.backbone, t.crop), {}).setdefault(t.norm, {})
+        if t.batch_per_gpu not in line or c.mean > line[t.batch_per_gpu].mean:
+            line[t.batch_per_gpu] = c
+    return points
+
+
+def markdown(
+    rows: list[TrialRow],
+    experiment: str,
+    sweep: Run,
+    figure_name: str = "report.png",
+    ensemble: EnsembleSummary | None = None,
+    commands: list[str] | None = None,
+) -> str:
+    configs = configurations(rows)
     failed = sum(r.status == "FAILED" for r in rows)
-    official = any(r.best_official is not None for r in rows)
-    head = ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "best val mIoU"]
-    head += ["best official mIoU"] if official else []
-    head += ["last epoch", "status", "failure"]
+    seeds = sorted({len(c.trials) for c in configs})
     lines = [
         f"# Normalization study: {sweep.info.run_name}",
         "",
         f"- experiment: `{experiment}`",
         f"- sweep run: `{sweep.info.run_id}` ({sweep.info.status})",
-        f"- trials: {len(rows)} ({len(rows) - failed} finished, {failed} failed)",
+        *_setup(sweep),
+        f"- trials: {len(rows)} ({len(rows) - failed} finished, {failed} failed) in {len(configs)} "
+        f"configurations of {'/'.join(map(str, seeds))} seed(s)",
+        f"- wall time of the sweep: {_wall_time(sweep)}",
+        f"- trial durations: {_durations(rows)}",
+        f"- ensemble: {_ensemble_line(ensemble, experiment)}",
         f"- made: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        "Commands (the sweep, the ensemble, this document):",
+        "",
+        "```bash",
+        *(commands or []),
+        "```",
         "",
         f"![best val mIoU against batch per GPU]({figure_name})",
         "",
-        _cells(head),
-        _cells(["---"] * len(head)),
     ]
-    for r in rows:
-        cells = [r.name, r.run_id[:8], r.backbone, r.norm, _text(r.batch_per_gpu), r.crop_text]
-        cells += [_text(r.best_val_miou)] + ([_text(r.best_official)] if official else [])
-        cells += [_text(r.last_epoch), r.status, _text(r.failure)]
+    lines += _norm_by_batch(configs)
+    lines += _configuration_table(configs)
+    if ensemble:
+        lines += _ensemble_table(ensemble)
+    lines += _trial_table(rows)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _setup(sweep: Run) -> list[str]:
+    params = sweep.data.params
+    grid = {k.removeprefix("grid."): v for k, v in sorted(params.items()) if k.startswith("grid.")}
+    shared = [f"{k} {params[k]}" for k in SETUP_KEYS if params.get(k, "None") != "None" and k not in grid]
+    lines = [f"- grid: {' x '.join(f'{k} {v}' for k, v in grid.items())}"] if grid else []
+    return lines + ([f"- every trial: {', '.join(shared)}"] if shared else [])
+
+
+def _norm_by_batch(configs: list[Configuration]) -> list[str]:
+    """One table per facet: a row per norm, a column per batch per GPU, the figure's points as numbers."""
+    points = facet_points(configs)
+    if not points:
+        return []
+    lines = [
+        "## Best val mIoU by norm and batch per GPU",
+        "",
+        "Mean over seeds (min..max where there are several).",
+        "",
+    ]
+    for (backbone, crop), facet in sorted(points.items()):
+        batches = sorted({b for line in facet.values() for b in line})
+        lines += [f"### {backbone}, crop {_crop_text(crop)}", ""]
+        lines += [_cells(["norm", *(f"{b}/GPU" for b in batches)]), _cells(["---"] * (len(batches) + 1))]
+        for norm, line in sorted(facet.items()):
+            lines.append(_cells([norm, *(_point(line[b]) if b in line else "-" for b in batches)]))
+        lines.append("")
+    return lines
+
+
+def _configuration_table(configs: list[Configuration]) -> list[str]:
+    official = any(c.mean_official is not None for c in configs)
+    head = [
+        "configuration",
+        "backbone",
+        "norm",
+        "batch/GPU",
+        "crop",
+        "seeds",
+        "best val mIoU, mean",
+        "min..max",
+    ]
+    head += ["best official mIoU, mean"] if official else []
+    head += ["duration, mean"]
+    lines = [
+        "## Configurations",
+        "",
+        "Trials that differ only in `train.seed`; seeds: finished (failed).",
+        "",
+    ]
+    lines += [_cells(head), _cells(["---"] * len(head))]
+    for c in configs:
+        t, failed = c.first, sum(r.status == "FAILED" for r in c.trials)
+        cells = [t.config_name, t.backbone, t.norm, _text(t.batch_per_gpu), t.crop_text]
+        cells += [f"{len(c.values)}" + (f" ({failed})" if failed else ""), _text(c.mean), _range(c)]
+        cells += [_text(c.mean_official)] if official else []
+        cells += [_duration(c.mean_duration_s)]
         lines.append(_cells(cells))
-    return "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def _ensemble_table(e: EnsembleSummary) -> list[str]:
+    lines = [
+        "## Ensemble",
+        "",
+        f"Run `{e.run_id}` ({e.name}, combine: {e.combine}); members and ensemble scored in the same pass.",
+        "",
+        _cells(["model", "run", "val mIoU"]),
+        _cells(["---"] * 3),
+    ]
+    lines += [_cells([name, run_id[:8], _text(v)]) for run_id, name, v in e.members]
+    lines.append(_cells([f"ensemble ({e.combine})", e.run_id[:8], _text(e.miou)]))
+    return lines + [""]
+
+
+def _trial_table(rows: list[TrialRow]) -> list[str]:
+    official = any(r.best_official is not None for r in rows)
+    head = ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU"]
+    head += ["best official mIoU"] if official else []
+    head += ["last epoch", "duration", "status", "failure"]
+    lines = ["## Trials", "", _cells(head), _cells(["---"] * len(head))]
+    for r in rows:
+        cells = [r.name, r.run_id[:8], r.backbone, r.norm, _text(r.batch_per_gpu), r.crop_text, _text(r.seed)]
+        cells += [_text(r.best_val_miou)] + ([_text(r.best_official)] if official else [])
+        cells += [_text(r.last_epoch), _duration(r.duration_s), r.status, _text(r.failure)]
+        lines.append(_cells(cells))
+    return lines
+
+
+def _wall_time(sweep: Run) -> str:
+    start, end = sweep.info.start_time, sweep.info.end_time
+    begun = _utc(start)
+    if sweep.info.status == "RUNNING" or not end:
+        so_far = _duration(dt.datetime.now(dt.timezone.utc).timestamp() - start / 1000)
+        return f"not ended: still running, or its driver died (started {begun}, {so_far} ago)"
+    return f"{_duration((end - start) / 1000)} ({begun} to {_utc(end)})"
+
+
+def _durations(rows: list[TrialRow]) -> str:
+    values = [r.duration_s for r in rows if r.duration_s is not None]
+    if not values:
+        return "-"
+    return (
+        f"{_duration(sum(values))} in all; per trial {_duration(statistics.fmean(values))} on average, "
+        f"{_duration(min(values))} to {_duration(max(values))}"
+    )
+
+
+def _ensemble_line(e: EnsembleSummary | None, experiment: str) -> str:
+    if e is None:
+        return f"none in experiment `{experiment}` (`orchestrator ensemble --top 3` makes one)"
+    best, text = e.best_member, f"val mIoU {_text(e.miou)}"
+    if best and e.gain is not None:
+        text += f", best member {best[2]:.4f} (`{best[1]}`), gain {e.gain:+.4f}"
+    text += f" (run `{e.run_id}`, {len(e.members)} members, {e.combine})"
+    if e.outside:
+        text += f"; {e.outside} of its members are not trials of this sweep"
+    return text
 
 
 def _sweep_run(experiment: str | None, run_id: str | None, uri: str) -> Run:
@@ -179,22 +502,44 @@ def _sweep_run(experiment: str | None, run_id: str | None, uri: str) -> Run:
 
 
 def _row(run: Run, uri: str | None) -> TrialRow:
-    params, metrics = run.data.params, run.data.metrics
-    batch = params.get("train.batch_per_gpu", "")
+    params, metrics, info = run.data.params, run.data.metrics, run.info
     epoch = metrics.get("epoch")
     return TrialRow(
-        run_id=run.info.run_id,
-        name=run.info.run_name or run.data.tags.get(tracking.TRIAL_KEY, ""),
+        run_id=info.run_id,
+        name=info.run_name or run.data.tags.get(tracking.TRIAL_KEY, ""),
         backbone=params.get("model.backbone", "?"),
         norm=params.get("norm", "?"),
-        batch_per_gpu=int(batch) if batch.isdecimal() else None,
+        batch_per_gpu=_int(params.get("train.batch_per_gpu", "")),
         crop=tuple(int(v) for v in re.findall(r"\d+", params.get("train.crop", ""))),  # "[720, 720]"
         best_val_miou=_best(run, METRIC, uri),
         best_official=_best(run, OFFICIAL, uri),
         last_epoch=None if epoch is None else int(epoch),
-        status=run.info.status,
+        status=info.status,
         failure=run.data.tags.get(tracking.FAILURE),
+        seed=_int(params.get(SEED, "")),
+        config=tuple(sorted((k, v) for k, v in params.items() if k != SEED)),
+        duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
     )
+
+
+def _order(r: TrialRow) -> tuple:
+    return (
+        r.backbone,
+        r.crop,
+        r.norm,
+        r.batch_per_gpu or math.inf,
+        r.config_name,
+        _none_last(r.seed),
+        r.name,
+    )
+
+
+def _none_last(value: int | None) -> float:
+    return math.inf if value is None else value
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.lstrip("-").isdecimal() else None
 
 
 def _best(run: Run, key: str, uri: str | None) -> float | None:
@@ -203,8 +548,31 @@ def _best(run: Run, key: str, uri: str | None) -> float | None:
     return tracking.best_value(run.info.run_id, key, uri)
 
 
+def _point(c: Configuration) -> str:
+    return _text(c.mean) + (f" ({_range(c)})" if len(c.values) > 1 else "")
+
+
+def _range(c: Configuration) -> str:
+    return f"{c.low:.4f}..{c.high:.4f}" if len(c.values) > 1 else "-"
+
+
 def _crop_text(crop: tuple[int, ...]) -> str:
     return "x".join(map(str, crop)) or "?"
+
+
+def _utc(ms: int) -> str:
+    return f"{dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def _duration(seconds: float | None) -> str:
+    """1h 02m 03s, 4m 05s, 6s."""
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    h, m = s // 3600, s % 3600 // 60
+    if h:
+        return f"{h}h {m:02d}m {s % 60:02d}s"
+    return f"{m}m {s % 60:02d}s" if m else f"{s}s"
 
 
 def _text(value: object) -> str:

@@ -59,11 +59,12 @@ class TrialOutcome:
     error: str | None = None
 
 
-def run_sweep(spec: Spec, resume: bool = False) -> list[TrialOutcome]:
+def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> list[TrialOutcome]:
     """Run every grid point of the spec as a Tune trial; returns one outcome per point.
 
     resume: restore the spec's Tune experiment (after its driver died): finished trials stay finished,
-    the others continue from their last checkpoints, under the same MLflow runs."""
+    the others continue from their last checkpoints, under the same MLflow runs.
+    command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own)."""
     uri = tracking.tracking_uri()
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     tune_path = f"{_storage(spec).rstrip('/')}/{spec.name}"
@@ -74,6 +75,7 @@ def run_sweep(spec: Spec, resume: bool = False) -> list[TrialOutcome]:
     parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
     if not parent:
         parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri, tune_path)
+        tracking.tag_command(parent, command, uri)
     trainable = tune.with_parameters(
         _tune_trial, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri, grid=list(spec.grid)
     )
@@ -104,13 +106,15 @@ def run_sweep(spec: Spec, resume: bool = False) -> list[TrialOutcome]:
     return outcomes
 
 
-def run_single(spec: Spec) -> TrialOutcome:
-    """One trial (the spec's base point, grid ignored) through the same driver, without Tune."""
+def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
+    """One trial (the spec's base point, grid ignored) through the same driver, without Tune; `command`
+    is tagged on its sweep run."""
     uri = tracking.tracking_uri()
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     _init_ray(spec)
     _check_fits(spec.model_copy(update={"grid": {}}))
     parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec), uri)
+    tracking.tag_command(parent, command, uri)
     config = expand(spec.model_copy(update={"grid": {}}))[0]
     try:
         result = run_trial(config, experiment_id, parent, uri, grid=[], callbacks=[])

@@ -24,6 +24,7 @@ SWEEP = "orchestrator.sweep"
 TRIAL_KEY = "orchestrator.trial_key"
 FAILURE = "orchestrator.failure"  # why a run failed, one line
 RESUME_PATH = "orchestrator.tune_path"  # the Tune experiment a sweep run can be resumed from
+COMMAND = "orchestrator.command"  # the orchestrator command line that made a run (sweep, ensemble, ...)
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
@@ -240,6 +241,19 @@ def _param_text(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+# The command line behind a run, so that a report can print how to make it again.
+
+
+def command_tag(command: str | None) -> dict[str, str]:
+    """{COMMAND: command}, or {} when the caller does not know its command line (a library call)."""
+    return {COMMAND: command} if command else {}
+
+
+def tag_command(run_id: str, command: str | None, uri: str) -> None:
+    if command:
+        set_tags(run_id, command_tag(command), uri)
+
+
 # Queries of `orchestrator report`: None or [] where nothing matches; the report words the errors.
 
 
@@ -274,6 +288,17 @@ def trial_runs(experiment_id: str, parent_run_id: str, uri: str | None = None) -
         filter_string=f"tags.`{KIND}` = 'trial' and tags.`{PARENT}` = '{parent_run_id}'",
         max_results=10_000,
     )
+
+
+def latest_ensemble_run(experiment_id: str, uri: str | None = None) -> Run | None:
+    """The most recently started finished `ensemble` run of an experiment."""
+    runs = client(uri).search_runs(
+        [experiment_id],
+        f"tags.`{KIND}` = 'ensemble' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def best_value(run_id: str, key: str, uri: str | None = None) -> float | None:

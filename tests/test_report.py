@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.colors
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator import report, tracking
+from orchestrator.cli import main
+from orchestrator.errors import UsageError
 
 NAN = math.nan
 # backbone, norm, batch per GPU, crop, val_miou per epoch, val_miou_official per epoch, failure reason.
@@ -90,9 +97,12 @@ def result(store: Store, tmp_path_factory: pytest.TempPathFactory) -> report.Rep
     return report.build_report("study", tmp_path_factory.mktemp("report"), uri=store.uri)
 
 
-def _table(md: str) -> list[list[str]]:
-    """The markdown table's rows (header first, rule left out) as lists of cells, pipes unescaped."""
-    rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in md.splitlines() if line.startswith("|")]
+def _table(md: str, heading: str = "## Trials") -> list[list[str]]:
+    """The rows of the first markdown table after `heading` (header first, rule left out) as lists of
+    cells, pipes unescaped."""
+    after = md.split(f"\n{heading}\n", 1)[1]
+    table = next(b.strip() for b in after.split("\n\n") if b.strip().startswith("|"))
+    rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table.splitlines()]
     return [
         [c.strip().replace("\\|", "|") for c in row] for row in rows if not row[0].strip().startswith("---")
     ]
@@ -113,17 +123,18 @@ def test_rows_are_the_latest_sweeps_finished_and_failed_trials_sorted_with_best_
 def test_markdown_table_lists_every_trial_with_its_failure_reason(store, result):
     md = result.table.read_text()
     assert f"- sweep run: `{store.sweep}` (FAILED)" in md and "- experiment: `study`" in md
-    assert "- trials: 7 (6 finished, 1 failed)" in md
+    assert "- trials: 7 (6 finished, 1 failed) in 7 configurations of 1 seed(s)" in md
     head, *rows = _table(md)
-    assert head == ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "best val mIoU",
-                    "best official mIoU", "last epoch", "status", "failure"]  # fmt: skip
+    assert head == ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU",
+                    "best official mIoU", "last epoch", "duration", "status", "failure"]  # fmt: skip
     assert len(rows) == len(EXPECTED)
     assert [(r[2], r[5], r[3], int(r[4])) for r in rows] == list(EXPECTED)
-    assert [float(r[6]) for r in rows] == pytest.approx(list(EXPECTED.values()))
-    assert [r[7] for r in rows] == ["-", "-", "0.8000", "-", "-", "-", "-"]
+    assert [float(r[7]) for r in rows] == pytest.approx(list(EXPECTED.values()))
+    assert [r[8] for r in rows] == ["-", "-", "0.8000", "-", "-", "-", "-"]
+    assert {r[6] for r in rows} == {"-"}  # no train.seed param
     failed = rows.pop(-2)
-    assert failed[9:] == ["FAILED", "non-finite loss at step 12 (lr=0.02 | amp=bf16)"]
-    assert {r[9] for r in rows} == {"FINISHED"} and {r[10] for r in rows} == {"-"}
+    assert failed[11:] == ["FAILED", "non-finite loss at step 12 (lr=0.02 | amp=bf16)"]
+    assert {r[11] for r in rows} == {"FINISHED"} and {r[12] for r in rows} == {"-"}
     assert rows[0][0] == "model.backbone=resnet18,norm=bn,train.batch_per_gpu=1,train.crop=64x64"
 
 
@@ -197,3 +208,322 @@ def test_an_empty_store_has_no_sweep_runs(tmp_path):
         LookupError, match=r"^no sweep runs at sqlite:///.*; run `orchestrator sweep SPEC` first$"
     ):
         report.build_report(None, tmp_path, uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+# ---------------------------------------------------------------- the study document: seeds, times, ensemble
+
+T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, in ms
+SWEEP_COMMAND = "orchestrator sweep jobs/seeds.yaml --set 'train.crop=[64, 64]'"
+ENSEMBLE_COMMAND = "orchestrator ensemble --top 3 --experiment seeds"
+# norm, batch per GPU, seed, val_miou per epoch, failure reason, duration in s
+SEEDED = [
+    ("gn:g8", 2, 0, [0.48], None, 90),
+    ("bn", 1, 1, [0.46, 0.41], None, 120),
+    ("bn", 2, 1, [0.54, 0.52], None, 80),
+    ("bn", 1, 0, [0.30, 0.40], None, 100),
+    ("gn:g8", 1, 1, [0.90], "non-finite loss at step 3", 10),  # failed: its 0.90 counts nowhere
+    ("bn", 2, 0, [0.50], None, 60),
+    ("gn:g8", 1, 0, [0.45], None, 200),
+    ("bn", 1, 2, [0.43], None, 140),
+]
+
+
+@dataclass
+class Seeded:
+    uri: str
+    sweep: str
+    going_sweep: str  # the sweep of experiment "going", still running
+    trials: dict[tuple[str, int, int], str]  # (norm, batch, seed) -> run id
+    other_trial: str  # a trial of an earlier sweep of "seeds"
+    ensemble: str  # the latest finished ensemble run of "seeds"
+
+
+def _seeded_trial(c: MlflowClient, exp: str, sweep: str, norm: str, batch: int, seed: int, history: list,
+                  reason: str | None, seconds: int, start: int) -> str:  # fmt: skip
+    key = f"norm={norm},train.batch_per_gpu={batch},train.seed={seed}"
+    tags = {tracking.KIND: "trial", tracking.PARENT: sweep, tracking.TRIAL_KEY: key}
+    run_id = c.create_run(exp, start_time=start, run_name=key, tags=tags).info.run_id
+    params = {"model.backbone": "resnet18", "norm": norm, "train.batch_per_gpu": batch, "train.seed": seed,
+              "train.crop": [64, 64], "train.lr": 0.01}  # fmt: skip
+    tracking.log_params(run_id, params, c.tracking_uri)
+    for epoch, value in enumerate(history, 1):
+        tracking.log_epoch(run_id, {"epoch": epoch, "val_miou": value}, epoch, c.tracking_uri)
+    if reason:
+        tracking.set_tags(run_id, {tracking.FAILURE: reason}, c.tracking_uri)
+    c.set_terminated(run_id, "FAILED" if reason else "FINISHED", end_time=start + seconds * 1000)
+    return run_id
+
+
+def _ensemble_run(c: MlflowClient, exp: str, start: int, members: list[str], scores: list[float],
+                  miou: float, status: str = "FINISHED") -> str:  # fmt: skip
+    tags = {tracking.KIND: "ensemble", tracking.COMMAND: ENSEMBLE_COMMAND}
+    run_id = c.create_run(
+        exp, start_time=start, run_name=f"ensemble-top{len(members)}", tags=tags
+    ).info.run_id
+    params = {"members": ",".join(members), "combine": "mean", "top": len(members)}
+    tracking.log_params(run_id, params, c.tracking_uri)
+    metrics = {"val_miou": miou, **{f"member{i}_val_miou": v for i, v in enumerate(scores)}}
+    tracking.log_metrics(run_id, metrics, 0, c.tracking_uri)
+    c.set_terminated(run_id, status, end_time=start + 1000)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
+    """Experiment "seeds": an earlier sweep (one trial), the latest sweep (SEEDED, 1h 02m 03s long, its
+    command tagged), three ensembles (an older one, the latest finished one, a newer failed one).
+    Experiment "going": a sweep still running, with one finished trial."""
+    root = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{root}/mlflow.db"
+    c = MlflowClient(uri)
+    exp, going = (c.create_experiment(n, artifact_location=(root / n).as_uri()) for n in ("seeds", "going"))
+    sweep_tags = {tracking.KIND: "sweep", tracking.COMMAND: SWEEP_COMMAND}
+    old = c.create_run(
+        exp, start_time=T0 - DAY_MS, run_name="seeds", tags={tracking.KIND: "sweep"}
+    ).info.run_id
+    other = _seeded_trial(c, exp, old, "bn", 8, 0, [0.7], None, 30, T0 - DAY_MS)
+    c.set_terminated(old, "FINISHED", end_time=T0 - DAY_MS + 60_000)
+    sweep = c.create_run(exp, start_time=T0, run_name="seeds", tags=sweep_tags).info.run_id
+    grid = {"grid.norm": ["bn", "gn:g8"], "grid.train.batch_per_gpu": [1, 2], "grid.train.seed": [0, 1, 2]}
+    shared = {"model.backbone": "resnet18", "train.crop": [64, 64], "train.epochs": 2, "train.lr": 0.01,
+              "train.steps_per_epoch": None}  # fmt: skip
+    tracking.log_params(sweep, {**grid, **shared, "norm": "bn", "trials": 12}, uri)
+    trials = {
+        (norm, batch, seed): _seeded_trial(c, exp, sweep, norm, batch, seed, history, reason, seconds, T0 + i)
+        for i, (norm, batch, seed, history, reason, seconds) in enumerate(SEEDED)
+    }
+    c.set_terminated(sweep, "FAILED", end_time=T0 + 3_723_000)
+    _ensemble_run(c, exp, T0 + 3_800_000, [trials["bn", 2, 1]], [0.7], 0.99)
+    members = [trials["bn", 2, 1], trials["bn", 1, 0], other]
+    ensemble = _ensemble_run(c, exp, T0 + 3_900_000, members, [0.55, 0.58, 0.50], 0.61)
+    _ensemble_run(c, exp, T0 + 4_000_000, members, [0.55, 0.58, 0.50], 0.99, status="FAILED")
+    going_sweep = c.create_run(
+        going, start_time=T0, run_name="going", tags={tracking.KIND: "sweep"}
+    ).info.run_id
+    _seeded_trial(c, going, going_sweep, "bn", 1, 0, [0.2], None, 50, T0)
+    return Seeded(uri, sweep, going_sweep, trials, other, ensemble)
+
+
+REPORT_COMMAND = "orchestrator report --experiment seeds --doc docs/study.md"
+
+
+@pytest.fixture(scope="module")
+def doc(seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> report.ReportResult:
+    path = tmp_path_factory.mktemp("repo") / "docs" / "study.md"
+    return report.build_report("seeds", Path("unused"), uri=seeded.uri, doc=path, command=REPORT_COMMAND)
+
+
+def test_trials_that_differ_only_in_their_seed_are_one_configuration(doc):
+    by_name = {c.first.config_name: c for c in doc.configurations}
+    assert list(by_name) == [
+        "norm=bn,train.batch_per_gpu=1", "norm=bn,train.batch_per_gpu=2",
+        "norm=gn:g8,train.batch_per_gpu=1", "norm=gn:g8,train.batch_per_gpu=2",
+    ]  # fmt: skip
+    assert [[t.seed for t in c.trials] for c in by_name.values()] == [[0, 1, 2], [0, 1], [0, 1], [0]]
+    bn1, bn2, gn1, gn2 = by_name.values()
+    # By hand: (0.40 + 0.46 + 0.43) / 3, each the best epoch of its seed; (0.50 + 0.54) / 2.
+    assert (bn1.mean, bn1.low, bn1.high) == pytest.approx((0.43, 0.40, 0.46))
+    assert (bn2.mean, bn2.low, bn2.high) == pytest.approx((0.52, 0.50, 0.54))
+    assert (gn1.values, gn1.mean) == (pytest.approx([0.45]), pytest.approx(0.45))  # the failed seed is out
+    assert (gn2.mean, bn1.mean_duration_s, gn1.mean_duration_s) == (pytest.approx(0.48), 120, 105)
+
+
+def test_figure_points_are_seed_means_with_min_max_bars(doc):
+    fig = report.plot(doc.rows)
+    (ax,) = fig.axes
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines}
+    assert lines.keys() == {"bn", "gn:g8"}
+    # Each norm's points sit aside by the same factor at every batch (bn left, gn:g8 right), within 5%.
+    (bn_x, bn_y), (gn_x, gn_y) = lines["bn"], lines["gn:g8"]
+    assert bn_x == pytest.approx([1 / 2**0.02, 2 / 2**0.02]) and gn_x == pytest.approx([2**0.02, 2 * 2**0.02])
+    assert bn_y == pytest.approx([0.43, 0.52]) and gn_y == pytest.approx([0.45, 0.48])
+    bars = [
+        (float(s[0][0]), float(s[0][1]), float(s[1][1])) for col in ax.collections for s in col.get_segments()
+    ]
+    assert bars == [
+        (pytest.approx(bn_x[0]), pytest.approx(0.40), pytest.approx(0.46)),
+        (pytest.approx(bn_x[1]), pytest.approx(0.50), pytest.approx(0.54)),
+    ]
+    bn_colour = next(ln.get_color() for ln in ax.lines if ln.get_label() == "bn")
+    assert [tuple(col.get_color()[0]) for col in ax.collections] == [
+        tuple(matplotlib.colors.to_rgba(bn_colour))
+    ]
+    assert fig.legends[0].get_title().get_text() == "norm\n(mean over seeds,\nbars: min..max)"
+    one_seed = report.plot([r for r in doc.rows if r.seed == 0])
+    assert one_seed.legends[0].get_title().get_text() == "norm" and not one_seed.axes[0].collections
+
+
+def test_document_has_wall_time_durations_ensemble_and_setup(seeded, doc):
+    md = doc.table.read_text()
+    assert f"- sweep run: `{seeded.sweep}` (FAILED)\n" in md
+    assert "- grid: norm ['bn', 'gn:g8'] x train.batch_per_gpu [1, 2] x train.seed [0, 1, 2]\n" in md
+    assert (
+        "- every trial: model.backbone resnet18, train.crop [64, 64], train.epochs 2, train.lr 0.01\n" in md
+    )
+    assert "- trials: 8 (7 finished, 1 failed) in 4 configurations of 1/2/3 seed(s)\n" in md
+    assert "- wall time of the sweep: 1h 02m 03s (2023-11-14 22:13 UTC to 2023-11-14 23:15 UTC)\n" in md
+    # 90 + 120 + 80 + 100 + 10 + 60 + 200 + 140 = 800 s; 100 s per trial; 10 s to 200 s.
+    assert "- trial durations: 13m 20s in all; per trial 1m 40s on average, 10s to 3m 20s\n" in md
+    # The latest finished ensemble: 0.61 against its best member's 0.58 (bn, batch 1, seed 0).
+    assert (
+        f"- ensemble: val mIoU 0.6100, best member 0.5800 (`norm=bn,train.batch_per_gpu=1,train.seed=0`), "
+        f"gain +0.0300 (run `{seeded.ensemble}`, 3 members, mean); "
+        "1 of its members are not trials of this sweep\n"
+    ) in md
+    e = doc.ensemble
+    assert e.run_id == seeded.ensemble and e.gain == pytest.approx(0.03) and e.outside == 1
+    assert e.best_member == (seeded.trials["bn", 1, 0], "norm=bn,train.batch_per_gpu=1,train.seed=0", 0.58)
+    head, *rows = _table(md, "## Ensemble")
+    assert head == ["model", "run", "val mIoU"]
+    assert rows == [
+        ["norm=bn,train.batch_per_gpu=2,train.seed=1", seeded.trials["bn", 2, 1][:8], "0.5500"],
+        ["norm=bn,train.batch_per_gpu=1,train.seed=0", seeded.trials["bn", 1, 0][:8], "0.5800"],
+        ["norm=bn,train.batch_per_gpu=8,train.seed=0", seeded.other_trial[:8], "0.5000"],
+        ["ensemble (mean)", seeded.ensemble[:8], "0.6100"],
+    ]
+
+
+def test_document_tables_summarize_configurations_and_list_every_seed(doc):
+    md = doc.table.read_text()
+    head, *rows = _table(md, "### resnet18, crop 64x64")
+    assert head == ["norm", "1/GPU", "2/GPU"]
+    assert rows == [
+        ["bn", "0.4300 (0.4000..0.4600)", "0.5200 (0.5000..0.5400)"],
+        ["gn:g8", "0.4500", "0.4800"],
+    ]
+    head, *rows = _table(md, "## Configurations")
+    assert head == ["configuration", "backbone", "norm", "batch/GPU", "crop", "seeds", "best val mIoU, mean",
+                    "min..max", "duration, mean"]  # fmt: skip
+    assert [[r[0], *r[5:]] for r in rows] == [
+        ["norm=bn,train.batch_per_gpu=1", "3", "0.4300", "0.4000..0.4600", "2m 00s"],
+        ["norm=bn,train.batch_per_gpu=2", "2", "0.5200", "0.5000..0.5400", "1m 10s"],
+        ["norm=gn:g8,train.batch_per_gpu=1", "1 (1)", "0.4500", "-", "1m 45s"],
+        ["norm=gn:g8,train.batch_per_gpu=2", "1", "0.4800", "-", "1m 30s"],
+    ]
+    head, *rows = _table(md)
+    assert [(r[3], r[4], r[6], r[7], r[8], r[9]) for r in rows] == [
+        ("bn", "1", "0", "0.4000", "2", "1m 40s"), ("bn", "1", "1", "0.4600", "2", "2m 00s"),
+        ("bn", "1", "2", "0.4300", "1", "2m 20s"), ("bn", "2", "0", "0.5000", "1", "1m 00s"),
+        ("bn", "2", "1", "0.5400", "2", "1m 20s"), ("gn:g8", "1", "0", "0.4500", "1", "3m 20s"),
+        ("gn:g8", "1", "1", "0.9000", "1", "10s"), ("gn:g8", "2", "0", "0.4800", "1", "1m 30s"),
+    ]  # fmt: skip
+
+
+def _fenced(md: str) -> list[str]:
+    return md.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_commands_block_holds_the_sweep_ensemble_and_report_command_lines_in_order(seeded, doc):
+    assert _fenced(doc.table.read_text()) == [SWEEP_COMMAND, ENSEMBLE_COMMAND, REPORT_COMMAND]
+    assert doc.commands == [SWEEP_COMMAND, ENSEMBLE_COMMAND, REPORT_COMMAND]
+
+
+def test_doc_is_written_with_its_figure_beside_it_and_logged(seeded, doc, tmp_path):
+    assert doc.table.name == "study.md" and doc.figure == doc.table.with_name("study.png")
+    (link,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc.table.read_text())
+    assert link == "study.png" and not Path(link).is_absolute()
+    with Image.open(doc.table.parent / link) as png:  # the link resolves from the document's folder
+        assert png.format == "PNG"
+    c = MlflowClient(seeded.uri)
+    assert [f.path for f in c.list_artifacts(seeded.sweep, "report")] == [
+        "report/study.md",
+        "report/study.png",
+    ]
+    assert not Path("unused").exists()
+
+
+def test_a_sweep_still_running_without_commands_or_ensemble_says_so(seeded, tmp_path):
+    got = report.build_report("going", tmp_path, uri=seeded.uri)
+    md = got.table.read_text()
+    assert re.search(
+        r"^- wall time of the sweep: not ended: still running, or its driver died "
+        r"\(started 2023-11-14 22:13 UTC, \d+h \d\dm \d\ds ago\)$", md, re.M
+    )  # fmt: skip
+    assert "- ensemble: none in experiment `going` (`orchestrator ensemble --top 3` makes one)\n" in md
+    assert "## Ensemble" not in md and got.ensemble is None
+    assert _fenced(md) == [f"# sweep run {seeded.going_sweep}: command not recorded"]
+
+
+def test_doc_must_be_a_markdown_path(seeded, tmp_path):
+    with pytest.raises(UsageError, match=r"--doc .*study\.png: give a markdown path ending in \.md"):
+        report.build_report("seeds", tmp_path, uri=seeded.uri, doc=tmp_path / "study.png")
+
+
+def test_cli_report_doc_records_its_own_command_line(seeded, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", seeded.uri)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--experiment", "seeds", "--doc", "docs/study proxy.md"]) == 0
+    out = capsys.readouterr().out
+    assert f"ensemble run {seeded.ensemble}: val mIoU 0.6100, +0.0300 over its best member" in out
+    md = (tmp_path / "docs" / "study proxy.md").read_text()
+    assert _fenced(md)[-1] == "orchestrator report --experiment seeds --doc 'docs/study proxy.md'"
+    assert (tmp_path / "docs" / "study proxy.png").is_file()
+
+
+# ---------------------------------------------------------------- the chain, through the real command
+
+CLI = [sys.executable, "-m", "orchestrator"]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
+    """synth -> pack -> a 2 norms x 2 seeds sweep (Ray Tune + Ray Train, 2 gloo workers) -> ensemble of the
+    top 2 -> `report --doc`: the document's numbers and command lines are those of the runs."""
+    _run(["data", "synth", "synth", "--train", "16", "--val", "4", "--size", "64x36"], tmp_path, cli_env)
+    _run(["data", "pack", "synth", "shards", "--shard-size", "4", "--workers", "1"], tmp_path, cli_env)
+    spec = {
+        "name": "chain",
+        "data": {"train": "shards/train", "val": "shards/val", "loader_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "train": {"epochs": 2, "batch_per_gpu": 2, "crop": [64, 36], "lr": 0.01},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        "grid": {"norm": ["bn", "gn:c16"], "train.seed": [0, 1]},
+    }
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    commands = [
+        ["sweep", "chain.yaml", "--set", "train.epochs=1"],
+        ["ensemble", "--top", "2", "--experiment", "chain"],
+        ["report", "--experiment", "chain", "--doc", "docs/chain.md"],
+    ]
+    for args in commands:
+        out = _run(args, tmp_path, cli_env)
+    assert "4 trials (0 failed) in 2 configurations" in out
+
+    c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    (exp,) = [e.experiment_id for e in c.search_experiments() if e.name == "chain"]
+    runs = c.search_runs([exp])
+    kind = {k: [r for r in runs if r.data.tags[tracking.KIND] == k] for k in ("sweep", "trial", "ensemble")}
+    assert [len(kind[k]) for k in kind] == [1, 4, 1]
+    (sweep,), (ensemble,) = kind["sweep"], kind["ensemble"]
+    assert sorted((r.data.params["norm"], r.data.params["train.seed"]) for r in kind["trial"]) == [
+        ("bn", "0"), ("bn", "1"), ("gn:c16", "0"), ("gn:c16", "1"),
+    ]  # fmt: skip
+    lines = [shlex.join(["orchestrator", *args]) for args in commands]
+    assert sweep.data.tags[tracking.COMMAND] == lines[0] and ensemble.data.tags[tracking.COMMAND] == lines[1]
+
+    md = (tmp_path / "docs" / "chain.md").read_text()
+    assert _fenced(md) == lines
+    assert "- trials: 4 (4 finished, 0 failed) in 2 configurations of 2 seed(s)\n" in md
+    seconds = (sweep.info.end_time - sweep.info.start_time) / 1000
+    minutes = (
+        f"{round(seconds) // 60}m {round(seconds) % 60:02d}s" if seconds >= 59.5 else f"{round(seconds)}s"
+    )
+    assert f"- wall time of the sweep: {minutes} (" in md
+    m = ensemble.data.metrics
+    gain = m["val_miou"] - max(m["member0_val_miou"], m["member1_val_miou"])
+    assert f"- ensemble: val mIoU {m['val_miou']:.4f}, best member " in md and f"gain {gain:+.4f}" in md
+    for norm in ("bn", "gn:c16"):
+        trials = [r for r in kind["trial"] if r.data.params["norm"] == norm]
+        best = [max(x.value for x in c.get_metric_history(r.info.run_id, "val_miou")) for r in trials]
+        row = next(r for r in _table(md, "## Configurations")[1:] if r[2] == norm)
+        assert row[5:8] == ["2", f"{sum(best) / 2:.4f}", f"{min(best):.4f}..{max(best):.4f}"]
+    (link,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert link == "chain.png" and (tmp_path / "docs" / link).is_file()

@@ -1,5 +1,6 @@
 """The spec: validation messages, overrides, grid expansion, flat configs, schema."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,16 +37,48 @@ def test_shipped_specs_are_valid():
         "norm=gn:g8,train.batch_per_gpu=1",
         "norm=gn:g8,train.batch_per_gpu=2",
     ]
-    study = specs.load(ROOT / "jobs/sweep_norms.yaml")
-    assert len(specs.expand(study)) == 4 * 8 * 4 * 3
-    assert {c["model.backbone"] for c in specs.expand(study)} == {
-        "resnet101",
-        "xception65",
-        "drn_d_105",
-        "wider_resnet38",
-    }
     for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml", "progressive.yaml"):
         assert specs.expand(specs.load(ROOT / "jobs" / name))
+
+
+STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule"]
+
+
+def test_study_proxy_is_42_trials_that_each_see_the_same_training_images():
+    spec = specs.load(ROOT / "jobs/study_proxy.yaml")
+    trials = specs.expand(spec)
+    assert len(trials) == 7 * 3 * 2 == 42
+    assert sorted({(c["norm"], c["train.batch_per_gpu"], c["train.seed"]) for c in trials}) == sorted(
+        (n, b, s) for n in STUDY_NORMS for b in (1, 2, 8) for s in (0, 1)
+    )
+    assert {(c["resources.workers_per_trial"], c["resources.cpus_per_worker"]) for c in trials} == {(2, 1)}
+    # The split's size is the one the spec's comment synthesizes (and `make study` too); an epoch is the
+    # whole split cut to a multiple of workers x batch (make_loader), as steps_per_epoch is unset.
+    text = (ROOT / "jobs/study_proxy.yaml").read_text()
+    (synth,) = [line.lstrip("# ").strip() for line in text.splitlines() if "orchestrator data synth" in line]
+    assert f"\t$(BIN)/{synth}\n" in (ROOT / "Makefile").read_text()
+    samples = int(re.search(r"--train (\d+)", synth).group(1))
+    seen = set()
+    for c in trials:
+        assert c["train.steps_per_epoch"] is None and c["train.accumulate"] == 1 and not c["train.stages"]
+        world, batch = c["resources.workers_per_trial"], c["train.batch_per_gpu"]
+        seen.add(c["train.epochs"] * world * batch * (samples // world // batch))
+    assert seen == {4 * samples}
+
+
+def test_sweep_norms_is_the_full_scale_twin_of_the_proxy():
+    full, proxy = (
+        specs.expand(specs.load(ROOT / "jobs" / n)) for n in ("sweep_norms.yaml", "study_proxy.yaml")
+    )
+    assert len(full) == 2 * 7 * 4 * 3 * 2
+    assert {c["model.backbone"] for c in full} == {"resnet101", "xception65"}
+    assert {tuple(c["train.crop"]) for c in full} == {(513, 513), (720, 720), (1280, 720)}
+    assert {c["train.batch_per_gpu"] for c in full} == {1, 2, 4, 8}
+    for key in ("norm", "train.seed"):
+        assert {c[key] for c in full} == {c[key] for c in proxy}
+    assert {c["train.steps_per_epoch"] for c in full} == {None} and len(
+        {c["train.epochs"] for c in full}
+    ) == 1
 
 
 def test_defaults_and_flat_round_trip():
@@ -134,6 +167,7 @@ def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
     for name in (
         "smoke.yaml",
         "sweep_norms.yaml",
+        "study_proxy.yaml",
         "sweep_ibn.yaml",
         "enet.yaml",
         "recipes.yaml",

@@ -32,12 +32,13 @@ def run_ensemble(
     filter_string: str | None = None,
     settings: InferenceSettings = WHOLE,
     combine: Combine = "mean",
+    command: str | None = None,
 ) -> EnsembleResult:
     """Pick the `top` finished trials by `metric` (among those matching `filter_string`), ensemble them on
     the validation split (`data`, default: the best member's `data.val`) with the inference `settings`
     and `combine` rule ("weighted": by each member's best `metric`), and log the ensemble run: members,
     settings, metrics of the ensemble and of each member, and the ensemble's per-image scores and
-    best/worst overlays."""
+    best/worst overlays; `command` (the command line) is tagged on the run."""
     ranked = tracking.top_trial_runs(experiment, metric, top, filter_string=filter_string)
     if len(ranked) < top:
         matching = f" matching {filter_string!r}" if filter_string else ""
@@ -72,7 +73,7 @@ def run_ensemble(
                 **report.metrics,
                 **{f"member{i}_val_miou": m["val_miou"] for i, m in enumerate(members)},
             },
-            tags={"orchestrator.members": ",".join(ids)},
+            tags={"orchestrator.members": ",".join(ids), **tracking.command_tag(command)},
             files={"predictions": out},
         )
     scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, members, strict=True)]
@@ -95,9 +96,11 @@ def evaluate_model(
     batch_size: int = 2,
     experiment: str | None = None,
     storage_options: dict | None = None,
+    command: str | None = None,
 ) -> EvaluationResult:
     """Score an MLflow run's best checkpoint (model = run id) or a checkpoint file at a path/URI, and log an
-    `evaluation` run: in the source run's experiment, or `experiment` (default "evaluation")."""
+    `evaluation` run: in the source run's experiment, or `experiment` (default "evaluation"); `command` (the
+    command line) is tagged on it."""
     with tempfile.TemporaryDirectory() as d:
         if tracking.is_run(model):
             path, source = tracking.cached_checkpoint(model), model
@@ -115,7 +118,7 @@ def evaluate_model(
             name=f"{name} {settings.mode}",
             params={"source": source or model, "data.val": report.data, **settings.as_params()},
             metrics=report.metrics,
-            tags={"orchestrator.source_run": source} if source else {},
+            tags={**({"orchestrator.source_run": source} if source else {}), **tracking.command_tag(command)},
             files={"predictions": out},
         )
     return EvaluationResult(name, report.metrics, run_id, experiment)
