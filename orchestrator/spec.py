@@ -179,6 +179,12 @@ class TrainSpec(_Section):
         0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
     )
     lr: float = Field(0.02, gt=0)
+    lr_reference_batch: int | None = Field(
+        None,
+        ge=1,
+        description="linear scaling rule (as the GN and EvalNorm papers): lr and each stage's lr are meant "
+        "for this many images per optimizer step over all workers, and scale with the actual number",
+    )
     head_lr_mult: float = Field(
         10.0, gt=0, description="learning-rate multiplier of the head (ASPP, decoder)"
     )

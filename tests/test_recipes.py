@@ -117,3 +117,14 @@ def test_mixup_is_cross_entropy_on_mixed_images_with_soft_labels() -> None:
     got = accumulate_gradients(model, [(images, masks)], cpu, "off", mixup_alpha=0.4)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert accumulate_gradients(model, [(images, masks)], cpu, "off").item() == pytest.approx(plain.item())
+
+
+def test_the_linear_scaling_rule_scales_the_lr_by_the_gradient_batch(tiny_shards: Path) -> None:
+    w = worker(tiny_shards, lr=0.01, lr_reference_batch=16, batch_per_gpu=2, accumulate=2)
+    assert w.base_lr(0) == pytest.approx(0.01 * 2 * 2 / 16)
+    assert Worker(w.spec, world=4).base_lr(0) == pytest.approx(0.01 * 2 * 2 * 4 / 16)
+    model = model_for(w.spec)
+    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
+    # 8 samples, 4 per step: 2 steps; the last one's poly factor is (1 - 1/2)^0.9
+    assert report["lr"] == pytest.approx(0.01 * 4 / 16 * 0.5**0.9)
+    assert worker(tiny_shards, lr=0.01).base_lr(0) == 0.01  # unset: the LR as written

@@ -92,6 +92,14 @@ class Worker:
             storage_options=d.storage_options,
         )
 
+    def base_lr(self, epoch: int) -> float:
+        """The epoch's stage LR, scaled by train.lr_reference_batch's linear rule where that is set."""
+        t = self.spec.train
+        stage = t.stage(epoch)
+        if t.lr_reference_batch is None:
+            return stage.lr
+        return stage.lr * stage.batch_per_gpu * t.accumulate * self.world / t.lr_reference_batch
+
     @cached_property
     def loss(self) -> Loss:
         """The training objective of `train.loss`; balanced CE weighs classes by the training manifest."""
@@ -264,7 +272,7 @@ def train_epoch(
     if scaler is None and t.amp == "fp16":  # fp16 gradients underflow without loss scaling
         scaler = torch.amp.GradScaler(w.device.type)
     for step in range(position.step, steps):
-        schedules.apply(optimizer, done + step, total, schedule, stage.lr)
+        schedules.apply(optimizer, done + step, total, schedule, w.base_lr(position.epoch))
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
         loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler, t.mixup_alpha)
