@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-quick lint ui study clean
+.PHONY: setup demo test test-quick lint ui bench study clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ test-quick: setup
 lint: setup
 	$(BIN)/ruff check orchestrator tests bench
 	$(BIN)/ruff format --check orchestrator tests bench
+
+# Every benchmark at its quick size (~6 min on 2 idle cores), one table of all figures (bench/__main__.py).
+bench: setup
+	$(PY) -m bench
 
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \

@@ -1,6 +1,6 @@
 """Training-step time of the full model for each norm, as a ratio to `bn`, measured side by side.
 
-    .venv/bin/python bench/norms.py [--backbone resnet50] [--crop 256] [--batch 2] [--rounds 5] [--threads 2]
+    .venv/bin/python -m bench.norms [--backbone resnet50] [--crop 256] [--batch 2] [--rounds 4] [--threads 2]
 
 One process builds a model per norm, then times forward + backward + SGD step (the training loop's own
 `accumulate_gradients`) round-robin over the norms for several rounds, so that drift on a shared machine
@@ -9,7 +9,6 @@ hits every norm alike; it prints the median step time per norm and its ratio to 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -18,9 +17,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from bench import common  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
 from orchestrator.train.loop import accumulate_gradients  # noqa: E402
 
+BENCH = "norms"
 NORMS = (
     "bn",
     "syncbn",
@@ -39,11 +40,11 @@ NORMS = (
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5, help="timed steps per norm (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=4, help="timed steps per norm (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--norms", nargs="+", default=list(NORMS))
     args = p.parse_args()
@@ -64,15 +65,15 @@ def main() -> None:
             if round_:  # the first round warms up allocators and kernels
                 times[norm].append(time.perf_counter() - started)
 
-    base = statistics.median(times["bn"]) if "bn" in times else None
-    print(
-        f"\n{args.backbone}-deeplabv3plus, batch {args.batch}, crop {args.crop}, {args.threads} threads, "
-        f"median of {args.rounds} steps, torch {torch.__version__}"
+    steps = {norm: statistics.median(ts) for norm, ts in times.items()}
+    vs = "bn" if "bn" in steps else args.norms[0]
+    rows = [common.Row(BENCH, norm, step, "s/step", step / steps[vs], vs) for norm, step in steps.items()]
+    common.emit(
+        rows,
+        f"{args.backbone}-deeplabv3plus, batch {args.batch}, crop {args.crop}, {args.threads} threads, "
+        f"median of {args.rounds} training steps per norm, norms round-robin in one process",
+        args.json,
     )
-    print(f"{'norm':<14} {'step s':>7} {'x bn':>6}")
-    for norm, ts in times.items():
-        median = statistics.median(ts)
-        print(f"{norm:<14} {median:7.3f} {median / base if base else float('nan'):6.2f}")
 
 
 if __name__ == "__main__":
