@@ -16,6 +16,7 @@ import datetime as dt
 import math
 import re
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ SETUP_KEYS = (
     "train.epochs",
     "train.steps_per_epoch",
     "train.lr",
+    "train.lr_reference_batch",  # with it, train.lr is for that many images per step and scales
     "train.loss",
     "resources.workers_per_trial",
 )
@@ -94,7 +96,7 @@ class Configuration:
 
     @property
     def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
+        return _mean(self.values)
 
     @property
     def low(self) -> float | None:
@@ -106,15 +108,17 @@ class Configuration:
 
     @property
     def mean_official(self) -> float | None:
-        values = [
-            t.best_official for t in self.trials if t.status == "FINISHED" and t.best_official is not None
-        ]
-        return statistics.fmean(values) if values else None
+        return _mean(t.best_official for t in self.trials if t.status == "FINISHED")
 
     @property
     def mean_duration_s(self) -> float | None:
-        values = [t.duration_s for t in self.trials if t.duration_s is not None]
-        return statistics.fmean(values) if values else None
+        return _mean(t.duration_s for t in self.trials)
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 @dataclass(frozen=True)

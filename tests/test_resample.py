@@ -22,6 +22,7 @@ from orchestrator import spec as specs
 from orchestrator import tracking
 from orchestrator.data.resample import sample_repeats
 from orchestrator.data.shards import read_manifest
+from orchestrator.data.storage import join, url_to_fs
 from orchestrator.data.stream import _read_piece, make_loader
 from orchestrator.data.verify import verify
 from orchestrator.inference.evaluate import evaluate_checkpoints
@@ -131,20 +132,13 @@ def test_repeated_samples_are_read_from_the_shards_and_augmented_apart(tiny_shar
     loader = make_loader(url, batch_size=1, rank=0, world_size=1, train=True, crop=(32, 32), epoch=0,
                          seed=0, scale=(1.0, 1.0), blur=(0.0, 1.0), repeats=repeats)  # fmt: skip
     stream = loader.dataloader.dataset
-    names = [
-        s.name.rsplit(":", 1)[1] for p in stream.pieces for s in _read_piece(_fs(), f"{url}/{p.name}", p)
-    ]
+    fs, root = url_to_fs(url)
+    names = [s.name.rsplit(":", 1)[1] for p in stream.pieces for s in _read_piece(fs, join(root, p.name), p)]
     assert Counter(names) == Counter({i: repeats.get(i, 1) for i in ids if repeats.get(i, 1)})
     crops = [x for x, _ in loader]
     assert len(crops) == 8 + 2 + 1 - 1
     # The three copies of ids[0] have their own draws: no two crops of the epoch are equal.
     assert len({tuple(c.flatten().tolist()) for c in crops}) == len(crops)
-
-
-def _fs():
-    import fsspec
-
-    return fsspec.filesystem("file")
 
 
 def test_a_split_packed_without_ids_cannot_be_resampled(tmp_path: Path) -> None:

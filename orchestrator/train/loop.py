@@ -268,11 +268,11 @@ def train_epoch(
         [position.loss_sum, position.skipped] if carried else [0.0, 0.0], dtype=torch.float64, device=w.device
     )
     started = time.perf_counter()
-    schedule = schedules.Schedule(t.lr_schedule, warmup=t.warmup_steps)
+    schedule, base_lr = schedules.Schedule(t.lr_schedule, warmup=t.warmup_steps), w.base_lr(position.epoch)
     if scaler is None and t.amp == "fp16":  # fp16 gradients underflow without loss scaling
         scaler = torch.amp.GradScaler(w.device.type)
     for step in range(position.step, steps):
-        schedules.apply(optimizer, done + step, total, schedule, w.base_lr(position.epoch))
+        schedules.apply(optimizer, done + step, total, schedule, base_lr)
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
         loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler, t.mixup_alpha)
