@@ -415,7 +415,7 @@ def _report(
                 improved=improved,
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
-        # Tune sees epoch ends only (EpochReportCallback); Ray Train keeps every checkpoint's position.
+        # Tune sees epoch ends only (tune_report.py); Ray Train keeps every checkpoint's position.
         ray.train.report(report or {"epoch": position.epoch, "step": position.step}, checkpoint=ckpt)
     if w.rank == 0 and report:
         _log_epoch(w, config, net, report, improved)
