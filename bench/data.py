@@ -4,8 +4,9 @@
 
 Synthesizes and packs one dataset in a temporary folder, copies its shards to a local S3 API server
 (moto on 127.0.0.1), then measures in one run, on the same shards, samples/s of:
-- raw: decode (simplejpeg + PNG) and augment (scale, crop, flip, blur p=0.5, normalize) in a loop on one
-  core, the bytes already in memory: the most one core can do;
+- raw: decode (simplejpeg + PNG), augment (scale, crop, flip, blur p=0.5) and normalize (float32 image,
+  int64 mask: what the loader yields) in a loop on one core, the bytes already in memory: the most one core
+  can do;
 - the training loader with one worker process (one decoding core) over local shards and over S3 shards,
   with augmentation in the worker, and with augmentation on the device (here the consuming process: the
   worker only decodes).
@@ -32,7 +33,7 @@ from bench import common  # noqa: E402
 from orchestrator.data.local_s3 import local_s3  # noqa: E402
 from orchestrator.data.shards import decode_pair  # noqa: E402
 from orchestrator.data.stream import make_loader  # noqa: E402
-from orchestrator.data.transforms import train_transform  # noqa: E402
+from orchestrator.data.transforms import normalize, train_transform  # noqa: E402
 
 BENCH = "data"
 
@@ -48,7 +49,8 @@ def raw_rate(split: Path, crop: tuple[int, int], decode_only: bool = False) -> f
     for i, (jpg, png) in enumerate(pairs):
         image, mask = decode_pair(jpg, png, check_labels=False)
         if not decode_only:
-            train_transform(image, mask, crop, np.random.default_rng(i))
+            x, y = train_transform(image, mask, crop, np.random.default_rng(i))
+            normalize(x), y.long()
     return len(pairs) / (time.perf_counter() - started)
 
 

@@ -22,6 +22,7 @@ from orchestrator.data.stream import make_loader
 from orchestrator.data.synth import synthesize
 from orchestrator.data.transforms import IMAGENET_MEAN as MEAN
 from orchestrator.data.transforms import IMAGENET_STD as STD
+from orchestrator.data.transforms import normalize
 
 TRAIN, VAL, SIZE, SHARD = 22, 13, (64, 36), 5  # shards of 5 so ranges start and end inside shards
 
@@ -120,6 +121,20 @@ def test_validation_lengths_and_partial_batch(local_shards: str) -> None:
         assert all(shape[1:] == (3, SIZE[1], SIZE[0]) for shape in batches)
         sizes.append(sorted(shape[0] for shape in batches))
     assert sizes == [[3, 3], [1, 3, 3]]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_workers_hand_over_uint8_and_the_loader_normalizes(local_shards: str, split: str) -> None:
+    loader = make_loader(
+        f"{local_shards}/{split}", batch_size=2, rank=0, world_size=1, train=split == "train",
+        crop=(48, 32) if split == "train" else None, epoch=0, seed=0, num_workers=1,
+    )  # fmt: skip
+    handed = next(iter(loader.dataloader))  # what crossed the process boundary
+    assert handed["image"].dtype == handed["mask"].dtype == torch.uint8
+    images, masks = next(iter(loader))
+    assert images.dtype == torch.float32 and masks.dtype == torch.int64
+    assert torch.equal(images, normalize(handed["image"], loader.dataloader.dataset.mean_std))
+    assert torch.equal(masks, handed["mask"].long())
 
 
 def test_training_equal_lengths_and_seeding(local_shards: str) -> None:

@@ -114,9 +114,11 @@ def delivered(counts: list[int], consumed: int) -> tuple[list[int], int]:
 class ShardStream(IterableDataset):
     """One rank's samples for one epoch; each DataLoader worker streams its own contiguous part.
 
-    Yields dicts (collated by the DataLoader): "image", "mask", "bad" (the sample is a stand-in for one
-    that could not be read) and, when augmentation is left to the training device, "aug" (the sample's
-    random draws) with the decoded uint8 image and mask."""
+    Yields dicts (collated by the DataLoader): "image" uint8 [3, h, w], "mask" uint8 [h, w], "bad" (the
+    sample is a stand-in for one that could not be read) and, when augmentation is left to the training
+    device, "aug" (the sample's random draws) with the decoded image and mask. Nothing is normalized here:
+    uint8 crosses the process boundary (a quarter of float32's bytes) and the Loader normalizes on the
+    device."""
 
     url: str
     pieces: list[Piece]
@@ -188,21 +190,13 @@ class ShardStream(IterableDataset):
         # Seeded by the sample itself, so its augmentation does not depend on world size or workers.
         rng = np.random.default_rng([self.seed, self.epoch, sample.shard, sample.index])
         aug = draw_aug(rng, mask.shape, self.crop, self.scale, *self.blur)
-        item = {"bad": bad}
         if self.on_device:
-            return item | {"image": to_chw(image), "mask": torch.from_numpy(mask), "aug": aug.as_tensor()}
+            return self._val_item(image, mask, bad) | {"aug": aug.as_tensor()}
         x, y = augment(to_chw(image), torch.from_numpy(mask), aug, self.crop, self.mean_std)
-        # uint8 across the process boundary, an eighth of int64's bytes; the Loader widens it.
-        return item | {"image": x, "mask": y.to(torch.uint8)}
+        return {"image": x, "mask": y, "bad": bad}
 
     def _val_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
-        if self.on_device:  # normalized by the Loader, on the device
-            return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
-        return {
-            "image": normalize(to_chw(image), self.mean_std),
-            "mask": torch.from_numpy(mask),
-            "bad": bad,
-        }
+        return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
 
     def _placeholder(self) -> dict:
         """An all-ignore sample in place of an unreadable one: scored nowhere, counted as skipped."""
@@ -267,7 +261,7 @@ class Loader:
             masks = batch["mask"].to(self.device, non_blocking=True)
             if "aug" in batch:
                 images, masks = augment_batch(images, masks, batch["aug"], stream.crop, stream.mean_std)
-            elif images.dtype == torch.uint8 and not self.raw:
+            if not self.raw:
                 images = normalize(images, stream.mean_std)
             yield images, masks.long()
 
@@ -380,7 +374,6 @@ def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None
         crop=None,
         epoch=0,
         seed=0,
-        augment_on_device=True,  # decoded uint8 from the workers, left so by raw=True
         storage_options=storage_options,
     )
     return replace(loader, raw=True)

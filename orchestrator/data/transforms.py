@@ -6,7 +6,8 @@ with probability 1/2 a Gaussian blur of random sigma, then normalization by a da
 The randomness is drawn apart from the pixel work (`draw_aug` -> `Aug`), so one augmentation runs either in a
 CPU DataLoader worker (`train_transform`) or on the training device (`augment_batch` on whole decoded uint8
 images plus the collated `Aug.as_tensor` rows). Inputs are decoded arrays or tensors: image uint8 RGB, mask
-uint8 class ids. Outputs: image [3, h, w] float32 normalized, mask [h, w] int64.
+uint8 class ids. Outputs stay uint8 (image [3, h, w], mask [h, w]): a worker hands a quarter of float32's
+bytes to the trainer, and `normalize` makes the float32 model input where the batch lands (the device).
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def augment(
     """Apply `aug` to image uint8 [3, H, W] and mask uint8 [H, W] on any device.
 
     Resize (bilinear with antialiasing; mask nearest-exact), crop to crop=(width, height), pad right and
-    bottom where the crop exceeds the resized image (image with 0 after normalization, i.e. the mean colour
-    as DeepLab pads; mask with IGNORE_INDEX), flip, blur the unpadded region, normalize. Returns float32
-    [3, crop_h, crop_w] and int64 [crop_h, crop_w] on the input's device.
+    bottom where the crop exceeds the resized image (image with the mean colour of `mean_std` as DeepLab
+    pads, rounded to uint8, so ~0 after `normalize`; mask with IGNORE_INDEX), flip, blur the unpadded
+    region, round. Returns uint8 [3, crop_h, crop_w] and uint8 [crop_h, crop_w] on the input's device.
     """
     return _augment(image, mask, aug, crop, mean_std, uint8_resize=image.device.type == "cpu")
 
@@ -92,7 +93,7 @@ def augment(
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, augs: torch.Tensor, crop: tuple[int, int], mean_std: MeanStd
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`augment` per sample of images uint8 [B, 3, H, W], masks uint8 [B, H, W], augs [B, 6], stacked.
+    """`augment` per sample of images uint8 [B, 3, H, W], masks uint8 [B, H, W], augs [B, 6], stacked (uint8).
 
     The device path: the loader ships whole decoded images and collated `Aug.as_tensor` rows, the trainer
     calls this on the device batch. `augs` may stay on the CPU (it is read on the host either way).
@@ -138,6 +139,12 @@ def _affine(mean_std: MeanStd, device: torch.device) -> tuple[torch.Tensor, torc
     return (1 / (255 * std)).float().to(device), (mean / std).float().to(device)
 
 
+@lru_cache(maxsize=16)
+def _mean_colour(mean_std: MeanStd, device: torch.device) -> torch.Tensor:
+    """uint8 [3, 1, 1]: the padding colour."""
+    return torch.tensor([round(255 * m) for m in mean_std[0]], dtype=torch.uint8, device=device).view(3, 1, 1)
+
+
 def _augment(
     image: torch.Tensor,
     mask: torch.Tensor,
@@ -164,12 +171,12 @@ def _augment(
     # The padding is right and bottom before the flip, so left and bottom after it.
     valid = (slice(0, height), slice(crop_w - width, crop_w) if aug.flip else slice(0, width))
 
-    out = torch.zeros(3, crop_h, crop_w, device=image.device)
-    out_mask = torch.full((crop_h, crop_w), IGNORE_INDEX, dtype=torch.int64, device=image.device)
-    region = out[:, valid[0], valid[1]]
-    region.copy_(_blur(patch, aug.blur_sigma) if aug.blur_sigma > 0 else patch)
-    scale, shift = _affine(mean_std, image.device)
-    region.mul_(scale).sub_(shift)  # in place on the valid region: the padding stays 0
+    out = _mean_colour(mean_std, image.device).expand(3, crop_h, crop_w).clone()
+    out_mask = torch.full((crop_h, crop_w), IGNORE_INDEX, dtype=torch.uint8, device=image.device)
+    if aug.blur_sigma > 0:
+        patch = _blur(patch, aug.blur_sigma)
+    # Resize and blur weights are non-negative and sum to 1: rounded floats stay in 0..255.
+    out[:, valid[0], valid[1]] = patch.round() if patch.is_floating_point() else patch
     out_mask[valid] = patch_mask
     return out, out_mask
 
