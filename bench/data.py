@@ -119,7 +119,7 @@ def main() -> None:
     raw_name = "raw decode+augment"
     rows = [
         row("raw decode only, 1 core", decode, raw, raw_name),
-        row("raw decode + augment, 1 core", raw, raw, raw_name),
+        row("raw decode + augment + normalize, 1 core", raw, raw, raw_name),
     ]
     for on_device, where in ((False, "in the worker"), (True, "on the device (here: the main process)")):
         local, remote = rates["local", on_device], rates["s3", on_device]

@@ -2,11 +2,19 @@
 command to the first training step, and the grid's wall time against the ideal packing of its trials.
 
     .venv/bin/python -m bench.sweep [--steps 8] [--epochs 2] [--crop 128] [--size 256x144]
+                                    [--modes command cluster]
+
+Two ways to give the sweep its Ray, one after the other on the same spec and data:
+- command: the command starts a local Ray itself (the laptop path), and stops it at the end;
+- cluster: the command joins a running one-machine cluster (`cluster/local.sh start`: a Ray head with
+  token auth and an MLflow server, on free ports, started and left to go idle before the clock starts),
+  as a job's entrypoint does (`ray job submit` sets RAY_ADDRESS to the head); trials log to the server.
 
 Synthesizes and packs a small dataset in a temporary folder and writes a spec of 4 trials (norm bn, gn:g8 x
 batch per worker 1, 2; resnet18-deeplabv3plus, 1 worker of 1 CPU per trial, `max_concurrent_trials` = the
 trials that fit in this machine's CPUs), then runs `orchestrator sweep` as a subprocess with a private
-RAY_TMPDIR and a SQLite MLflow store in the temporary folder. The figures come from what the sweep logged
+RAY_TMPDIR and (command mode) a SQLite MLflow store in the temporary folder. The figures come from what the
+sweep logged
 to MLflow (wall-clock milliseconds):
 - a trial's first training step starts at t1 - train1 - (t2 - t1 - train2): t_e is the timestamp of epoch
   e's metrics, train_e its training time (steps x batch / images_per_s); t2 - t1 - train2 is what an epoch
@@ -20,11 +28,14 @@ to MLflow (wall-clock milliseconds):
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,15 +46,18 @@ from mlflow.entities import Run  # noqa: E402
 
 from bench import common  # noqa: E402
 from orchestrator import tracking  # noqa: E402
+from orchestrator.data.local_s3 import free_port  # noqa: E402
 
 BENCH = "sweep"
 GRID = {"norm": ["bn", "gn:g8"], "train.batch_per_gpu": [1, 2]}
 CPUS_PER_TRIAL = 1  # 1 worker of 1 CPU (common.small_spec)
+LOCAL_SH = Path(__file__).resolve().parent.parent / "cluster" / "local.sh"
+MODES = {"command": "Ray started by the command", "cluster": "joining a running local cluster"}
 
 
-def first_step(run: Run, steps: int) -> float:
+def first_step(run: Run, steps: int, uri: str) -> float:
     """When the trial's first training step started, in seconds since the epoch (see the docstring)."""
-    c = tracking.client()
+    c = tracking.client(uri)
     rates = {m.step: m for m in c.get_metric_history(run.info.run_id, "images_per_s")}
     batches = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "batch_per_gpu")}
     if not {1, 2} <= set(rates):
@@ -53,17 +67,118 @@ def first_step(run: Run, steps: int) -> float:
     return t1 - train1 - max(0.0, t2 - t1 - train2)
 
 
+def wait_idle(busy: float = 0.2, timeout: float = 60.0) -> None:
+    """Until the machine's CPUs are at most `busy` busy over a second (a cluster just started settles)."""
+
+    def ticks() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (total0, idle0), _, (total1, idle1) = ticks(), time.sleep(1), ticks()
+        if 1 - (idle1 - idle0) / max(total1 - total0, 1) <= busy:
+            return
+
+
+@contextlib.contextmanager
+def local_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
+    """cluster/local.sh's Ray head (`slots` trial drivers) and MLflow server on free ports, state in `state`;
+    yields what a job's entrypoint finds in its environment. Stopped by the script (by PID)."""
+    script_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
+    script_env.update(
+        STATE_DIR=str(state),
+        GCS_PORT=str(free_port()),
+        DASHBOARD_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
+        TRIAL_DRIVERS=str(slots),
+        RAY_AUTH_TOKEN_PATH=str(state / "token"),
+    )
+    ports = ["--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
+    script = ["bash", str(LOCAL_SH)]
+    try:
+        subprocess.run(
+            [*script, "start", "--", *ports], env=script_env, check=True, stdout=subprocess.DEVNULL
+        )
+        yield {
+            "RAY_ADDRESS": f"127.0.0.1:{script_env['GCS_PORT']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": script_env["RAY_AUTH_TOKEN_PATH"],
+            "RAY_TMPDIR": str(state),
+            # As the head passes on to its jobs: a driver would otherwise rewrite 127.0.0.1 to the
+            # machine's address, where this head does not listen.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{script_env['MLFLOW_PORT']}",
+        }
+    finally:
+        subprocess.run([*script, "stop"], env=script_env, check=False, stderr=subprocess.DEVNULL)
+
+
+def timed_sweep(spec_path: Path, log_path: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(start, end) wall-clock seconds of `orchestrator sweep spec_path` with `env` added to this process's
+    environment, its output in log_path."""
+    started = time.time()
+    with open(log_path, "w") as log:
+        cmd = [sys.executable, "-m", "orchestrator", "sweep", str(spec_path)]
+        done = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        )
+    ended = time.time()
+    if done.returncode:
+        sys.stderr.write(log_path.read_text()[-5000:])
+        raise SystemExit(f"orchestrator sweep exited {done.returncode}")
+    return started, ended
+
+
+def figures(mode: str, times: tuple[float, float], uri: str, steps: int, slots: int) -> list[common.Row]:
+    """The rows of one sweep that ran over times=(start, end), from what it logged to MLflow at uri."""
+    started, ended = times
+    exp = tracking.client(uri).get_experiment_by_name(BENCH)
+    parent = tracking.latest_sweep_run([exp.experiment_id], uri)
+    ray_up = parent.info.start_time / 1000  # the sweep run opens once Ray is up, before Tune starts
+    runs = tracking.trial_runs(exp.experiment_id, parent.info.run_id, uri)
+    starts = [r.info.start_time / 1000 for r in runs]
+    ends = [r.info.end_time / 1000 for r in runs]
+    firsts = [first_step(r, steps, uri) for r in runs]
+    wall = max(ends) - min(starts)
+    ideal = sum(e - s for s, e in zip(starts, ends, strict=True)) / slots
+    ray = "Ray up" if mode == "command" else "joined the cluster"
+
+    def row(setup: str, value: float, *ratio_vs_target: float | str) -> common.Row:
+        return common.Row(BENCH, f"{MODES[mode]}: {setup}", value, "s", *ratio_vs_target)
+
+    return [
+        row("command start -> first training step", min(firsts) - started, None, "", "<= 20 s"),
+        row(f"  of which: command start -> {ray} (sweep run opened)", ray_up - started),
+        row(f"  of which: {ray} -> first trial run opened (Tune)", min(starts) - ray_up),
+        row(
+            f"  trial run opened -> its first step (Ray Train workers, model, loader; mean of {len(runs)})",
+            statistics.mean(f - s for f, s in zip(firsts, starts, strict=True)),
+        ),
+        row(f"ideal: sum of {len(runs)} trial times / {slots} slots", ideal),
+        row("grid wall (first trial start -> last trial end)", wall, wall / ideal, "ideal", "<= 1.1x"),
+        row(
+            "whole command" + (" (Ray start and stop included)" if mode == "command" else ""),
+            ended - started,
+            (ended - started) / ideal,
+            "ideal",
+        ),
+    ]
+
+
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--steps", type=int, default=8, help="training steps per epoch")
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (at least 2)")
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--size", default="256x144", help="synthetic image WIDTHxHEIGHT")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs: the first step's time is derived from epochs 1 and 2")
     slots = max(1, (os.cpu_count() or 1) // CPUS_PER_TRIAL)
 
+    rows = []
     with common.workspace("bench-sweep-") as root:
         size = tuple(int(v) for v in args.size.split("x"))
         batch = max(GRID["train.batch_per_gpu"])
@@ -74,62 +189,20 @@ def main() -> None:
         raw["resources"]["max_concurrent_trials"] = slots
         spec_path = root / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(raw))
-        log_path = root / "sweep.log"
-        started = time.time()
-        with open(log_path, "w") as log:
-            cmd = [sys.executable, "-m", "orchestrator", "sweep", str(spec_path)]
-            done = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-        ended = time.time()
-        if done.returncode:
-            sys.stderr.write(Path(log_path).read_text()[-5000:])
-            raise SystemExit(f"orchestrator sweep exited {done.returncode}")
-        c = tracking.client()
-        exp = c.get_experiment_by_name(BENCH)
-        parent = tracking.latest_sweep_run([exp.experiment_id])
-        ray_up = parent.info.start_time / 1000  # the sweep run opens once Ray is up, before Tune starts
-        runs = tracking.trial_runs(exp.experiment_id, parent.info.run_id)
-        starts = [r.info.start_time / 1000 for r in runs]
-        ends = [r.info.end_time / 1000 for r in runs]
-        firsts = [first_step(r, args.steps) for r in runs]
-
-    wall = max(ends) - min(starts)
-    ideal = sum(e - s for s, e in zip(starts, ends, strict=True)) / slots
-    rows = [
-        common.Row(
-            BENCH, "command start -> first training step", min(firsts) - started, "s", target="<= 20 s"
-        ),
-        common.Row(BENCH, "  of which: command start -> Ray up (sweep run opened)", ray_up - started, "s"),
-        common.Row(BENCH, "  of which: Ray up -> first trial run opened (Tune)", min(starts) - ray_up, "s"),
-        common.Row(
-            BENCH,
-            f"  trial run opened -> its first step (Ray Train workers, model, loader; mean of {len(runs)})",
-            statistics.mean(f - s for f, s in zip(firsts, starts, strict=True)),
-            "s",
-        ),
-        common.Row(BENCH, f"ideal: sum of {len(runs)} trial times / {slots} slots", ideal, "s"),
-        common.Row(
-            BENCH,
-            "grid wall (first trial start -> last trial end)",
-            wall,
-            "s",
-            wall / ideal,
-            "ideal",
-            "<= 1.1x",
-        ),
-        common.Row(
-            BENCH,
-            "whole command (Ray start and stop included)",
-            ended - started,
-            "s",
-            (ended - started) / ideal,
-            "ideal",
-        ),
-    ]
+        for mode in args.modes:
+            log_path = root / f"sweep-{mode}.log"
+            if mode == "command":
+                times = timed_sweep(spec_path, log_path, {})
+                rows += figures(mode, times, os.environ["MLFLOW_TRACKING_URI"], args.steps, slots)
+                continue
+            with local_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots) as env:
+                wait_idle()
+                times = timed_sweep(spec_path, log_path, env)
+                rows += figures(mode, times, env["MLFLOW_TRACKING_URI"], args.steps, slots)
     common.emit(
         rows,
-        f"{len(runs)} trials ({' x '.join(GRID)}), resnet18-deeplabv3plus, crop {args.crop}, "
+        f"{math.prod(map(len, GRID.values()))} trials ({' x '.join(GRID)}), resnet18-deeplabv3plus, "
+        f"crop {args.crop}, "
         f"{args.epochs} epochs of {args.steps} steps, 1 worker x 1 CPU per trial, {slots} concurrent",
         args.json,
     )

@@ -17,7 +17,6 @@ from typing import Any
 import ray
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from orchestrator import tracking
 from orchestrator.data.resample import sample_repeats, split_ids
@@ -33,7 +32,6 @@ from orchestrator.spec import (
     resolve,
     trial_key,
 )
-from orchestrator.train.loop import train_loop_per_worker
 from orchestrator.tune_report import EpochReportCallback
 
 log = logging.getLogger(__name__)
@@ -158,6 +156,12 @@ def run_trial(
     except (LookupError, ValueError) as e:
         tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
         raise TrialFailed(str(e)) from None
+    # Imported here, in the trial's driver process: the sweep's own process never trains, and not loading
+    # torch, the models and the loop there takes ~2 s of CPU off the start of every sweep.
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train.loop import train_loop_per_worker
+
     r = spec.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
