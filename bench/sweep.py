@@ -14,8 +14,7 @@ Synthesizes and packs a small dataset in a temporary folder and writes a spec of
 batch per worker 1, 2; resnet18-deeplabv3plus, 1 worker of 1 CPU per trial, `max_concurrent_trials` = the
 trials that fit in this machine's CPUs), then runs `orchestrator sweep` as a subprocess with a private
 RAY_TMPDIR and (command mode) a SQLite MLflow store in the temporary folder. The figures come from what the
-sweep logged
-to MLflow (wall-clock milliseconds):
+sweep logged to MLflow (wall-clock milliseconds):
 - a trial's first training step starts at t1 - train1 - (t2 - t1 - train2): t_e is the timestamp of epoch
   e's metrics, train_e its training time (steps x batch / images_per_s); t2 - t1 - train2 is what an epoch
   spends besides training (loader start, validation, checkpoint, report, MLflow), taken from epoch 2 and
@@ -84,7 +83,8 @@ def wait_idle(busy: float = 0.2, timeout: float = 60.0) -> None:
 @contextlib.contextmanager
 def local_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
     """cluster/local.sh's Ray head (`slots` trial drivers) and MLflow server on free ports, state in `state`;
-    yields what a job's entrypoint finds in its environment. Stopped by the script (by PID)."""
+    yields what a job's entrypoint finds in its environment: the script's own exports ($STATE_DIR/env), and
+    RAY_ADDRESS as `ray job submit` sets it. Stopped by the script (by PID)."""
     script_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
     script_env.update(
         STATE_DIR=str(state),
@@ -100,15 +100,14 @@ def local_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
         subprocess.run(
             [*script, "start", "--", *ports], env=script_env, check=True, stdout=subprocess.DEVNULL
         )
-        yield {
+        shell = ["bash", "-c", f"source {state}/env && env -0"]
+        exported = subprocess.run(shell, env=script_env, check=True, capture_output=True, text=True).stdout
+        yield dict(item.split("=", 1) for item in exported.split("\0") if "=" in item) | {
             "RAY_ADDRESS": f"127.0.0.1:{script_env['GCS_PORT']}",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": script_env["RAY_AUTH_TOKEN_PATH"],
             "RAY_TMPDIR": str(state),
             # As the head passes on to its jobs: a driver would otherwise rewrite 127.0.0.1 to the
             # machine's address, where this head does not listen.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{script_env['MLFLOW_PORT']}",
         }
     finally:
         subprocess.run([*script, "stop"], env=script_env, check=False, stderr=subprocess.DEVNULL)

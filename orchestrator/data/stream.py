@@ -172,7 +172,7 @@ class ShardStream(IterableDataset):
             pair = self._decode(sample)
             if isinstance(pair, str):
                 log.warning("skipping %s: %s", sample.name, pair)
-            yield self._placeholder() if isinstance(pair, str) else self._val_item(*pair)
+            yield self._placeholder() if isinstance(pair, str) else self._decoded_item(*pair)
 
     def _decode(self, sample: Encoded) -> tuple[np.ndarray, np.ndarray] | str:
         """(image, mask), or why the sample cannot be used."""
@@ -191,17 +191,17 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, sample.shard, sample.index])
         aug = draw_aug(rng, mask.shape, self.crop, self.scale, *self.blur)
         if self.on_device:
-            return self._val_item(image, mask, bad) | {"aug": aug.as_tensor()}
+            return self._decoded_item(image, mask, bad) | {"aug": aug.as_tensor()}
         x, y = augment(to_chw(image), torch.from_numpy(mask), aug, self.crop, self.mean_std)
         return {"image": x, "mask": y, "bad": bad}
 
-    def _val_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
+    def _decoded_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
         return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
 
     def _placeholder(self) -> dict:
         """An all-ignore sample in place of an unreadable one: scored nowhere, counted as skipped."""
         width, height = self.image_size
-        return self._val_item(
+        return self._decoded_item(
             np.zeros((height, width, 3), np.uint8), np.full((height, width), IGNORE_INDEX, np.uint8), True
         )
 
