@@ -110,9 +110,16 @@ def log_params(run_id: str, params: dict[str, Any], uri: str) -> None:
         client(uri).log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str) -> None:
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int, uri: str, tags: dict[str, Any] | None = None
+) -> None:
+    """The metrics at `step` and any tags, in one request."""
     now = int(time.time() * 1000)
-    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    client(uri).log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
 
 
 def set_tags(run_id: str, tags: dict[str, str], uri: str) -> None:
@@ -124,12 +131,15 @@ def log_checkpoint(run_id: str, path: str | Path, uri: str) -> None:
     client(uri).log_artifact(run_id, str(path), CHECKPOINT_DIR)
 
 
-def log_epoch(run_id: str, metrics: dict[str, float], epoch: int, uri: str) -> bool:
-    """Log one epoch's metrics at step `epoch` unless the run already has that step: a trial restarted
-    from an older checkpoint runs an epoch again that its first attempt logged. Returns whether it logged."""
+def log_epoch(
+    run_id: str, metrics: dict[str, float], epoch: int, uri: str, tags: dict[str, Any] | None = None
+) -> bool:
+    """Log one epoch's metrics at step `epoch` (with `tags`) unless the run already has that step: a trial
+    restarted from an older checkpoint runs an epoch again that its first attempt logged. Returns whether
+    it logged."""
     if any(m.step == epoch for m in client(uri).get_metric_history(run_id, "epoch")):
         return False
-    log_metrics(run_id, metrics, step=epoch, uri=uri)
+    log_metrics(run_id, metrics, step=epoch, uri=uri, tags=tags)
     return True
 
 

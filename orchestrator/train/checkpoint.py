@@ -14,6 +14,8 @@ from orchestrator.data.transforms import IMAGENET, MeanStd
 from orchestrator.models.build import build_model
 from orchestrator.spec import Spec, from_flat
 
+FILE = "model.pt"  # what the training loop writes in each Ray Train checkpoint folder
+
 
 def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
     """The model a spec describes; `pretrained=False` when weights come from a checkpoint next."""

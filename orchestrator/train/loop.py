@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from orchestrator import metrics, tracking
+from orchestrator import metrics
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, dataset_mean_std, make_loader
@@ -48,13 +48,14 @@ class NonFiniteLoss(ArithmeticError):
 
 @dataclass(frozen=True)
 class Worker:
-    """Who is running: the trial's spec, this rank, the world size, the device."""
+    """Who is running: the trial's spec, this rank, the world size, the device, the nodes of the group."""
 
     spec: Spec
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
     repeats: dict[str, int] | None = None  # train.sample_weights_from, resolved by the trial's driver
+    nodes: int = 1  # distinct Ray nodes the ranks run on (placement: pack | spread | strict_spread)
 
     def __post_init__(self) -> None:
         if self.spec.train.sample_weights_from and self.repeats is None:
@@ -149,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ctx.get_world_size(),
         ray.train.torch.get_device(),
         config.get("repeats"),
+        count_distinct(ray.get_runtime_context().get_node_id()),
     )
 
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -157,15 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
-    nodes = count_distinct(ray.get_runtime_context().get_node_id())
-    if w.rank == 0:  # where the trial ran, for the UI (placement: pack | spread | strict_spread)
-        tracking.set_tags(config["mlflow_run_id"], {"orchestrator.nodes": nodes}, config["tracking_uri"])
 
     position, best = Position(), -math.inf
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
-            state = checkpoint.load(Path(d) / tracking.CHECKPOINT_FILE)
+            state = checkpoint.load(Path(d) / checkpoint.FILE)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         position, best = Position(**state["position"]), state["best"]
@@ -198,6 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
         log.error("%s: %s", w.spec.name, reason)
         if w.rank == 0:
+            from orchestrator import tracking  # see _log_epoch
+
             tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
 
 
@@ -402,7 +403,7 @@ def _report(
         ckpt = None
         if w.rank == 0:
             trial = public_params(config["trial"])  # never store credentials in a checkpoint
-            path = Path(d) / tracking.CHECKPOINT_FILE
+            path = Path(d) / checkpoint.FILE
             checkpoint.save(
                 path,
                 net,
@@ -424,9 +425,14 @@ def _report(
 def _log_epoch(
     w: Worker, config: dict[str, Any], net: nn.Module, report: dict[str, float], improved: bool
 ) -> None:
+    # MLflow is imported here, not with the module: its ~1 s of imports is rank 0's alone, and comes
+    # after the first epoch rather than before the first step.
+    from orchestrator import tracking
+
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
     epoch = report["epoch"]
-    if not tracking.log_epoch(run_id, report, int(epoch), uri):
+    # The nodes tag goes with every epoch: a restarted worker group may be placed on other nodes.
+    if not tracking.log_epoch(run_id, report, int(epoch), uri, tags={"orchestrator.nodes": w.nodes}):
         return  # logged by an earlier attempt of this trial
     if improved:
         with tempfile.TemporaryDirectory() as best_dir:
