@@ -14,6 +14,8 @@ import operator
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -124,6 +126,50 @@ def workspace(prefix: str) -> Iterator[Path]:
                 os.environ[k] = v
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_cluster(state: Path, trial_drivers: int, s3: bool = False) -> Iterator[dict[str, str]]:
+    """cluster/local.sh (a Ray head with token auth and an MLflow server; with `s3`, a moto S3 endpoint) on
+    free ports, its state and token in `state`; yields a user's shell environment after
+    `source $STATE_DIR/env`. Stopped by the script (by PID); what it fails to stop is killed by its process
+    group's PID, then reported as an error. tests/test_cluster.py submits jobs to it, bench/sweep.py times
+    a sweep joining it."""
+    from orchestrator.data.local_s3 import free_port
+
+    script = [str(Path(__file__).resolve().parent.parent / "cluster" / "local.sh")]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_TRACKING"))}
+    base.update(
+        STATE_DIR=str(state),
+        GCS_PORT=str(free_port()),
+        DASHBOARD_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
+        S3_PORT=str(free_port()),
+        S3_SERVER="moto",
+        TRIAL_DRIVERS=str(trial_drivers),
+        RAY_AUTH_TOKEN_PATH=str(state / "token"),
+        PYTHONUNBUFFERED="1",
+    )
+    ports = ["--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
+    try:
+        started = subprocess.run(
+            [*script, "start", *(["--s3"] if s3 else []), "--", *ports],
+            env=base, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        if started.returncode:
+            logs = "".join(f"\n{p.name}: {p.read_text()[-3000:]}" for p in state.glob("*.log"))
+            raise RuntimeError(f"cluster/local.sh start exited {started.returncode}: {started.stderr}{logs}")
+        shell = ["bash", "-c", f"source {state}/env && env -0"]
+        exported = subprocess.run(shell, env=base, check=True, capture_output=True, text=True).stdout
+        yield dict(item.split("=", 1) for item in exported.split("\0") if "=" in item)
+    finally:
+        stopped = subprocess.run([*script, "stop"], env=base, capture_output=True, text=True, timeout=120)
+        left = list(state.glob("*.pid"))
+        for pid_file in left:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        if left:
+            raise RuntimeError(f"cluster/local.sh stop left {[p.stem for p in left]}: {stopped.stderr}")
 
 
 def synth_pack(root: Path, train: int, val: int, size: tuple[int, int], shard_size: int = 32) -> Path:

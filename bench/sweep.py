@@ -45,12 +45,10 @@ from mlflow.entities import Run  # noqa: E402
 
 from bench import common  # noqa: E402
 from orchestrator import tracking  # noqa: E402
-from orchestrator.data.local_s3 import free_port  # noqa: E402
 
 BENCH = "sweep"
 GRID = {"norm": ["bn", "gn:g8"], "train.batch_per_gpu": [1, 2]}
 CPUS_PER_TRIAL = 1  # 1 worker of 1 CPU (common.small_spec)
-LOCAL_SH = Path(__file__).resolve().parent.parent / "cluster" / "local.sh"
 MODES = {"command": "Ray started by the command", "cluster": "joining a running local cluster"}
 
 
@@ -81,36 +79,19 @@ def wait_idle(busy: float = 0.2, timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
-    """cluster/local.sh's Ray head (`slots` trial drivers) and MLflow server on free ports, state in `state`;
-    yields what a job's entrypoint finds in its environment: the script's own exports ($STATE_DIR/env), and
-    RAY_ADDRESS as `ray job submit` sets it. Stopped by the script (by PID)."""
-    script_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
-    script_env.update(
-        STATE_DIR=str(state),
-        GCS_PORT=str(free_port()),
-        DASHBOARD_PORT=str(free_port()),
-        MLFLOW_PORT=str(free_port()),
-        TRIAL_DRIVERS=str(slots),
-        RAY_AUTH_TOKEN_PATH=str(state / "token"),
-    )
-    ports = ["--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
-    script = ["bash", str(LOCAL_SH)]
-    try:
-        subprocess.run(
-            [*script, "start", "--", *ports], env=script_env, check=True, stdout=subprocess.DEVNULL
-        )
-        shell = ["bash", "-c", f"source {state}/env && env -0"]
-        exported = subprocess.run(shell, env=script_env, check=True, capture_output=True, text=True).stdout
-        yield dict(item.split("=", 1) for item in exported.split("\0") if "=" in item) | {
-            "RAY_ADDRESS": f"127.0.0.1:{script_env['GCS_PORT']}",
+def joined_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
+    """A running cluster/local.sh (`slots` trial drivers, state in `state`), left to go idle; yields what a
+    job's entrypoint finds in its environment: the script's exports, and RAY_ADDRESS as `ray job submit`
+    sets it."""
+    with common.local_cluster(state, trial_drivers=slots) as env:
+        wait_idle()
+        yield env | {
+            "RAY_ADDRESS": f"127.0.0.1:{env['GCS_PORT']}",
             "RAY_TMPDIR": str(state),
             # As the head passes on to its jobs: a driver would otherwise rewrite 127.0.0.1 to the
             # machine's address, where this head does not listen.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
-    finally:
-        subprocess.run([*script, "stop"], env=script_env, check=False, stderr=subprocess.DEVNULL)
 
 
 def timed_sweep(spec_path: Path, log_path: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -194,8 +175,7 @@ def main() -> None:
                 times = timed_sweep(spec_path, log_path, {})
                 rows += figures(mode, times, os.environ["MLFLOW_TRACKING_URI"], args.steps, slots)
                 continue
-            with local_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots) as env:
-                wait_idle()
+            with joined_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots) as env:
                 times = timed_sweep(spec_path, log_path, env)
                 rows += figures(mode, times, env["MLFLOW_TRACKING_URI"], args.steps, slots)
     common.emit(

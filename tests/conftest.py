@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -29,6 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+# bench/ is no installed package; tests of its helpers and test_cluster (its local cluster) import it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(scope="session")

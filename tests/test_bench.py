@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is no installed package
-
-from bench import common, gpu  # noqa: E402
+from bench import common, gpu
 
 
 def test_conv_flops_are_two_per_multiply_add() -> None:

@@ -5,13 +5,11 @@ in MLflow."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.data.local_s3 import free_port
+from bench import common
 from orchestrator.errors import UsageError
 from orchestrator.submit import entrypoint, job_address, job_env
 
@@ -220,44 +218,20 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def local_cluster() -> Iterator[LocalCluster]:
-    """cluster/local.sh with --s3 (moto) on free ports, with a private state dir and token; stopped by the
-    script (by PID), and what it leaves is killed by PID and reported."""
+    """cluster/local.sh with --s3 (moto) on free ports, with a private state dir and token, and a small
+    dataset packed into its bucket (bench.common.local_cluster: stopped by PID, leftovers an error)."""
     state = Path(tempfile.mkdtemp(prefix="oc-", dir="/tmp"))  # short: Ray's socket paths
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_TRACKING"))}
-    base.update(
-        STATE_DIR=str(state),
-        GCS_PORT=str(free_port()),
-        DASHBOARD_PORT=str(free_port()),
-        MLFLOW_PORT=str(free_port()),
-        S3_PORT=str(free_port()),
-        S3_SERVER="moto",
-        TRIAL_DRIVERS="1",
-        RAY_AUTH_TOKEN_PATH=str(state / "token"),
-        PYTHONUNBUFFERED="1",
-    )
-    extra = ["--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
     try:
-        started = run([CLUSTER / "local.sh", "start", "--s3", "--", *extra], base, timeout=240)
-        assert started.returncode == 0, started.stderr + "".join(
-            p.read_text()[-3000:] for p in state.glob("*.log")
-        )
-        shell = run(["bash", "-c", f"source {state}/env && env -0"], base)
-        env = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
-        data = run([sys.executable, "-m", "orchestrator", "data", "synth", str(state / "synth"),
-                    "--train", "8", "--val", "4", "--size", "128x72"], env)  # fmt: skip
-        assert data.returncode == 0, data.stderr
-        data = run([sys.executable, "-m", "orchestrator", "data", "pack", str(state / "synth"),
-                    "s3://orchestrator/shards", "--shard-size", "4", "--workers", "1"], env)  # fmt: skip
-        assert data.returncode == 0, data.stderr
-        yield LocalCluster(env, [(state / "token").read_text(), env["AWS_SECRET_ACCESS_KEY"]])
+        with common.local_cluster(state, trial_drivers=1, s3=True) as env:
+            data = run([sys.executable, "-m", "orchestrator", "data", "synth", str(state / "synth"),
+                        "--train", "8", "--val", "4", "--size", "128x72"], env)  # fmt: skip
+            assert data.returncode == 0, data.stderr
+            data = run([sys.executable, "-m", "orchestrator", "data", "pack", str(state / "synth"),
+                        "s3://orchestrator/shards", "--shard-size", "4", "--workers", "1"], env)  # fmt: skip
+            assert data.returncode == 0, data.stderr
+            yield LocalCluster(env, [(state / "token").read_text(), env["AWS_SECRET_ACCESS_KEY"]])
     finally:
-        stopped = run([CLUSTER / "local.sh", "stop"], base, timeout=120)
-        left = list(state.glob("*.pid"))
-        for pid_file in left:  # what the script failed to stop: its process group, by PID
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         shutil.rmtree(state, ignore_errors=True)
-        assert not left, stopped.stderr
 
 
 def assert_no_secrets(cluster: LocalCluster, *outputs: str) -> None:
