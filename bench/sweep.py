@@ -2,7 +2,7 @@
 command to the first training step, and the grid's wall time against the ideal packing of its trials.
 
     .venv/bin/python -m bench.sweep [--steps 8] [--epochs 2] [--crop 128] [--size 256x144]
-                                    [--modes command cluster]
+                                    [--modes command cluster] [--processes]
 
 Two ways to give the sweep its Ray, one after the other on the same spec and data:
 - command: the command starts a local Ray itself (the laptop path), and stops it at the end;
@@ -22,7 +22,10 @@ sweep logged to MLflow (wall-clock milliseconds):
 - command to first step: from the moment the command is started to the earliest trial's first step
   (Python and Ray start, Tune, the trial driver, the worker group, model and loader). Target <= 20 s;
 - grid wall: the first trial run's start to the last one's end; ideal: the sum of the trial runs' durations
-  over the concurrent slots (perfect packing, no gaps between trials). Target: wall <= 1.1x ideal.
+  over the concurrent slots (perfect packing, no gaps between trials). Target: wall <= 1.1x ideal;
+- with --processes, where the command's first seconds go: every process's CPU time (Linux /proc, sampled
+  every 0.5 s by a thread of this script, ~1% of a core), from command start to the first step, summed by
+  kind of process (Ray titles its workers' processes ray::<actor class>), against all cores' time.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +99,81 @@ def joined_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
         }
 
 
+class ProcessCpu:
+    """Every process's CPU time (user + system, /proc/PID/stat), sampled by a thread every `interval` s while
+    in the `with` block, to split a stretch of wall-clock time by the processes that spent CPU in it."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ProcessCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.is_set():
+            now, snapshot = time.time(), {}
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                with contextlib.suppress(OSError, IndexError):  # the process may end while being read
+                    stat = Path(entry.path, "stat").read_text()
+                    fields = stat[
+                        stat.rfind(")") + 2 :
+                    ].split()  # after the (command name), which may hold spaces
+                    argv = Path(entry.path, "cmdline").read_text().split("\0")
+                    snapshot[int(entry.name)] = (
+                        process_kind(argv),
+                        (int(fields[11]) + int(fields[12])) / tick,
+                    )
+            self.samples.append((now, snapshot))
+            self._stop.wait(self.interval)
+
+    def spent(self, start: float, end: float) -> dict[str, tuple[float, int]]:
+        """CPU-seconds and number of processes per kind of process between wall-clock times start and end
+        (a process's kind as last seen: Ray renames a worker once it holds an actor)."""
+        before: dict[int, float] = {}
+        during: dict[int, tuple[str, float]] = {}
+        for t, snapshot in self.samples:
+            if t > end:
+                break
+            for pid, (kind, cpu) in snapshot.items():
+                if t <= start:
+                    before[pid] = cpu
+                else:
+                    during[pid] = (kind, cpu)
+        kinds: dict[str, tuple[float, int]] = {}
+        for pid, (kind, cpu) in during.items():
+            used = cpu - before.get(pid, 0.0)
+            if used > 0:
+                total, count = kinds.get(kind, (0.0, 0))
+                kinds[kind] = (total + used, count + 1)
+        return kinds
+
+
+def process_kind(argv: list[str]) -> str:
+    """ray::<actor class> for Ray's workers (their process title), else the program: python's script or -m
+    module, or the executable's name."""
+    title = " ".join(argv)
+    if ray_worker := re.match(r"ray::(\w+)", title):
+        return ray_worker.group()
+    words = title.split()
+    if not words:
+        return "?"
+    program = Path(words[0]).name
+    if program.startswith("python") and len(words) > 1:
+        return words[2] if words[1] == "-m" and len(words) > 2 else Path(words[1]).name
+    return program
+
+
 def timed_sweep(spec_path: Path, log_path: Path, env: dict[str, str]) -> tuple[float, float]:
     """(start, end) wall-clock seconds of `orchestrator sweep spec_path` with `env` added to this process's
     environment, its output in log_path."""
@@ -110,8 +190,11 @@ def timed_sweep(spec_path: Path, log_path: Path, env: dict[str, str]) -> tuple[f
     return started, ended
 
 
-def figures(mode: str, times: tuple[float, float], uri: str, steps: int, slots: int) -> list[common.Row]:
-    """The rows of one sweep that ran over times=(start, end), from what it logged to MLflow at uri."""
+def figures(
+    mode: str, times: tuple[float, float], uri: str, steps: int, slots: int, cpu: ProcessCpu | None = None
+) -> list[common.Row]:
+    """The rows of one sweep that ran over times=(start, end), from what it logged to MLflow at uri; with
+    `cpu`, also the CPU time of every kind of process from the start to the first step (the top 8)."""
     started, ended = times
     exp = tracking.client(uri).get_experiment_by_name(BENCH)
     parent = tracking.latest_sweep_run([exp.experiment_id], uri)
@@ -127,7 +210,7 @@ def figures(mode: str, times: tuple[float, float], uri: str, steps: int, slots: 
     def row(setup: str, value: float, *ratio_vs_target: float | str) -> common.Row:
         return common.Row(BENCH, f"{MODES[mode]}: {setup}", value, "s", *ratio_vs_target)
 
-    return [
+    rows = [
         row("command start -> first training step", min(firsts) - started, None, "", "<= 20 s"),
         row(f"  of which: command start -> {ray} (sweep run opened)", ray_up - started),
         row(f"  of which: {ray} -> first trial run opened (Tune)", min(starts) - ray_up),
@@ -144,6 +227,20 @@ def figures(mode: str, times: tuple[float, float], uri: str, steps: int, slots: 
             "ideal",
         ),
     ]
+    if cpu is None:
+        return rows
+    kinds = cpu.spent(started, min(firsts))
+    cores_time = (min(firsts) - started) * (os.cpu_count() or 1)
+    total = sum(used for used, _ in kinds.values())
+    label = f"{MODES[mode]}: CPU from command start to the first step"
+    rows.append(
+        common.Row(BENCH, f"{label}, all processes", total, "CPU-s", total / cores_time, "all cores' time")
+    )
+    rows.extend(
+        common.Row(BENCH, f"{MODES[mode]}:   {kind} ({count} process{'es' * (count > 1)})", used, "CPU-s")
+        for kind, (used, count) in sorted(kinds.items(), key=lambda item: -item[1][0])[:8]
+    )
+    return rows
 
 
 def main() -> None:
@@ -153,6 +250,11 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--size", default="256x144", help="synthetic image WIDTHxHEIGHT")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="also split the CPU time to the first step by process (Linux)",
+    )
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs: the first step's time is derived from epochs 1 and 2")
@@ -171,13 +273,16 @@ def main() -> None:
         spec_path.write_text(yaml.safe_dump(raw))
         for mode in args.modes:
             log_path = root / f"sweep-{mode}.log"
-            if mode == "command":
-                times = timed_sweep(spec_path, log_path, {})
-                rows += figures(mode, times, os.environ["MLFLOW_TRACKING_URI"], args.steps, slots)
-                continue
-            with joined_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots) as env:
+            with contextlib.ExitStack() as stack:
+                env = {}
+                if mode == "cluster":
+                    env = stack.enter_context(
+                        joined_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots)
+                    )
+                cpu = stack.enter_context(ProcessCpu()) if args.processes else None
                 times = timed_sweep(spec_path, log_path, env)
-                rows += figures(mode, times, env["MLFLOW_TRACKING_URI"], args.steps, slots)
+                uri = env.get("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+                rows += figures(mode, times, uri, args.steps, slots, cpu)
     common.emit(
         rows,
         f"{math.prod(map(len, GRID.values()))} trials ({' x '.join(GRID)}), resnet18-deeplabv3plus, "

@@ -61,3 +61,34 @@ def test_rows_survive_the_json_between_scripts_and_driver(tmp_path: Path) -> Non
     rows = [common.Row("data", "loader", 44.6, "samples/s", 0.85, "raw", ">= 0.8x")]
     common.emit(rows, "header", tmp_path / "rows.json")
     assert common.read_rows(tmp_path / "rows.json") == rows
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        (["ray::RayTrainWorker.run_train_fn", "", ""], "ray::RayTrainWorker"),
+        (["ray::IDLE"], "ray::IDLE"),
+        (["/w/.venv/bin/python3", "-m", "orchestrator", "sweep", "spec.yaml", ""], "orchestrator"),
+        (["/usr/bin/python3.11", "/w/.venv/bin/ray", "start", "--head", ""], "ray"),
+        (["/w/ray/core/src/ray/gcs/gcs_server", "--gcs_server_port=6379", ""], "gcs_server"),
+        ([""], "?"),
+    ],
+)
+def test_processes_are_named_by_ray_title_or_program(argv: list[str], kind: str) -> None:
+    from bench.sweep import process_kind
+
+    assert process_kind(argv) == kind
+
+
+def test_cpu_spent_is_split_by_the_kind_a_process_last_had() -> None:
+    from bench.sweep import ProcessCpu
+
+    cpu = ProcessCpu()
+    cpu.samples = [
+        (0.0, {1: ("a", 1.0), 9: ("idle", 5.0)}),
+        (1.0, {1: ("a", 1.5), 2: ("ray::IDLE", 0.2), 9: ("idle", 5.0)}),
+        (2.0, {1: ("a", 2.0), 2: ("ray::Worker", 0.7), 3: ("a", 0.3), 9: ("idle", 5.0)}),
+        (3.0, {1: ("a", 9.0)}),  # after the end
+    ]
+    # pid 1 from its CPU at the start, pid 2 (renamed once it held an actor) and 3 from their birth.
+    assert cpu.spent(0.5, 2.5) == {"a": (pytest.approx(1.3), 2), "ray::Worker": (pytest.approx(0.7), 1)}
