@@ -126,14 +126,11 @@ class ProcessCpu:
                     continue
                 with contextlib.suppress(OSError, IndexError):  # the process may end while being read
                     stat = Path(entry.path, "stat").read_text()
-                    fields = stat[
-                        stat.rfind(")") + 2 :
-                    ].split()  # after the (command name), which may hold spaces
+                    # The fields after "(command name)", which may hold spaces; utime and stime are 14, 15.
+                    fields = stat[stat.rfind(")") + 2 :].split()
                     argv = Path(entry.path, "cmdline").read_text().split("\0")
-                    snapshot[int(entry.name)] = (
-                        process_kind(argv),
-                        (int(fields[11]) + int(fields[12])) / tick,
-                    )
+                    cpu = (int(fields[11]) + int(fields[12])) / tick
+                    snapshot[int(entry.name)] = (process_kind(argv), cpu)
             self.samples.append((now, snapshot))
             self._stop.wait(self.interval)
 
@@ -163,7 +160,7 @@ def process_kind(argv: list[str]) -> str:
     """ray::<actor class> for Ray's workers (their process title), else the program: python's script or -m
     module, or the executable's name."""
     title = " ".join(argv)
-    if ray_worker := re.match(r"ray::(\w+)", title):
+    if ray_worker := re.match(r"ray::\w+", title):
         return ray_worker.group()
     words = title.split()
     if not words:

@@ -1,14 +1,18 @@
-"""The bench scripts' arithmetic, not their timings: FLOP counting (for MFU), GPU peaks, the result table."""
+"""The bench scripts' arithmetic, not their timings: FLOP counting (for MFU), GPU peaks, the result table,
+the sweep's split of CPU time by process."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from bench import common, gpu
+from bench import common, gpu, sweep
 
 
 def test_conv_flops_are_two_per_multiply_add() -> None:
@@ -75,15 +79,11 @@ def test_rows_survive_the_json_between_scripts_and_driver(tmp_path: Path) -> Non
     ],
 )
 def test_processes_are_named_by_ray_title_or_program(argv: list[str], kind: str) -> None:
-    from bench.sweep import process_kind
-
-    assert process_kind(argv) == kind
+    assert sweep.process_kind(argv) == kind
 
 
 def test_cpu_spent_is_split_by_the_kind_a_process_last_had() -> None:
-    from bench.sweep import ProcessCpu
-
-    cpu = ProcessCpu()
+    cpu = sweep.ProcessCpu()
     cpu.samples = [
         (0.0, {1: ("a", 1.0), 9: ("idle", 5.0)}),
         (1.0, {1: ("a", 1.5), 2: ("ray::IDLE", 0.2), 9: ("idle", 5.0)}),
@@ -92,3 +92,16 @@ def test_cpu_spent_is_split_by_the_kind_a_process_last_had() -> None:
     ]
     # pid 1 from its CPU at the start, pid 2 (renamed once it held an actor) and 3 from their birth.
     assert cpu.spent(0.5, 2.5) == {"a": (pytest.approx(1.3), 2), "ray::Worker": (pytest.approx(0.7), 1)}
+
+
+def test_cpu_of_a_real_process_is_sampled_under_its_program_name(tmp_path: Path) -> None:
+    burn = tmp_path / "burn.py"
+    burn.write_text(
+        "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end:\n    pass\n"
+    )
+    with sweep.ProcessCpu(interval=0.05) as cpu:
+        start = time.time()
+        subprocess.run([sys.executable, str(burn)], check=True)
+        time.sleep(0.1)
+    used, count = cpu.spent(start, time.time())["burn.py"]
+    assert count == 1 and 0 < used <= 1.0  # its last 0.05 s before it ended may go unseen
