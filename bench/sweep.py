@@ -200,6 +200,7 @@ def figures(
     starts = [r.info.start_time / 1000 for r in runs]
     ends = [r.info.end_time / 1000 for r in runs]
     firsts = [first_step(r, steps, uri) for r in runs]
+    first = min(firsts)  # the sweep's first training step
     wall = max(ends) - min(starts)
     ideal = sum(e - s for s, e in zip(starts, ends, strict=True)) / slots
     ray = "Ray up" if mode == "command" else "joined the cluster"
@@ -208,7 +209,7 @@ def figures(
         return common.Row(BENCH, f"{MODES[mode]}: {setup}", value, "s", *ratio_vs_target)
 
     rows = [
-        row("command start -> first training step", min(firsts) - started, None, "", "<= 20 s"),
+        row("command start -> first training step", first - started, None, "", "<= 20 s"),
         row(f"  of which: command start -> {ray} (sweep run opened)", ray_up - started),
         row(f"  of which: {ray} -> first trial run opened (Tune)", min(starts) - ray_up),
         row(
@@ -226,8 +227,8 @@ def figures(
     ]
     if cpu is None:
         return rows
-    kinds = cpu.spent(started, min(firsts))
-    cores_time = (min(firsts) - started) * (os.cpu_count() or 1)
+    kinds = cpu.spent(started, first)
+    cores_time = (first - started) * (os.cpu_count() or 1)
     total = sum(used for used, _ in kinds.values())
     label = f"{MODES[mode]}: CPU from command start to the first step"
     rows.append(
