@@ -1,5 +1,5 @@
 """Ray Tune + Ray Train wiring: one Tune trial per grid point, each a driver function that runs a
-Ray Train `TorchTrainer` (the Train V2 pattern: `Tuner(TorchTrainer(...))` is not supported).
+Ray Train data-parallel trainer (the Train V2 pattern: `Tuner(TorchTrainer(...))` is not supported).
 
 `orchestrator train` runs the same driver function for a single point without Tune.
 """
@@ -137,7 +137,7 @@ def run_trial(
     callbacks: list,
     on_finished: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """The driver of one trial: open its MLflow child run, fit a TorchTrainer, close the run.
+    """The driver of one trial: open its MLflow child run, fit a Ray Train trainer, close the run.
 
     A trial whose run already finished (its driver died after it, before Tune recorded it) is not run
     again: its metrics go to `on_finished` (Tune needs a result) and are returned."""
@@ -156,14 +156,11 @@ def run_trial(
     except (LookupError, ValueError) as e:
         tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
         raise TrialFailed(str(e)) from None
-    # Imported here, in the trial's driver process: the sweep's own process never trains, and not loading
-    # torch, the models and the loop there takes ~2 s of CPU off the start of every sweep.
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.train.loop import train_loop_per_worker
+    # Imported here, in the trial's driver: the sweep's own process never starts a Ray Train run.
+    from orchestrator.train.launch import Trainer, train_loop_per_worker
 
     r = spec.resources
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={
             "trial": config,

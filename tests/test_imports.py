@@ -18,8 +18,11 @@ import pytest
             "orchestrator.tune_report",
             ["orchestrator.sweep", "orchestrator.train.loop", "orchestrator.models", "mlflow"],
         ),
-        # The sweep's own process never trains: trial drivers import TorchTrainer and the loop.
-        ("orchestrator.sweep", ["torch", "orchestrator.train.loop"]),
+        # The sweep's own process never starts a Ray Train run.
+        ("orchestrator.sweep", ["torch", "orchestrator.train.loop", "orchestrator.train.launch"]),
+        # A trial's driver builds the trainer and Ray Train's controller unpickles its backend config:
+        # neither ever holds a tensor.
+        ("orchestrator.train.launch", ["torch", "ray.train.torch", "orchestrator.train.loop"]),
         # Workers: MLflow is rank 0's alone, imported once an epoch ends.
         ("orchestrator.train.loop", ["mlflow", "orchestrator.tracking"]),
     ],

@@ -1,0 +1,131 @@
+"""What a trial's driver hands Ray Train: the trainer, the workers' entry point and the torch.distributed
+backend, all importable without torch.
+
+Ray's TorchTrainer imports torch in the trial's driver and, through its pickled TorchConfig, in Ray Train's
+controller: two processes per trial that never touch a tensor, each paying ~1.4 CPU-s of imports while the
+trial waits for its first step. Here the process group is opened by a backend whose torch imports run on
+the workers alone, and the training loop is imported where it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every rank."""
+    from orchestrator.train.loop import train_loop_per_worker as run
+
+    run(config)
+
+
+class Trainer(DataParallelTrainer):
+    """Ray's TorchTrainer for a run without Ray Datasets, leaving torch to the workers."""
+
+    def __init__(self, train_loop_per_worker: Callable[[dict[str, Any]], None], **kwargs: Any) -> None:
+        super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(), **kwargs)
+
+    def _create_default_callbacks(self) -> list:
+        # Ray Train starts a DatasetManager actor for every run, even one without Ray Datasets (ours stream
+        # through fsspec): one more Python process per trial on the way to its first step.
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+
+@dataclass
+class ProcessGroupConfig(BackendConfig):
+    """NCCL when the workers have GPUs, else gloo; `timeout_s` bounds every collective."""
+
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return ProcessGroup
+
+    @property
+    def train_func_context(self):
+        return _own_cuda_device
+
+    @property
+    def framework(self) -> TrainingFramework:
+        return TrainingFramework.TORCH
+
+
+class ProcessGroup(Backend):
+    """Opens the process group on the workers before the loop starts and closes it after; runs in Ray
+    Train's controller, which only sends the workers functions of this module."""
+
+    share_cuda_visible_devices = True  # every rank of a node sees the node's GPUs: NCCL peer-to-peer
+
+    def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
+        backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+        host, port = worker_group.execute_single(0, _free_address)
+        url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        world = len(worker_group)
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank, _init_process_group, backend, url, rank, world, backend_config.timeout_s
+                )
+                for rank in range(world)
+            ]
+        )
+
+    def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
+        # Bounded: a rank stuck in a collective with a dead peer must not hold the restart.
+        futures = worker_group.execute_async(_destroy_process_group)
+        with contextlib.suppress(ray.exceptions.GetTimeoutError):
+            ray.get(futures, timeout=30)
+
+
+def _free_address() -> tuple[str, int]:
+    """This node's address and a port free on it (rank 0 listens there)."""
+    host = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def _init_process_group(backend: str, url: str, rank: int, world: int, timeout_s: int) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        # A collective that times out (a dead peer) tears the process down instead of hanging, so Ray
+        # Train sees the failure and restarts the group.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(
+        backend, init_method=url, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _own_cuda_device() -> Iterator[None]:
+    """Makes the rank's GPU the current CUDA device while its loop runs (NCCL and SyncBatchNorm use it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    yield
