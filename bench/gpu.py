@@ -10,13 +10,15 @@ the optimizer's step, on a fixed random batch already on the GPU (the model's th
 bench/data.py's). images/s = batch x `--steps` / their time after `--warmup` steps, synchronized.
 FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one step (forward + backward), divided by the
 batch; it counts convolutions and matrix products at 2 FLOPs per multiply-add (norms, activations and
-interpolation are not counted, as usual for MFU). MFU = images/s x FLOPs per image / the peak of PEAK_BF16
+interpolation are not counted, as usual for MFU), with a convolution's backward counted by
+`conv_backward_flops`. MFU = images/s x FLOPs per image / the peak of PEAK_BF16
 (an unknown GPU gets none). A batch that runs out of memory is halved until it fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import time
@@ -52,9 +54,24 @@ def peak_flops(device_name: str) -> float | None:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of the convolutions and matrix products that fn runs (forward and, if it runs one, backward)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
+    ) as c:
         fn()
-    return counter.get_total_flops()
+    return c.get_total_flops()
+
+
+def conv_backward_flops(
+    grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
+    output_mask, **kwargs
+) -> int:  # fmt: skip
+    """A convolution's input gradient and weight gradient each cost its forward's FLOPs.
+
+    torch's own formula (2.13) leaves the groups out of the weight gradient, counting a depthwise convolution
+    `groups` times over: DeepLabv3+'s separable ASPP (2048 groups) would dominate the count and the MFU."""
+    spatial = (x_shape if transposed else grad_out_shape)[2:]  # where the filter is applied
+    forward = 2 * x_shape[0] * math.prod(w_shape) * math.prod(spatial)  # w_shape holds channels / groups
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,7 +141,7 @@ def main() -> None:
         if not batch:
             rows.append(common.Row(BENCH, setup, None, note="out of memory at batch 1"))
             continue
-        setup += f", {flops / 1e9:.0f} GFLOP/img" + ("" if peak else f" (no peak known for {name}: no MFU)")
+        setup += f", {flops / 1e9:.1f} GFLOP/img" + ("" if peak else f" (no peak known for {name}: no MFU)")
         mfu = rate * flops / peak if peak else None
         rows.append(common.Row(BENCH, setup, rate, "img/s/GPU", mfu, "peak bf16 (MFU)" if peak else ""))
     common.emit(

@@ -3,6 +3,8 @@ the sweep's split of CPU time by process."""
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
 import time
@@ -15,13 +17,28 @@ from torch import nn
 from bench import common, gpu, sweep
 
 
-def test_conv_flops_are_two_per_multiply_add() -> None:
-    cin, cout, k, h, w = 3, 8, 3, 10, 12
-    conv = nn.Conv2d(cin, cout, k, padding=1, bias=False)
-    x = torch.randn(1, cin, h, w)
-    forward = 2 * cin * cout * k * k * h * w
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),  # depthwise, as DeepLabv3+'s separable ASPP
+        nn.Conv2d(16, 32, 1, groups=4, bias=False),
+        nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, groups=2, bias=False),
+    ],
+    ids=["plain", "strided-dilated", "depthwise", "grouped", "transposed"],
+)
+def test_conv_flops_are_two_per_multiply_add_and_backward_twice_forward(conv: nn.Conv2d) -> None:
+    x = torch.randn(2, conv.in_channels, 10, 12)
+    y = conv(x)
+    # Every output (input, for a transposed conv) position applies the filter: C_in / groups x k x k
+    # multiply-adds for each of C_out channels.
+    at = x if isinstance(conv, nn.ConvTranspose2d) else y
+    per_position = conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    forward = 2 * x.shape[0] * per_position * math.prod(at.shape[2:])
     assert gpu.count_flops(lambda: conv(x)) == forward
-    # Backward: the input's gradient and the weight's gradient, each a convolution as large as the forward.
+    # Backward: the weight's gradient, and the input's when it needs one, each as large as the forward.
+    assert gpu.count_flops(lambda: conv(x).sum().backward()) == 2 * forward
     x.requires_grad_(True)
     assert gpu.count_flops(lambda: conv(x).sum().backward()) == 3 * forward
 
@@ -105,3 +122,23 @@ def test_cpu_of_a_real_process_is_sampled_under_its_program_name(tmp_path: Path)
         time.sleep(0.1)
     used, count = cpu.spent(start, time.time())["burn.py"]
     assert count == 1 and 0 < used <= 1.0  # its last 0.05 s before it ended may go unseen
+
+
+def test_the_gpu_bench_runs_its_steps_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA measurement (channels_last, bf16 autocast, FLOPs per image, the row) run on the CPU."""
+    argv = ["gpu", "--device", "cpu", "--crops", "64x48", "--batch", "2", "--steps", "1", "--warmup", "0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(tmp_path / "rows.json")])
+    gpu.main()
+    (row,) = common.read_rows(tmp_path / "rows.json")
+    assert row.unit == "img/s/GPU" and row.value > 0 and row.ratio is None
+    assert row.setup.endswith("(no peak known for CPU: no MFU)")
+    # A training step is three forwards' FLOPs, less the first convolution's input gradient (the image has
+    # none); the forward alone is counted by torch's own formula.
+    from orchestrator.models.build import build_model
+
+    model = build_model("resnet101", "deeplabv3plus", norm="bn")
+    image = torch.randn(1, 3, 48, 64)
+    stem = gpu.count_flops(lambda: model.backbone.conv1(image))
+    expected = 3 * gpu.count_flops(lambda: model(image)) - stem
+    figure = float(re.search(r"([\d.]+) GFLOP/img", row.setup)[1]) * 1e9
+    assert figure == pytest.approx(expected, abs=0.05e9), row.setup  # printed to 0.1 GFLOP
