@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._common.network_utils import build_address
+from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.util import TrainingFramework
@@ -63,14 +64,13 @@ class ProcessGroupConfig(BackendConfig):
 
 class ProcessGroup(Backend):
     """Opens the process group on the workers before the loop starts and closes it after; runs in Ray
-    Train's controller, which only sends the workers functions of this module."""
+    Train's controller, and the functions it sends the workers import torch there."""
 
     share_cuda_visible_devices = True  # every rank of a node sees the node's GPUs: NCCL peer-to-peer
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
-        host, port = worker_group.execute_single(0, _free_address)
-        url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        url = f"tcp://{build_address(*worker_group.execute_single(0, get_address_and_port))}"  # rank 0's node
         world = len(worker_group)
         ray.get(
             [
@@ -86,14 +86,6 @@ class ProcessGroup(Backend):
         futures = worker_group.execute_async(_destroy_process_group)
         with contextlib.suppress(ray.exceptions.GetTimeoutError):
             ray.get(futures, timeout=30)
-
-
-def _free_address() -> tuple[str, int]:
-    """This node's address and a port free on it (rank 0 listens there)."""
-    host = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
 
 
 def _init_process_group(backend: str, url: str, rank: int, world: int, timeout_s: int) -> None:
