@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from orchestrator.data.layout import LABEL_FORMATS
 from orchestrator.errors import UsageError
 from orchestrator.spec import SpecError
 
@@ -126,6 +127,22 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("dst")
     cmd.add_argument("--shard-size", type=_positive, default=64, help="samples per shard")
     cmd.add_argument("--workers", type=_positive, help="processes packing shards (default: one per CPU)")
+    cmd.add_argument(
+        "--labels",
+        choices=LABEL_FORMATS,
+        help="the label format to read where a split has several (default: the first of these it has)",
+    )
+    cmd.add_argument(
+        "--splits",
+        type=_names,
+        help="comma-separated splits to pack (default: train,val); a named split without labels, such as "
+        "test, is packed from its images alone, marked unlabeled",
+    )
+    cmd.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="pack the good samples and list the others with their reasons in the manifest (default: refuse)",
+    )
     cmd.set_defaults(func=_pack)
     cmd = data.add_parser(
         "verify", help="re-read packed shards: checksums, sizes, sample counts, pairs that decode and match"
@@ -204,6 +221,15 @@ def _settings(args: argparse.Namespace):
     from orchestrator.inference.predict import InferenceSettings
 
     return InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names such as train,val,test, got {text!r}"
+        )
+    return names
 
 
 def _positive(text: str) -> int:
@@ -304,11 +330,20 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from orchestrator.data.shards import pack
+    from orchestrator.data.shards import pack, problem_report
 
-    manifests = pack(args.src, args.dst, shard_size=args.shard_size, workers=args.workers, progress=True)
+    manifests = pack(
+        args.src, args.dst, shard_size=args.shard_size, workers=args.workers, progress=True,
+        labels_format=args.labels, splits=args.splits, skip_bad=args.skip_bad,
+    )  # fmt: skip
     for split, m in manifests.items():
-        print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {args.dst}/{split}")
+        labels = m["labels"]
+        source = f"{labels['format']} labels from {labels['source']}" if labels else "unlabeled"
+        shards = f"{m['num_samples']} samples in {len(m['shards'])} shards"
+        print(f"{split}: {shards} -> {args.dst}/{split} ({source})")
+        if m["skipped"]:
+            lines = [f"{r['file']}: {r['reason']}" for r in m["skipped"]]
+            print(problem_report(f"{split}: left out (listed in its manifest's 'skipped')", lines))
     return 0
 
 

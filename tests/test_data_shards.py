@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def test_pack_writes_shards_and_manifests(raw: Path, tmp_path: Path) -> None:
         assert read_manifest(str(out / split)) == manifest
         assert manifest["format"] == "orchestrator-shards/1" and manifest["split"] == split
         assert manifest["image_size"] == [64, 36]
+        assert manifest["labels"] == {"format": "masks", "source": f"labels/drivable/masks/{split}"}
+        assert manifest["skipped"] == []
         assert [s["num_samples"] for s in manifest["shards"]] == expected_sizes
         assert manifest["num_samples"] == sum(expected_sizes)
         assert [s["name"] for s in manifest["shards"]] == [
@@ -154,12 +155,12 @@ def test_pack_lists_every_bad_sample_and_writes_no_manifest(raw: Path, tmp_path:
         pack(str(raw), str(tmp_path / "shards"), shard_size=2)
     lines = str(error.value).splitlines()
     assert lines[0].endswith(": 3 problem(s)")
-    assert lines[1] == (
-        f"train/{train[1]}: mask shape (18, 32) uint8 does not match image shape (36, 64, 3): "
-        "want a one-channel uint8 mask of the image's height and width"
-    )
-    assert lines[2] == f"train/{train[3]}: mask has label values [7], allowed are [0, 1, 2, 255]"
-    assert lines[3] == f"val/{val[0]}: mask has label values [3], allowed are [0, 1, 2, 255]"
+    assert lines[1:] == [
+        f"labels/drivable/masks/train/{train[1]}.png: mask shape (18, 32) does not match image shape "
+        "(36, 64, 3): want the image's height and width",
+        f"labels/drivable/masks/train/{train[3]}.png: mask has label values [7], allowed are [0, 1, 2, 255]",
+        f"labels/drivable/masks/val/{val[0]}.png: mask has label values [3], allowed are [0, 1, 2, 255]",
+    ]
     assert not list((tmp_path / "shards").rglob("manifest.json"))
 
 
@@ -171,28 +172,6 @@ def test_problem_report_lists_at_most_twenty(tmp_path: Path) -> None:
         "... and 3 more",
     ]
     assert shards.problem_report("title", ["only"]) == "title: 1 problem(s)\nonly"
-
-
-def test_pack_reads_the_older_layout_and_skips_test_images(
-    raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    expected = pack(str(raw), str(tmp_path / "new"), shard_size=2)
-    for split in ("train", "val"):
-        old = raw / "drivable_maps/labels" / split
-        old.mkdir(parents=True)
-        for mask in (raw / "labels/drivable/masks" / split).iterdir():
-            mask.rename(old / f"{mask.stem}_drivable_id.png")
-    shutil.rmtree(raw / "labels")
-    test_images = raw / "images/100k/test"
-    test_images.mkdir()
-    shutil.copy(next((raw / "images/100k/val").iterdir()), test_images / "t.jpg")
-
-    with caplog.at_level(logging.INFO, logger="orchestrator.data.layout"):
-        assert pack(str(raw), str(tmp_path / "old"), shard_size=2) == expected
-    assert f"skipping {raw}/images/100k/test" in caplog.text
-    for path in (tmp_path / "new").rglob("*"):
-        if path.is_file():
-            assert (tmp_path / "old" / path.relative_to(tmp_path / "new")).read_bytes() == path.read_bytes()
 
 
 @pytest.fixture
@@ -298,8 +277,8 @@ def _written(manifests: dict[str, dict]) -> list[str]:
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one per decoded pair (workers=1 only: a pool's processes are not patched)."""
-    calls, real = [], shards.decode_pair
-    monkeypatch.setattr(shards, "decode_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], shards._decode_sample
+    monkeypatch.setattr(shards, "_decode_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -389,7 +368,8 @@ def test_pack_command_takes_workers_and_refuses_bad_numbers(
     assert main(["data", "pack", str(raw), str(out), "--shard-size", "2", "--workers", "2"]) == 0
     assert (
         capsys.readouterr().out
-        == f"train: 5 samples in 3 shards -> {out}/train\nval: 3 samples in 2 shards -> {out}/val\n"
+        == f"train: 5 samples in 3 shards -> {out}/train (masks labels from labels/drivable/masks/train)\n"
+        f"val: 3 samples in 2 shards -> {out}/val (masks labels from labels/drivable/masks/val)\n"
     )
     for option, value in (("--workers", "0"), ("--shard-size", "-2"), ("--workers", "two")):
         with pytest.raises(SystemExit) as exit_:
@@ -416,7 +396,7 @@ def test_pack_from_and_to_s3_with_a_pool_resumes(
     val_mask = sorted(fs.ls(f"{s3_bucket}/raw/labels/drivable/masks/val"))[2]  # val shard 1
     good = fs.cat_file(val_mask)
     fs.pipe_file(val_mask, b"not a png")
-    with pytest.raises(ValueError, match="mask does not decode as PNG"):
+    with pytest.raises(ValueError, match=r"masks/val/synth-val-0000002.png: does not decode as PNG \(not an"):
         pack(src, dst, shard_size=2, storage_options=options, workers=2)
 
     fs.pipe_file(val_mask, good)

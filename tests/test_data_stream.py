@@ -48,7 +48,7 @@ def _key(image: np.ndarray, mask: np.ndarray) -> str:
 def _source_keys(raw: Path, split: str) -> Counter:
     """Samples identified by content, decoded straight from the BDD layout."""
     keys = Counter()
-    for sample_id in layout.list_ids(str(raw), split):
+    for sample_id in sorted(p.stem for p in (raw / "images/100k" / split).iterdir()):
         image = simplejpeg.decode_jpeg(Path(layout.image_path(str(raw), split, sample_id)).read_bytes())
         mask = np.asarray(Image.open(layout.mask_path(str(raw), split, sample_id)))
         keys[_key(image, mask)] += 1

@@ -1,40 +1,51 @@
-"""The official BDD100K drivable-area layout and its class definitions.
+"""The official BDD100K drivable-area tree: where the images are, where each label format is, and the classes.
 
 {root}/images/100k/{split}/<id>.jpg
-{root}/labels/drivable/masks/{split}/<id>.png   (1 channel, uint8 class ids)
+{root}/labels/drivable/masks/{split}/<id>.png             masks: ids 0 direct, 1 alternative, 2 background
+{root}/labels/drivable/colormaps/{split}/<id>.png         colormaps: the ids as palette indices
+{root}/labels/drivable/rles/drivable_{split}.json         rles: Scalabel frames, a COCO RLE per class
+{root}/labels/drivable/polygons/drivable_{split}.json     polygons: Scalabel frames, poly2d per label
+{root}/labels/bdd100k_labels_images_{split}.json          polygons: the 2018 all-labels file
+{root}/drivable_maps/labels/{split}/<id>_drivable_id.png  ids2018: 0 background, 1 direct, 2 alternative
 
-The older release put the masks at {root}/drivable_maps/labels/{split}/<id>_drivable_id.png; it is read
-when the official mask folder of a split is absent.
+Every format reads as the current masks' ids (orchestrator.data.labels); where a split has several, the first
+of that list is taken unless one is asked for.
 """
 
 from __future__ import annotations
 
-import logging
 import posixpath
 from dataclasses import dataclass
 
 import fsspec
 
-from orchestrator.data.storage import join, url_to_fs
+from orchestrator.data.storage import join
 
 CLASS_NAMES = ("direct", "alternative", "background")
 NUM_CLASSES = len(CLASS_NAMES)
 IGNORE_INDEX = 255
 LABELS = (*range(NUM_CLASSES), IGNORE_INDEX)
-SPLITS = ("train", "val")
-
-log = logging.getLogger(__name__)
+SPLITS = ("train", "val")  # the labelled splits, packed when no split is named
+LABEL_FORMATS = ("masks", "colormaps", "rles", "polygons", "ids2018")  # the preference among those present
 
 
 @dataclass(frozen=True)
-class Masks:
-    """Where the masks of one split are: <dir>/<id><suffix>."""
+class LabelSource:
+    """Where one split's labels of one format are: a folder of one file per image, or one JSON file."""
 
-    dir: str
-    suffix: str
+    format: str  # one of LABEL_FORMATS
+    path: str
+    suffix: str = ""  # per-image files are <path>/<id><suffix>; "" for a JSON file of the whole split
 
-    def path(self, sample_id: str) -> str:
-        return join(self.dir, f"{sample_id}{self.suffix}")
+    @property
+    def per_image(self) -> bool:
+        return bool(self.suffix)
+
+    def file(self, sample_id: str) -> str:
+        return join(self.path, f"{sample_id}{self.suffix}")
+
+    def exists(self, fs: fsspec.AbstractFileSystem) -> bool:
+        return fs.isdir(self.path) if self.per_image else fs.isfile(self.path)
 
 
 # The helpers below join strings only, so they take a URL or a path inside a filesystem alike.
@@ -46,10 +57,6 @@ def mask_dir(root: str, split: str) -> str:
     return join(root, "labels", "drivable", "masks", split)
 
 
-def old_mask_dir(root: str, split: str) -> str:
-    return join(root, "drivable_maps", "labels", split)
-
-
 def image_path(root: str, split: str, sample_id: str) -> str:
     return join(image_dir(root, split), f"{sample_id}.jpg")
 
@@ -58,39 +65,29 @@ def mask_path(root: str, split: str, sample_id: str) -> str:
     return join(mask_dir(root, split), f"{sample_id}.png")
 
 
-def find_masks(fs: fsspec.AbstractFileSystem, root: str, split: str) -> Masks:
-    """The official mask folder of a split, or the older one when only that exists."""
-    if not fs.isdir(mask_dir(root, split)) and fs.isdir(old_mask_dir(root, split)):
-        return Masks(old_mask_dir(root, split), "_drivable_id.png")
-    return Masks(mask_dir(root, split), ".png")
+def label_sources(root: str, split: str) -> list[LabelSource]:
+    """Every place the official releases put a split's drivable labels, in LABEL_FORMATS order."""
+    drivable = join(root, "labels", "drivable")
+    return [
+        LabelSource("masks", mask_dir(root, split), ".png"),
+        LabelSource("colormaps", join(drivable, "colormaps", split), ".png"),
+        LabelSource("rles", join(drivable, "rles", f"drivable_{split}.json")),
+        LabelSource("polygons", join(drivable, "polygons", f"drivable_{split}.json")),
+        LabelSource("polygons", join(root, "labels", f"bdd100k_labels_images_{split}.json")),
+        LabelSource("ids2018", join(root, "drivable_maps", "labels", split), "_drivable_id.png"),
+    ]
 
 
-def present_splits(root: str, storage_options: dict | None = None) -> list[str]:
-    """The splits of SPLITS that have an image or a mask directory under root."""
-    fs, base = url_to_fs(root, storage_options)
-    others = set(_names(fs, join(base, "images", "100k"))) - set(SPLITS)
-    for name in sorted(others):  # e.g. the unlabelled test split: nothing to train or score on
-        log.info("skipping %s: only %s have drivable-area masks", image_dir(root, name), "/".join(SPLITS))
-    return [s for s in SPLITS if fs.isdir(image_dir(base, s)) or fs.isdir(find_masks(fs, base, s).dir)]
+def find_labels(fs: fsspec.AbstractFileSystem, root: str, split: str) -> list[LabelSource]:
+    """The label sources a split has, most preferred first (empty: an images-only split)."""
+    return [source for source in label_sources(root, split) if source.exists(fs)]
 
 
-def list_ids(root: str, split: str, storage_options: dict | None = None) -> list[str]:
-    """Sorted ids of a split; raises if any image lacks its mask or any mask its image."""
-    fs, base = url_to_fs(root, storage_options)
-    masks = find_masks(fs, base, split)
-    image_ids = _stems(fs, image_dir(base, split), ".jpg")
-    mask_ids = _stems(fs, masks.dir, masks.suffix)
-    if image_ids != mask_ids:
-        raise ValueError(
-            f"unpaired samples in {root} split {split!r}: images without masks "
-            f"{sorted(image_ids - mask_ids)[:20]}, masks without images {sorted(mask_ids - image_ids)[:20]}"
-        )
-    return sorted(image_ids)
+def image_splits(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The split folders under images/100k, sorted."""
+    return sorted(names(fs, join(root, "images", "100k")))
 
 
-def _names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The base names of a folder's entries; none if the folder does not exist."""
     return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
-
-
-def _stems(fs: fsspec.AbstractFileSystem, path: str, suffix: str) -> set[str]:
-    return {n[: -len(suffix)] for n in _names(fs, path) if n.endswith(suffix)}

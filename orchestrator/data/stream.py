@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.resample import repeated, split_ids
-from orchestrator.data.shards import decode_pair, read_manifest
+from orchestrator.data.shards import decode_pair, is_labeled, read_manifest
 from orchestrator.data.storage import RETRIES, backoff, is_transient, join, url_to_fs
 from orchestrator.data.transforms import (
     IMAGENET,
@@ -46,6 +46,7 @@ from orchestrator.data.transforms import (
     normalize,
     to_chw,
 )
+from orchestrator.errors import UsageError
 
 SHUFFLE_BUFFER = 256  # encoded samples per worker (~40 MB at 1280x720); decoded would be ~14x larger
 _BLOCK_SIZE = 32 << 20  # one GET per shard; cache_type "none" would cost ~9 range GETs per member
@@ -305,6 +306,10 @@ def make_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     manifest = read_manifest(url, storage_options)
+    if not is_labeled(manifest):
+        raise UsageError(
+            f"{url} was packed from its images alone (unlabeled): there is nothing to train on or score"
+        )
     if repeats is None or not train:
         shards = [Piece(i, s["name"], 0, s["num_samples"]) for i, s in enumerate(manifest["shards"])]
     else:

@@ -8,13 +8,11 @@ apart. Cars on the road are background, as in BDD100K where the drivable area st
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import simplejpeg
-from PIL import Image
 
 from orchestrator.data import layout
+from orchestrator.data.labels import encode_png
 from orchestrator.data.storage import url_to_fs
 
 _WRITE_BATCH = 64  # samples per fs.pipe call: concurrent uploads on S3, bounded memory
@@ -44,7 +42,7 @@ def synthesize(
                 files[layout.image_path(root, split, sample_id)] = simplejpeg.encode_jpeg(
                     image, quality=90, colorspace="RGB"
                 )
-                files[layout.mask_path(root, split, sample_id)] = _encode_png(mask)
+                files[layout.mask_path(root, split, sample_id)] = encode_png(mask)
             fs.pipe(files)
 
 
@@ -155,9 +153,3 @@ def _draw_cars(
         image[y0:y1, x0:x1] = rng.uniform(10, 230, 3)
         image[y0 + (y1 - y0) * 3 // 4 : y1, x0:x1] *= 0.3  # dark underbody and shadow
         mask[y0:y1, x0:x1] = 2
-
-
-def _encode_png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()

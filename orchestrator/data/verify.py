@@ -12,8 +12,8 @@ import posixpath
 import tarfile
 from dataclasses import dataclass, field
 
-from orchestrator.data.layout import SPLITS
-from orchestrator.data.shards import MANIFEST, decode_pair, read_manifest
+from orchestrator.data.layout import names
+from orchestrator.data.shards import MANIFEST, decode_image, decode_pair, is_labeled, read_manifest
 from orchestrator.data.storage import join, url_to_fs
 from orchestrator.errors import UsageError
 
@@ -31,10 +31,10 @@ def verify(url: str, storage_options: dict | None = None) -> Report:
     if fs.exists(join(path, MANIFEST)):
         split_urls = [url]
     else:
-        split_urls = [join(url, s) for s in SPLITS if fs.exists(join(path, s, MANIFEST))]
+        split_urls = [join(url, s) for s in names(fs, path) if fs.exists(join(path, s, MANIFEST))]
     if not split_urls:
         raise UsageError(
-            f"no {MANIFEST} in {url} nor in its {', '.join(SPLITS)} folders: "
+            f"no {MANIFEST} in {url} nor in its folders: "
             "give a packed split folder or the root that `orchestrator data pack` wrote"
         )
     report = Report()
@@ -68,7 +68,7 @@ def _verify_split(url: str, storage_options: dict | None, report: Report) -> Non
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
             report.problems.append(f"{shard}: sha256 {digest}, the manifest says {entry['sha256']}")
-        pairs = _pairs(shard, data, report.problems)
+        pairs = _samples(shard, data, is_labeled(manifest), report.problems)
         if len(pairs) != entry["num_samples"]:
             report.problems.append(f"{shard}: {len(pairs)} samples, the manifest says {entry['num_samples']}")
         stems = [stem for stem, _, _ in pairs]
@@ -76,7 +76,7 @@ def _verify_split(url: str, storage_options: dict | None, report: Report) -> Non
             report.problems.append(f"{shard}: its sample ids differ from the manifest's (or their order)")
         for stem, jpg, png in pairs:
             try:
-                image, _ = decode_pair(jpg, png)
+                image = decode_image(jpg) if png is None else decode_pair(jpg, png)[0]
             except ValueError as e:
                 report.problems.append(f"{shard}: {stem}: {e}")
                 continue
@@ -88,27 +88,33 @@ def _verify_split(url: str, storage_options: dict | None, report: Report) -> Non
         report.samples += len(pairs)
 
 
-def _pairs(shard: str, data: bytes, problems: list[str]) -> list[tuple[str, bytes, bytes]]:
-    """(id, jpg, png) of a shard's members, up to the first that breaks the <id>.jpg, <id>.png order."""
-    pairs, image = [], None
+def _samples(
+    shard: str, data: bytes, labeled: bool, problems: list[str]
+) -> list[tuple[str, bytes, bytes | None]]:
+    """(id, jpg, png) of a shard's members, <id>.jpg then <id>.png (only <id>.jpg, png None, in an images-only
+    split), up to the first member that breaks that order."""
+    extensions = (".jpg", ".png") if labeled else (".jpg",)
+    samples, current = [], []  # current: the members read of the sample being read
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 stem, ext = posixpath.splitext(member.name)
-                content = (
-                    tar.extractfile(member).read() if member.isfile() and "/" not in member.name else None
-                )
-                if content is not None and ext == ".jpg" and image is None:
-                    image = (stem, content)
-                elif content is not None and ext == ".png" and image is not None and image[0] == stem:
-                    pairs.append((stem, image[1], content))
-                    image = None
-                else:
-                    problems.append(f"{shard}: member {member.name!r} breaks the <id>.jpg, <id>.png order")
-                    return pairs
+                if (
+                    not member.isfile()
+                    or "/" in member.name
+                    or ext != extensions[len(current)]
+                    or (current and stem != current[0][0])
+                ):
+                    order = ", ".join(f"<id>{e}" for e in extensions)
+                    problems.append(f"{shard}: member {member.name!r} breaks the {order} order")
+                    return samples
+                current.append((stem, tar.extractfile(member).read()))
+                if len(current) == len(extensions):
+                    samples.append((stem, current[0][1], current[1][1] if labeled else None))
+                    current = []
     except tarfile.TarError as e:
         problems.append(f"{shard}: not a readable tar ({e})")
-        return pairs
-    if image is not None:
-        problems.append(f"{shard}: {image[0]}.jpg is the last member, its mask is missing")
-    return pairs
+        return samples
+    if current:
+        problems.append(f"{shard}: {current[0][0]}.jpg is the last member, its mask is missing")
+    return samples
