@@ -29,7 +29,6 @@ from pydantic import (
 from orchestrator.models.catalog import (
     BACKBONES,
     HEADS,
-    LAST_STAGE_BLOCKS,
     NORM_GRAMMAR,
     NORM_PATTERN,
     check_model,
@@ -103,11 +102,11 @@ class ModelSpec(_Section):
     def _multi_grid_on_resnets(self) -> ModelSpec:
         if self.multi_grid is None:
             return self
-        blocks = LAST_STAGE_BLOCKS.get(self.backbone)
+        blocks = BACKBONES[self.backbone].multi_grid_blocks
         if blocks is None:
+            takers = [b.name for b in BACKBONES.values() if b.multi_grid_blocks]
             raise ValueError(
-                f"multi_grid is defined for ResNet backbones ({', '.join(LAST_STAGE_BLOCKS)}), "
-                f"not {self.backbone!r}"
+                f"multi_grid is defined for ResNet backbones ({', '.join(takers)}), not {self.backbone!r}"
             )
         if len(self.multi_grid) != blocks or min(self.multi_grid) < 1:
             raise ValueError(

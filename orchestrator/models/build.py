@@ -1,16 +1,14 @@
 """`build_model`: backbone + head from plain values (the trial config), optionally with pretrained weights.
 
-Adding a backbone: one line in BACKBONE_BUILDERS (its constructor) and its name in `catalog.BACKBONES` (the
-torch-free list the spec validates against, with its output strides and default head). A backbone gives
-`forward(x) -> {"low": stride-4 features, "out": final features}` and the attributes `low_channels`,
-`out_channels`. A model whose head is part of its architecture (ENet) goes into WHOLE_MODELS and
-`catalog.OWN_HEADS`.
+A backbone's code is found from its catalog record (`catalog.BACKBONES`): the function named like the backbone
+in orchestrator.models.<record.module>. It gives `forward(x) -> {"low": stride-4 features, "out": final
+features}` with the record's channels. A backbone with its own head (ENet) is a whole model.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,31 +22,8 @@ from orchestrator.models.catalog import (
     parse_norm,
 )
 from orchestrator.models.deeplab import DeepLabV3Head, DeepLabV3PlusHead
-from orchestrator.models.drn import DRN
-from orchestrator.models.enet import ENet
 from orchestrator.models.fcn import FCNHead
 from orchestrator.models.pretrained import load_pretrained
-from orchestrator.models.resnet import ResNet
-from orchestrator.models.wider_resnet import WiderResNet38
-from orchestrator.models.xception import Xception65
-
-# name -> constructor, called as f(norm=NormSpec, output_stride=int), with multi_grid=... only when given.
-BACKBONE_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": partial(ResNet, "resnet18"),
-    "resnet50": partial(ResNet, "resnet50"),
-    "resnet101": partial(ResNet, "resnet101"),
-    "resnet152": partial(ResNet, "resnet152"),
-    "resnet50d": partial(ResNet, "resnet50", deep_stem=True, avg_down=True),
-    "resnet101d": partial(ResNet, "resnet101", deep_stem=True, avg_down=True),
-    "xception65": Xception65,
-    "drn_d_22": partial(DRN, "drn_d_22"),
-    "drn_d_105": partial(DRN, "drn_d_105"),
-    "wider_resnet38": WiderResNet38,
-}
-
-# Whole models whose head is part of the architecture (catalog.OWN_HEADS), called as f(num_classes, norm=...).
-# They expose `.backbone` and `.head` like SegmentationModel and return logits at input size.
-WHOLE_MODELS: dict[str, Callable[..., nn.Module]] = {"enet": ENet}
 
 # name -> class, called as f(low_channels, in_channels, num_classes, norm=NormSpec, output_stride=int).
 HEAD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -56,6 +31,11 @@ HEAD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3": DeepLabV3Head,
     "fcn": FCNHead,
 }
+
+
+def backbone_constructor(name: str) -> Callable[..., nn.Module]:
+    """The function that builds the backbone `name` (see catalog.Backbone)."""
+    return getattr(importlib.import_module(f"orchestrator.models.{BACKBONES[name].module}"), name)
 
 
 class SegmentationModel(nn.Module):
@@ -97,19 +77,17 @@ def build_model(
     check_model(backbone, head, output_stride, norm_spec)
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if backbone in WHOLE_MODELS:
+    record, build = BACKBONES[backbone], backbone_constructor(backbone)
+    if record.own_head:
         if pretrained:
             raise ValueError(
                 f"backbone {backbone!r} takes no pretrained weights (it is trained from scratch)"
             )
-        return WHOLE_MODELS[backbone](num_classes, norm=norm_spec)
+        return build(num_classes, norm=norm_spec)
     options = {} if multi_grid is None else {"multi_grid": multi_grid}
-    net = BACKBONE_BUILDERS[backbone](norm=norm_spec, output_stride=output_stride, **options)
+    net = build(norm=norm_spec, output_stride=output_stride, **options)
     if pretrained:
         load_pretrained(net, pretrained, storage_options)
-    return SegmentationModel(
-        net,
-        HEAD_BUILDERS[head](
-            net.low_channels, net.out_channels, num_classes, norm=norm_spec, output_stride=output_stride
-        ),
-    )
+    low, out = record.channels
+    head_net = HEAD_BUILDERS[head](low, out, num_classes, norm=norm_spec, output_stride=output_stride)
+    return SegmentationModel(net, head_net)

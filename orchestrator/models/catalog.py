@@ -1,4 +1,4 @@
-"""What a spec may name: backbones, heads, output strides, and the norm-string grammar.
+"""What a spec may name: backbones (one record each), heads, output strides, and the norm-string grammar.
 
 No torch import here: the spec validator imports this module and must stay torch-free.
 """
@@ -8,34 +8,153 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# `build.BACKBONE_BUILDERS` / `build.WHOLE_MODELS` / `build.HEAD_BUILDERS` hold the code for each name (a
-# test checks they agree). `resnet50d` / `resnet101d`: ResNet-D (deep stem, average-pool shortcuts), as timm.
-RESNETS = ("resnet18", "resnet50", "resnet101", "resnet152", "resnet50d", "resnet101d")
-BACKBONES = (*RESNETS, "xception65", "drn_d_22", "drn_d_105", "wider_resnet38", "enet")
-HEADS = ("deeplabv3plus", "deeplabv3", "fcn", "enet")
+HEADS = ("deeplabv3plus", "deeplabv3", "fcn", "enet")  # build.HEAD_BUILDERS holds their code
 OUTPUT_STRIDES = (8, 16)
 
-# Heads that are part of one backbone's architecture (ENet's decoder), head -> that backbone: valid only
-# together, both ways. Every other head fits every other backbone.
-OWN_HEADS: dict[str, str] = {"enet": "enet"}
 
-# Output strides a backbone supports, its default first (when the spec leaves model.output_stride unset).
-# DRN is dilated to stride 8 by design; ENet's encoder is fixed at 8.
-_OUTPUT_STRIDES = {"drn_d_22": (8,), "drn_d_105": (8,), "enet": (8,)}
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone: what a spec may ask of it and what the rest of the house needs to know about it.
 
-# Where IBN-a's instance-norm half goes is defined by ResNet blocks (IBN-Net-a: the first norm of each block
-# in stages 1-3); DRN is built from the same blocks. Other backbones have no such placement.
-IBN_BACKBONES = (*RESNETS, "drn_d_22", "drn_d_105")
+    Its code is the function `name` of the module orchestrator.models.<module>, called with norm= and
+    output_stride= (and multi_grid= where `multi_grid_blocks` is set); a backbone with its own head is a
+    whole model, called with num_classes and norm=. A new backbone is that module and one record here.
+    """
 
-# Blocks in a ResNet's last stage: multi-grid gives one unit rate to each.
-LAST_STAGE_BLOCKS = {
-    "resnet18": 2,
-    "resnet50": 3,
-    "resnet101": 3,
-    "resnet152": 3,
-    "resnet50d": 3,
-    "resnet101d": 3,
+    name: str
+    module: str
+    channels: tuple[int, int] | None  # (low, out): its stride-4 and final features; None for a whole model
+    parameters: int  # the published parameter count, without the ImageNet classifier
+    source: str  # where `parameters` comes from
+    tolerance: float = 0.0  # relative: counts published in millions are rounded
+    output_strides: tuple[int, ...] = (16, 8)  # those it supports, the default first
+    ibn: bool = False  # IBN-a's placement is defined (ResNet-style blocks: instance norm in stages 1-3)
+    multi_grid_blocks: int | None = None  # blocks of the last stage, one multi-grid unit rate each
+    own_head: str | None = None  # a head that is part of its architecture (ENet's decoder)
+    layout: str = ""  # whose parameter names it uses, so that published weights load by name
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "resnet18",
+            module="resnet",
+            channels=(64, 512),
+            parameters=11_689_512 - 513_000,
+            source="torchvision, minus its fc",
+            multi_grid_blocks=2,
+            ibn=True,
+            layout="torchvision",
+        ),
+        Backbone(
+            "resnet50",
+            module="resnet",
+            channels=(256, 2048),
+            parameters=25_557_032 - 2_049_000,
+            source="torchvision, minus its fc",
+            multi_grid_blocks=3,
+            ibn=True,
+            layout="torchvision",
+        ),
+        Backbone(
+            "resnet101",
+            module="resnet",
+            channels=(256, 2048),
+            parameters=44_549_160 - 2_049_000,
+            source="torchvision, minus its fc",
+            multi_grid_blocks=3,
+            ibn=True,
+            layout="torchvision",
+        ),
+        Backbone(
+            "resnet152",
+            module="resnet",
+            channels=(256, 2048),
+            parameters=60_192_808 - 2_049_000,
+            source="torchvision, minus its fc",
+            multi_grid_blocks=3,
+            ibn=True,
+            layout="torchvision",
+        ),
+        # ResNet-D (deep stem, average-pool shortcuts), as timm's resnet*d
+        Backbone(
+            "resnet50d",
+            module="resnet",
+            channels=(256, 2048),
+            parameters=25_576_264 - 2_049_000,
+            source="timm, minus its fc",
+            multi_grid_blocks=3,
+            ibn=True,
+            layout="timm",
+        ),
+        Backbone(
+            "resnet101d",
+            module="resnet",
+            channels=(256, 2048),
+            parameters=44_568_392 - 2_049_000,
+            source="timm, minus its fc",
+            multi_grid_blocks=3,
+            ibn=True,
+            layout="timm",
+        ),
+        Backbone(
+            "xception65",
+            module="xception",
+            channels=(256, 2048),
+            parameters=39_920_000 - 2_049_000,
+            source="timm: 39.92M with its 2048x1000 fc",
+            tolerance=0.005,
+            layout="timm",
+        ),
+        # DRN: ResNet's blocks, dilated to output stride 8 by design
+        Backbone(
+            "drn_d_22",
+            module="drn",
+            channels=(64, 512),
+            parameters=16_400_000 - 513_000,
+            source="DRN paper: 16.4M with its 512x1000 fc",
+            tolerance=0.01,
+            output_strides=(8,),
+            ibn=True,
+            layout="fyu/drn",
+        ),
+        Backbone(
+            "drn_d_105",
+            module="drn",
+            channels=(256, 512),
+            parameters=54_800_000 - 513_000,
+            source="DRN paper: 54.8M with its 512x1000 fc",
+            tolerance=0.01,
+            output_strides=(8,),
+            ibn=True,
+            layout="fyu/drn",
+        ),
+        Backbone(
+            "wider_resnet38",
+            module="wider_resnet",
+            channels=(256, 4096),
+            parameters=105_070_912,
+            source="mapillary's wider_resnet38_a2, minus its classifier",
+            layout="mapillary",
+        ),
+        # ENet: encoder-decoder at stride 8; the count is the whole model's (3 classes here)
+        Backbone(
+            "enet",
+            module="enet",
+            channels=None,
+            parameters=370_000,
+            source="ENet paper: 0.37M",
+            tolerance=0.02,
+            output_strides=(8,),
+            own_head="enet",
+        ),
+    )
 }
+
+# Heads that are part of one backbone's architecture, head -> that backbone: valid only together, both ways.
+# Every other head fits every other backbone.
+OWN_HEADS: dict[str, str] = {b.own_head: b.name for b in BACKBONES.values() if b.own_head}
 
 
 def check_output_stride(output_stride: int) -> None:
@@ -47,11 +166,11 @@ def check_output_stride(output_stride: int) -> None:
 
 
 def output_strides(backbone: str) -> tuple[int, ...]:
-    return _OUTPUT_STRIDES.get(backbone, (16, 8))
+    return BACKBONES[backbone].output_strides
 
 
 def default_head(backbone: str) -> str:
-    return next((h for h, b in OWN_HEADS.items() if b == backbone), "deeplabv3plus")
+    return BACKBONES[backbone].own_head or "deeplabv3plus"
 
 
 def check_pairing(backbone: str, head: str) -> None:
@@ -74,10 +193,11 @@ def check_model(backbone: str, head: str, output_stride: int, norm: NormSpec) ->
             f"unknown output_stride {output_stride} for backbone {backbone!r}; allowed: "
             f"{', '.join(map(str, sorted(allowed)))}"
         )
-    if norm.kind in ("ibn-a", "ign-a") and backbone not in IBN_BACKBONES:
+    if norm.kind in ("ibn-a", "ign-a") and not BACKBONES[backbone].ibn:
+        ibn = [b.name for b in BACKBONES.values() if b.ibn]
         raise ValueError(
             f"norm {str(norm)!r} places instance norm in ResNet-style blocks; backbone {backbone!r} has none "
-            f"(allowed: {', '.join(IBN_BACKBONES)})"
+            f"(allowed: {', '.join(ibn)})"
         )
 
 

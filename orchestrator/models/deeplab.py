@@ -5,9 +5,9 @@
 - `DeepLabV3Head` (Chen et al., 2017, "Rethinking Atrous Convolution"): ASPP with plain atrous convs, as
   that paper (and torchvision's deeplabv3), then the classifier; logits at the output stride.
 
-The model upsamples the logits to the input size (`build.SegmentationModel`). With `+ws`, every conv
-followed by a norm is weight-standardized; the classifier and the image-pooling conv (no norm after them)
-are plain convs.
+The model upsamples the logits to the input size (`build.SegmentationModel`). With `+ws`, the conv factory
+standardizes every conv followed by a norm but the separable convs' depthwise ones; the classifier and the
+image-pooling conv (no norm after them) stay plain.
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ class ASPP(nn.Module):
         # Image pooling works on a 1x1 map: a BN there sees one value per channel at batch 1 per GPU, as the
         # study runs ("Expected more than 1 value per channel when training"). So this branch is a biased conv
         # without a norm, for every norm spec, so that the head's architecture does not vary with the norm.
-        # Under `+ws` it stays a plain conv, as the classifier: WS fixes a conv's output scale, which only a
-        # norm after it makes learnable again (the WS paper standardizes the convs before BN/GN).
         self.pool = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), conv(in_channels, channels, 1, bias=True), nn.ReLU(inplace=True)
         )

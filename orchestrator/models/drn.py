@@ -100,11 +100,18 @@ class DRN(nn.Module):
         self.layer3, self.layer4, self.layer5, self.layer6 = levels
         self.layer7 = _conv_level(in_channels, CHANNELS[6], depths[6], dilation=2, norm=norm)
         self.layer8 = _conv_level(CHANNELS[6], CHANNELS[7], depths[7], norm=norm)
-        self.low_channels = CHANNELS[2] * block.expansion
-        self.out_channels = CHANNELS[7]
         init_conv_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         low = self.layer3(self.layer2(self.layer1(self.layer0(x))))
         out = self.layer8(self.layer7(self.layer6(self.layer5(self.layer4(low)))))
         return {"low": low, "out": out}
+
+
+# The backbones the catalog names (catalog.BACKBONES: module "drn"), one function each.
+def drn_d_22(**kwargs) -> DRN:
+    return DRN("drn_d_22", **kwargs)
+
+
+def drn_d_105(**kwargs) -> DRN:
+    return DRN("drn_d_105", **kwargs)

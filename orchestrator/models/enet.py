@@ -20,18 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, parse_norm
-from orchestrator.models.layers import StdConv2d, conv, init_conv_weights
+from orchestrator.models.layers import conv, init_conv_weights
 from orchestrator.models.norms import make_norm
 
 
 def _norm_prelu(norm: NormSpec, channels: int) -> list[nn.Module]:
     return [make_norm(norm, channels), nn.PReLU(channels)]  # one PReLU slope per channel, as the authors'
-
-
-def _asymmetric_conv(channels: int, kernel_size: tuple[int, int], ws: bool) -> nn.Conv2d:
-    # layers.conv builds square kernels only; the same choice of class (StdConv2d under +ws), "same" padding.
-    padding = (kernel_size[0] // 2, kernel_size[1] // 2)
-    return (StdConv2d if ws else nn.Conv2d)(channels, channels, kernel_size, padding=padding, bias=False)
 
 
 class ZeroUpsample(nn.Module):
@@ -54,7 +48,7 @@ class InitialBlock(nn.Module):
 
     def __init__(self, norm: NormSpec) -> None:
         super().__init__()
-        self.conv = conv(3, 13, 3, stride=2, ws=norm.ws)
+        self.conv = conv(3, 13, 3, stride=2, norm=norm)
         self.pool = nn.MaxPool2d(2)
         self.norm_act = nn.Sequential(*_norm_prelu(norm, 16))
 
@@ -81,19 +75,19 @@ class Bottleneck(nn.Module):
         internal = out_channels // 4
         if asymmetric:
             middle = [
-                _asymmetric_conv(internal, (5, 1), norm.ws),
+                conv(internal, internal, (5, 1), norm=norm),
                 *_norm_prelu(norm, internal),
-                _asymmetric_conv(internal, (1, 5), norm.ws),
+                conv(internal, internal, (1, 5), norm=norm),
             ]
         else:
-            middle = [conv(internal, internal, 3, dilation=dilation, ws=norm.ws)]
+            middle = [conv(internal, internal, 3, dilation=dilation, norm=norm)]
         # A downsampling bottleneck's projection is a 2x2 stride-2 conv instead of a 1x1 (paper, section 3).
         self.ext = nn.Sequential(
-            conv(in_channels, internal, stride, stride=stride, ws=norm.ws),
+            conv(in_channels, internal, stride, stride=stride, norm=norm),
             *_norm_prelu(norm, internal),
             *middle,
             *_norm_prelu(norm, internal),
-            conv(internal, out_channels, 1, ws=norm.ws),
+            conv(internal, out_channels, 1, norm=norm),
             make_norm(norm, out_channels),
             nn.Dropout2d(dropout),
         )
@@ -125,15 +119,15 @@ class UpsamplingBottleneck(nn.Module):
         super().__init__()
         internal = out_channels // 4
         self.shortcut = nn.Sequential(
-            conv(in_channels, out_channels, 1, ws=norm.ws), make_norm(norm, out_channels)
+            conv(in_channels, out_channels, 1, norm=norm), make_norm(norm, out_channels)
         )
         self.ext = nn.Sequential(
-            conv(in_channels, internal, 1, ws=norm.ws),
+            conv(in_channels, internal, 1, norm=norm),
             *_norm_prelu(norm, internal),
             ZeroUpsample(),
-            conv(internal, internal, 3, ws=norm.ws),
+            conv(internal, internal, 3, norm=norm),
             *_norm_prelu(norm, internal),
-            conv(internal, out_channels, 1, ws=norm.ws),
+            conv(internal, out_channels, 1, norm=norm),
             make_norm(norm, out_channels),
             nn.Dropout2d(dropout),
         )
@@ -216,3 +210,8 @@ class ENet(nn.Module):
         height, width = x.shape[-2:]
         logits = self.head(self.backbone(F.pad(x, (0, -width % 8, 0, -height % 8))))
         return logits[..., :height, :width]
+
+
+def enet(num_classes: int = 3, **kwargs) -> ENet:
+    """The whole model the catalog names `enet` (its head is its own decoder)."""
+    return ENet(num_classes, **kwargs)

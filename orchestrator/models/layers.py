@@ -1,5 +1,5 @@
-"""Conv building blocks shared by backbones and heads: one place to build a conv, so the conv-level option
-(weight standardization) has one home."""
+"""Conv building blocks shared by backbones and heads: one place to build a conv, so that which convs are
+weight-standardized is decided in one place (`conv`)."""
 
 from __future__ import annotations
 
@@ -13,25 +13,31 @@ from orchestrator.models.norms import make_norm
 def conv(
     in_channels: int,
     out_channels: int,
-    kernel_size: int,
+    kernel_size: int | tuple[int, int],
     *,
     stride: int = 1,
     dilation: int = 1,
     groups: int = 1,
     bias: bool = False,
-    ws: bool = False,
+    norm: NormSpec | None = None,
 ) -> nn.Conv2d:
     """A conv padded so that the output is input / stride; no bias by default (a norm follows).
 
-    `ws`: weight-standardized (StdConv2d), for convs followed by a norm (a spec's `+ws`).
+    `norm`: the spec of the norm this conv feeds, None where none does (a classifier, a pooled branch). It
+    decides Weight Standardization, here and nowhere else: a `+ws` spec makes the conv a StdConv2d, except a
+    depthwise one, whose standardized single-channel filter would sum to zero (a high-pass filter that cannot
+    pass its channel's mean). A conv no norm follows stays plain: WS fixes a conv's output scale, which only
+    a norm after it makes learnable again (the WS paper standardizes the convs before BN/GN).
     """
-    padding = dilation * (kernel_size - 1) // 2
-    return (StdConv2d if ws else nn.Conv2d)(
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    depthwise = groups == in_channels > 1
+    standardized = norm is not None and norm.ws and not depthwise
+    return (StdConv2d if standardized else nn.Conv2d)(
         in_channels,
         out_channels,
-        kernel_size,
+        (kh, kw),
         stride=stride,
-        padding=padding,
+        padding=(dilation * (kh - 1) // 2, dilation * (kw - 1) // 2),
         dilation=dilation,
         groups=groups,
         bias=bias,
@@ -77,7 +83,7 @@ def conv_norm_relu(
             stride=stride,
             dilation=dilation,
             groups=groups,
-            ws=norm.ws,
+            norm=norm,
         ),
         make_norm(norm, out_channels),
         nn.ReLU(inplace=True),
@@ -97,10 +103,7 @@ def separable_conv_norm_relu(
 
 
 def classifier(in_channels: int, num_classes: int) -> nn.Conv2d:
-    """A head's last layer: a biased 1x1 conv with small weights.
-
-    Plain, never weight-standardized: no norm follows it to make its output scale learnable again.
-    """
+    """A head's last layer: a biased 1x1 conv with small weights, plain (no norm follows it)."""
     layer = conv(in_channels, num_classes, 1, bias=True)
     # Kaiming fan-out on a 3-output 1x1 conv gives logits with std ~9 at init (a first loss ~6);
     # small weights start the classifier near uniform, where cross-entropy is ln(3).

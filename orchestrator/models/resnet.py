@@ -30,9 +30,9 @@ class BasicBlock(nn.Module):
         avg_down: bool,
     ) -> None:
         super().__init__()
-        self.conv1 = conv(in_channels, planes, 3, stride=stride, dilation=first_dilation, ws=norm.ws)
+        self.conv1 = conv(in_channels, planes, 3, stride=stride, dilation=first_dilation, norm=norm)
         self.bn1 = make_norm(norm, planes, instance_half=instance_half)
-        self.conv2 = conv(planes, planes, 3, dilation=dilation, ws=norm.ws)
+        self.conv2 = conv(planes, planes, 3, dilation=dilation, norm=norm)
         self.bn2 = make_norm(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, planes, stride, norm, avg_down=avg_down)
@@ -66,11 +66,11 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = conv(in_channels, planes, 1, ws=norm.ws)
+        self.conv1 = conv(in_channels, planes, 1, norm=norm)
         self.bn1 = make_norm(norm, planes, instance_half=instance_half)
-        self.conv2 = conv(planes, planes, 3, stride=stride, dilation=first_dilation, ws=norm.ws)
+        self.conv2 = conv(planes, planes, 3, stride=stride, dilation=first_dilation, norm=norm)
         self.bn2 = make_norm(norm, planes)
-        self.conv3 = conv(planes, out_channels, 1, ws=norm.ws)
+        self.conv3 = conv(planes, out_channels, 1, norm=norm)
         self.bn3 = make_norm(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, out_channels, stride, norm, avg_down=avg_down)
@@ -100,10 +100,10 @@ def _shortcut(
         return None
     if not avg_down:
         return nn.Sequential(
-            conv(in_channels, out_channels, 1, stride=stride, ws=norm.ws), make_norm(norm, out_channels)
+            conv(in_channels, out_channels, 1, stride=stride, norm=norm), make_norm(norm, out_channels)
         )
     pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
-    return nn.Sequential(pool, conv(in_channels, out_channels, 1, ws=norm.ws), make_norm(norm, out_channels))
+    return nn.Sequential(pool, conv(in_channels, out_channels, 1, norm=norm), make_norm(norm, out_channels))
 
 
 def _deep_stem(norm: NormSpec) -> nn.Sequential:
@@ -113,7 +113,7 @@ def _deep_stem(norm: NormSpec) -> nn.Sequential:
     return nn.Sequential(
         *conv_norm_relu(3, 32, 3, norm=norm, stride=2),
         *conv_norm_relu(32, 32, 3, norm=norm),
-        conv(32, 64, 3, ws=norm.ws),
+        conv(32, 64, 3, norm=norm),
     )
 
 
@@ -176,7 +176,7 @@ class ResNet(nn.Module):
                 f"got {multi_grid!r}"
             )
         norm = parse_norm(norm)
-        self.conv1 = _deep_stem(norm) if deep_stem else conv(3, 64, 7, stride=2, ws=norm.ws)
+        self.conv1 = _deep_stem(norm) if deep_stem else conv(3, 64, 7, stride=2, norm=norm)
         self.bn1 = make_norm(norm, 64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -206,8 +206,6 @@ class ResNet(nn.Module):
                 in_channels = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.low_channels = 64 * block.expansion
-        self.out_channels = 512 * block.expansion
 
         init_conv_weights(self)
         # Zero gamma in each block's last norm: every residual block starts as identity (Goyal et al.; the
@@ -222,3 +220,28 @@ class ResNet(nn.Module):
         low = self.layer1(x)
         out = self.layer4(self.layer3(self.layer2(low)))
         return {"low": low, "out": out}
+
+
+# The backbones the catalog names (catalog.BACKBONES: module "resnet"), one function each.
+def resnet18(**kwargs) -> ResNet:
+    return ResNet("resnet18", **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return ResNet("resnet50", **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    return ResNet("resnet101", **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+    return ResNet("resnet152", **kwargs)
+
+
+def resnet50d(**kwargs) -> ResNet:
+    return ResNet("resnet50", deep_stem=True, avg_down=True, **kwargs)
+
+
+def resnet101d(**kwargs) -> ResNet:
+    return ResNet("resnet101", deep_stem=True, avg_down=True, **kwargs)

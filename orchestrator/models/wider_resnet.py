@@ -68,12 +68,12 @@ class PreActBlock(nn.Module):
                 kernel,
                 stride=stride if i == 1 else 1,
                 dilation=dilation if kernel == 3 else 1,
-                ws=norm.ws,
+                norm=norm,
             )
             channels = width
         self.convs = nn.Sequential(layers)
         self.proj_conv = (
-            conv(in_channels, channels, 1, stride=stride, ws=norm.ws)
+            conv(in_channels, channels, 1, stride=stride, norm=norm)
             if stride != 1 or in_channels != channels
             else None
         )
@@ -112,7 +112,7 @@ class WiderResNet38(nn.Module):
         super().__init__()
         check_output_stride(output_stride)
         norm = parse_norm(norm)
-        self.mod1 = nn.Sequential(OrderedDict(conv1=conv(3, 64, 3, ws=norm.ws)))
+        self.mod1 = nn.Sequential(OrderedDict(conv1=conv(3, 64, 3, norm=norm)))
         # mod2 and mod3 downsample by max-pooling before them; mod4.. by their first block's stride.
         self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)
         self.pool3 = nn.MaxPool2d(3, stride=2, padding=1)
@@ -134,11 +134,14 @@ class WiderResNet38(nn.Module):
         self.mod2, self.mod3, self.mod4, self.mod5, self.mod6, self.mod7 = stages
         self.bn_out = make_norm(norm, in_channels)
         self.act_out = _activation()
-        self.low_channels = _STAGES[1][1][-1]  # mod3's width
-        self.out_channels = in_channels
         init_conv_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         low = self.mod3(self.pool3(self.mod2(self.pool2(self.mod1(x)))))
         out = self.mod7(self.mod6(self.mod5(self.mod4(low))))
         return {"low": low, "out": self.act_out(self.bn_out(out))}
+
+
+def wider_resnet38(**kwargs) -> WiderResNet38:
+    """The backbone the catalog names `wider_resnet38`."""
+    return WiderResNet38(**kwargs)

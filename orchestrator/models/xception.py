@@ -31,7 +31,7 @@ class ConvNorm(nn.Module):
         relu: bool,
     ) -> None:
         super().__init__()
-        self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, ws=norm.ws)
+        self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, norm=norm)
         self.bn = make_norm(norm, out_channels)
         self.act = nn.ReLU() if relu else nn.Identity()
 
@@ -44,8 +44,7 @@ class SeparableConv2d(nn.Module):
 
     `relu_first` (DeepLab's design for all but the last block): one ReLU before the depthwise conv and none
     inside. Otherwise a ReLU after each norm (DeepLab's `activation_fn_in_separable_conv`, the last block).
-    Under `+ws` the pointwise conv is weight-standardized but the depthwise one is not: a standardized
-    single-channel 3x3 filter sums to zero, a high-pass filter that cannot pass its channel's mean.
+    Under `+ws` the pointwise conv is weight-standardized, the depthwise one not (layers.conv says why).
     """
 
     def __init__(
@@ -60,9 +59,11 @@ class SeparableConv2d(nn.Module):
     ) -> None:
         super().__init__()
         self.pre_act = nn.ReLU() if relu_first else nn.Identity()
-        self.conv_dw = conv(in_channels, in_channels, 3, stride=stride, dilation=dilation, groups=in_channels)
+        self.conv_dw = conv(
+            in_channels, in_channels, 3, stride=stride, dilation=dilation, groups=in_channels, norm=norm
+        )
         self.bn_dw = make_norm(norm, in_channels)
-        self.conv_pw = conv(in_channels, out_channels, 1, ws=norm.ws)
+        self.conv_pw = conv(in_channels, out_channels, 1, norm=norm)
         self.bn_pw = make_norm(norm, out_channels)
         self.act = nn.Identity() if relu_first else nn.ReLU()
 
@@ -172,11 +173,14 @@ class Xception65(nn.Module):
                     last=i == len(_BLOCKS) - 1,
                 ),
             )
-        self.low_channels = _BLOCKS[_LOW_BLOCK][1][1]
-        self.out_channels = _BLOCKS[-1][1][-1]
         init_conv_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.blocks[:_LOW_BLOCK](self.stem(x))
         x, low = self.blocks[_LOW_BLOCK].forward_with_inner(x)
         return {"low": low, "out": self.blocks[_LOW_BLOCK + 1 :](x)}
+
+
+def xception65(**kwargs) -> Xception65:
+    """The backbone the catalog names `xception65`."""
+    return Xception65(**kwargs)

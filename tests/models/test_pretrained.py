@@ -1,37 +1,62 @@
-"""Pretrained loading across norms: what carries over, what is dropped, what is said."""
+"""Pretrained weights: from any fsspec URL, across norms (what carries over, what is dropped, what is said),
+files as people have them (safetensors, training checkpoints, prefixes), and the refusals that name why."""
 
 import argparse
 import functools
 import logging
+import re
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
-from orchestrator.models.build import BACKBONE_BUILDERS, build_model
+from orchestrator.models.build import backbone_constructor, build_model
 from orchestrator.models.pretrained import load_pretrained
 from orchestrator.models.resnet import ResNet
 
 
+def _torchvision_like_file(path: str, norm: str = "bn", **open_kwargs) -> dict[str, torch.Tensor]:
+    """A resnet18 state_dict with an fc layer, as torchvision saves it; returns what was saved."""
+    torch.manual_seed(1)
+    state = ResNet("resnet18", norm=norm).state_dict()
+    for value in state.values():
+        if value.is_floating_point():
+            value.normal_()  # distinct from any fresh init
+    state |= {"fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)}
+    with fsspec.open(path, "wb", **open_kwargs) as f:
+        torch.save(state, f)
+    return state
+
+
+@pytest.mark.parametrize("scheme", ["path", "file", "memory"])
+def test_pretrained_round_trips(tmp_path: Path, scheme: str, caplog: pytest.LogCaptureFixture) -> None:
+    url = {
+        "path": str(tmp_path / "r18.pth"),
+        "file": f"file://{tmp_path}/r18.pth",
+        "memory": f"memory://weights-{tmp_path.name}/r18.pth",
+    }[scheme]
+    saved = _torchvision_like_file(url)
+    with caplog.at_level(logging.INFO, logger="orchestrator.models.pretrained"):
+        model = build_model("resnet18", pretrained=url, storage_options={})
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == saved.keys() - {"fc.weight", "fc.bias"}
+    for key, value in loaded.items():
+        assert torch.equal(value, saved[key]), key
+    assert "loaded 120 of 120 tensors" in caplog.text and "fc.weight" in caplog.text
+
+
 def test_a_bn_file_gives_a_gn_ws_backbone_its_weights_and_drops_the_statistics(tmp_path, caplog):
-    bn = ResNet("resnet18", norm="bn")
-    for m in bn.modules():  # non-default values, so that "carried over" is visible
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    torch.save(bn.state_dict(), tmp_path / "r18.pth")
+    saved = _torchvision_like_file(str(tmp_path / "r18.pth"))
     with caplog.at_level(logging.INFO, logger="orchestrator.models.pretrained"):
         model = build_model("resnet18", norm="gn:g32+ws", pretrained=str(tmp_path / "r18.pth"))
     gn = model.backbone
-    assert torch.equal(
-        gn.conv1.weight, bn.conv1.weight
-    )  # WS standardizes at forward, the stored weight is the file's
-    assert torch.equal(gn.layer2[0].bn1.weight, bn.layer2[0].bn1.weight)
-    assert torch.equal(gn.layer2[0].bn1.bias, bn.layer2[0].bn1.bias)
-    statistics = sum(
-        k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in bn.state_dict()
-    )
-    assert f"dropped {statistics} BN statistics" in caplog.text
+    assert torch.equal(gn.conv1.weight, saved["conv1.weight"])  # WS standardizes at forward: stored as is
+    assert torch.equal(gn.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
+    assert torch.equal(gn.layer2[0].bn1.weight, saved["layer2.0.bn1.weight"])
+    assert torch.equal(gn.layer2[0].bn1.bias, saved["layer2.0.bn1.bias"])
+    assert "loaded 60 of 60 tensors" in caplog.text  # 20 convs, 20 norms x (weight, bias)
+    assert "dropped 60 BN statistics" in caplog.text  # running stats: GN keeps none
     assert not [r for r in caplog.records if r.name.endswith("pretrained") and r.levelno >= logging.WARNING]
 
 
@@ -66,7 +91,7 @@ def _assert_landed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 @functools.cache
 def _published(name: str) -> dict[str, torch.Tensor]:
     """Weights in a backbone's published layout (torchvision's for ResNets, timm's for Xception-65)."""
-    return _randomized(BACKBONE_BUILDERS[name]())
+    return _randomized(backbone_constructor(name)())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "xception65"])
@@ -75,7 +100,7 @@ def test_safetensors_load_by_content_whatever_the_name(name: str, tmp_path: Path
 
     state = _published(name)
     save_file(state, tmp_path / "model.bin")  # the hub's model.safetensors, renamed: the header tells
-    model = BACKBONE_BUILDERS[name]()
+    model = backbone_constructor(name)()
     load_pretrained(model, str(tmp_path / "model.bin"))
     _assert_landed(model, state)
 
@@ -102,7 +127,7 @@ DDP_CHECKPOINT = (
 def test_checkpoints_and_prefixes_are_unwrapped_and_said(name, wrap, how, tmp_path: Path, caplog) -> None:
     state = _published(name)
     torch.save(wrap(state), tmp_path / "checkpoint.pth")
-    model = BACKBONE_BUILDERS[name]()
+    model = backbone_constructor(name)()
     with caplog.at_level(logging.INFO, logger="orchestrator.models.pretrained"):
         load_pretrained(model, str(tmp_path / "checkpoint.pth"))
     _assert_landed(model, state)
@@ -131,3 +156,51 @@ def test_unloadable_files_are_refused_with_the_reason(tmp_path: Path) -> None:
     torch.save({"model": {"decoder.conv.weight": torch.ones(1)}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"no tensor name in .* also inside state_dict/model/"):
         load_pretrained(ResNet("resnet18"), str(tmp_path / "other.pth"))
+
+
+def _torchvision_resnet101_file(path: Path) -> ResNet:
+    """Save a ResNet-101 state_dict as torchvision lays it out (with its fc); returns a model holding it."""
+    torch.manual_seed(2)
+    source = ResNet("resnet101").eval()
+    with torch.no_grad():
+        for name, value in source.state_dict().items():
+            if name.endswith("running_var"):
+                value.uniform_(0.5, 2.0)
+            elif value.is_floating_point():
+                value.add_(torch.randn_like(value) * 0.02)  # distinct from any fresh init
+    state = source.state_dict() | {"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)}
+    torch.save(state, path)
+    return source
+
+
+def test_torchvision_resnet101_checkpoint_reproduces_the_backbone(tmp_path: Path) -> None:
+    source = _torchvision_resnet101_file(tmp_path / "r101.pth")
+    model = build_model("resnet101", "deeplabv3plus", pretrained=str(tmp_path / "r101.pth")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = source(x), model.backbone(x)
+    assert torch.isfinite(expected["out"]).all() and expected["out"].abs().max() > 0
+    for key in ("low", "out"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_depth_names_the_first_wrong_shape(tmp_path: Path) -> None:
+    # ResNet-101 weights into ResNet-18: in the model's order, the first misfit is layer1.0.conv1 (1x1, 3x3).
+    torch.save(ResNet("resnet101").state_dict(), tmp_path / "r101.pth")
+    with pytest.raises(ValueError) as error:
+        build_model("resnet18", pretrained=str(tmp_path / "r101.pth"))
+    message = str(error.value)
+    assert "do not fit the model's shapes" in message
+    misfits = re.findall(r"([\w.]+): file (\([\d, ]*\)), model (\([\d, ]*\))", message)
+    assert misfits[0] == ("layer1.0.conv1.weight", "(64, 64, 1, 1)", "(64, 64, 3, 3)")
+
+
+def test_wrong_shapes_are_listed_in_the_models_order(tmp_path: Path) -> None:
+    state = ResNet("resnet101").state_dict()
+    for key in ("layer3.2.conv2.weight", "layer3.10.conv2.weight"):
+        state[key] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as error:
+        build_model("resnet101", pretrained=str(tmp_path / "bad.pth"))
+    message = str(error.value)
+    assert message.index("layer3.2.conv2.weight") < message.index("layer3.10.conv2.weight")

@@ -96,7 +96,7 @@ def test_norm_spec_rejects_what_the_grammar_rejects(kwargs: dict) -> None:
 
 def test_catalog_does_not_import_torch() -> None:
     code = "import sys, orchestrator.models.catalog; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 @pytest.mark.parametrize(
