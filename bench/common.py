@@ -133,9 +133,9 @@ def local_cluster(state: Path, trial_drivers: int, s3: bool = False) -> Iterator
     """cluster/local.sh (a Ray head with token auth and an MLflow server; with `s3`, a moto S3 endpoint) on
     free ports, its state and token in `state`; yields a user's shell environment after
     `source $STATE_DIR/env`. Stopped by the script (by PID); what it fails to stop is killed by its process
-    group's PID, then reported as an error. tests/test_cluster.py submits jobs to it, bench/sweep.py times
-    a sweep joining it."""
-    from orchestrator.data.local_s3 import free_port
+    group's PID, then reported as an error. tests/execution/test_cluster.py submits jobs to it, bench/sweep.py
+    times a sweep joining it."""
+    from bench.local_s3 import free_port
 
     script = [str(Path(__file__).resolve().parent.parent / "cluster" / "local.sh")]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_TRACKING"))}

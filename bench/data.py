@@ -30,7 +30,7 @@ import s3fs  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from orchestrator.data.local_s3 import local_s3  # noqa: E402
+from bench.local_s3 import local_s3  # noqa: E402
 from orchestrator.data.shards import decode_pair  # noqa: E402
 from orchestrator.data.stream import make_loader  # noqa: E402
 from orchestrator.data.transforms import normalize, train_transform  # noqa: E402

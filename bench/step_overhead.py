@@ -5,7 +5,7 @@ inside Ray Train (1 worker, 2 DDP workers), the same model, data and batch, meas
                                             [--ddp-norms bn syncbn]
 
 Synthesizes and packs a small dataset in a temporary folder. Every setup trains resnet18-deeplabv3plus
-(`checkpoint.model_for`, same seed) on 1 thread per worker (OMP_NUM_THREADS=1 here and in the Ray workers
+(`checkpoints.model_for`, same seed) on 1 thread per worker (OMP_NUM_THREADS=1 here and in the Ray workers
 started from here, which hold 1 CPU each), with the same loader: the orchestrator's, decoding and
 augmenting in the training process (`data.loader_workers: 0`), so every setup reads the same batches and
 pays the same decoding. The setups:
@@ -40,11 +40,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common  # noqa: E402
+from orchestrator import (
+    checkpoints,  # noqa: E402
+    tracking,  # noqa: E402
+)
 from orchestrator import spec as specs  # noqa: E402
-from orchestrator import tracking  # noqa: E402
 from orchestrator.data.layout import IGNORE_INDEX  # noqa: E402
-from orchestrator.sweep import run_single  # noqa: E402
-from orchestrator.train import checkpoint  # noqa: E402
+from orchestrator.execution.sweep import run_single  # noqa: E402
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch  # noqa: E402
 
 BENCH = "step_overhead"
@@ -54,7 +56,7 @@ def bare_epochs(spec: specs.Spec) -> Iterator[float]:
     """A bare PyTorch loop; yields each epoch's seconds per step."""
     t, w = spec.train, Worker(spec)
     torch.manual_seed(t.seed)
-    model = checkpoint.model_for(spec).train()
+    model = checkpoints.model_for(spec).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     for epoch in itertools.count():  # as many as asked for, between the other setups
         steps = w.epoch_steps[epoch % t.epochs]
@@ -72,7 +74,7 @@ def worker_epochs(spec: specs.Spec) -> Iterator[float]:
     """The orchestrator's worker loop (`train_epoch`) in this process; yields each epoch's s/step."""
     w = Worker(spec)
     torch.manual_seed(spec.train.seed)
-    model = checkpoint.model_for(spec)
+    model = checkpoints.model_for(spec)
     optimizer = make_optimizer(spec, model)
     for epoch in range(spec.train.epochs):
         yield spec.train.batch_per_gpu / train_epoch(w, model, optimizer, Position(epoch))["images_per_s"]

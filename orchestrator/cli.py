@@ -242,7 +242,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from orchestrator import spec as specs
 
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
-    from orchestrator.sweep import run_sweep
+    from orchestrator.execution.sweep import run_sweep
 
     outcomes = run_sweep(spec, resume=args.resume, command=args.command)
     _print_outcomes(spec.experiment, outcomes)
@@ -253,7 +253,7 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator import spec as specs
 
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
-    from orchestrator.sweep import run_single
+    from orchestrator.execution.sweep import run_single
 
     outcome = run_single(spec, command=args.command)
     _print_outcomes(spec.experiment, [outcome])

@@ -1,8 +1,8 @@
 """The sweep spec: YAML schema, defaults, `--set` overrides and grid expansion.
 
-Validated once at the edge; everything downstream receives a `Spec` or the flat trial config it
-expands to. A trial config is a flat JSON-able dict with dotted keys (`model.backbone`,
-`train.batch_per_gpu`): the same keys are Tune's param space, MLflow params and `--set` targets.
+Validated once at the edge; `expand` turns the grid into typed trials (`Trial`: key, flat config, spec),
+and everything downstream receives those. A trial's flat config is a JSON-able dict with dotted keys
+(`model.backbone`, `train.batch_per_gpu`): the same keys are MLflow params and `--set` targets.
 This module never imports Ray, torch or MLflow, so a bad spec fails fast, before any of them start.
 """
 
@@ -12,6 +12,7 @@ import copy
 import itertools
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -393,8 +394,30 @@ def grid_keys() -> list[str]:
     return [k for k in flatten(example) if k != "name"]
 
 
-def expand(spec: Spec) -> list[dict[str, Any]]:
-    """One flat trial config per grid point, in the order of the grid's keys (last varies fastest)."""
+@dataclass(frozen=True, repr=False)
+class Trial:
+    """One grid point: its key, its flat config (the form at the edges: Tune shows the key, MLflow the
+    config's params) and its validated spec, which travels to the trial's driver and workers as it is."""
+
+    key: str  # `norm=bn,train.batch_per_gpu=2`, `base` without a grid
+    config: dict[str, Any]  # flat, dotted keys, the backbone's defaults filled in
+    spec: Spec
+
+    def __str__(self) -> str:
+        return self.key
+
+    def __repr__(self) -> str:  # what Tune prints of a trial's params: the key, never the whole config
+        return f"Trial({self.key!r})"
+
+
+def expand(spec: Spec) -> list[Trial]:
+    """The trials of the spec's grid, in the order of the grid's keys (last varies fastest): the one place
+    trials are enumerated."""
+    return [Trial(trial_key(config, spec.grid), config, from_flat(config)) for config in _points(spec)]
+
+
+def _points(spec: Spec) -> list[dict[str, Any]]:
+    """One flat config per grid point."""
     base = flatten(spec)
     keys = list(spec.grid)
     points = itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]
@@ -506,7 +529,7 @@ def validate(raw: dict[str, Any]) -> Spec:
             except ValidationError as e:
                 errors += _describe(e, prefix=f"grid.{key}[{i}] -> ", only=key)
     if not errors:  # each value is valid alone: now every combination the grid makes
-        for config in expand(spec):
+        for config in _points(spec):
             try:
                 from_flat(config)
             except ValidationError as e:
@@ -568,6 +591,5 @@ def describe_grid(spec: Spec) -> str:
     """A human table of the expanded grid (what `orchestrator spec SPEC` prints)."""
     trials = expand(spec)
     lines = [f"{spec.name}: {len(trials)} trial(s), experiment {spec.experiment!r}"]
-    for i, config in enumerate(trials):
-        lines.append(f"  {i:3d}  {trial_key(config, spec.grid)}")
+    lines += [f"  {i:3d}  {trial.key}" for i, trial in enumerate(trials)]
     return "\n".join(lines)

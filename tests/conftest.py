@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data.local_s3 import S3Server, local_s3
+# bench/ is no installed package; tests of its helpers, the local S3 server and test_cluster (its local
+# cluster) import it; the test helper modules (broken_shards) sit in this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from bench.local_s3 import S3Server, local_s3  # noqa: E402
 
 # One thread per test process: the 2-core CI box is shared with Ray workers and servers, and the
 # default OpenMP busy-wait made steps 10-25x slower there (ENVIRONMENT.md).
@@ -30,9 +35,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
-# bench/ is no installed package; tests of its helpers and test_cluster (its local cluster) import it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(scope="session")

@@ -15,16 +15,24 @@ import pytest
     [
         # Ray Train's controller unpickles the run's callbacks before it starts the workers.
         (
-            "orchestrator.tune_report",
-            ["orchestrator.sweep", "orchestrator.train.loop", "orchestrator.models", "mlflow"],
+            "orchestrator.execution.tune_report",
+            ["orchestrator.execution.sweep", "orchestrator.train.loop", "orchestrator.models", "mlflow"],
         ),
         # The sweep's own process never starts a Ray Train run.
-        ("orchestrator.sweep", ["torch", "orchestrator.train.loop", "orchestrator.train.launch"]),
+        (
+            "orchestrator.execution.sweep",
+            ["torch", "orchestrator.train.loop", "orchestrator.execution.trainer"],
+        ),
         # A trial's driver builds the trainer and Ray Train's controller unpickles its backend config:
         # neither ever holds a tensor.
-        ("orchestrator.train.launch", ["torch", "ray.train.torch", "orchestrator.train.loop"]),
+        ("orchestrator.execution.trainer", ["torch", "ray.train.torch", "orchestrator.train.loop"]),
         # Workers: MLflow is rank 0's alone, imported once an epoch ends.
         ("orchestrator.train.loop", ["mlflow", "orchestrator.tracking"]),
+        # Inference reaches nothing of training (it shares the checkpoint contract, orchestrator.checkpoints).
+        (
+            "orchestrator.inference.runs",
+            ["orchestrator.train.loop", "orchestrator.execution.trainer", "ray.train"],
+        ),
     ],
 )
 def test_a_process_imports_only_what_it_needs(module: str, forbidden: list[str]) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.local_s3 import free_port
 from orchestrator import tracking
-from orchestrator.data.local_s3 import free_port
 from orchestrator.spec import trial_key
 
 pytestmark = pytest.mark.slow

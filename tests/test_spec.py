@@ -31,7 +31,7 @@ def errors_of(tmp_path: Path, doc: dict, overrides=()) -> list[str]:
 
 def test_shipped_specs_are_valid():
     smoke = specs.load(ROOT / "jobs/smoke.yaml")
-    assert [specs.trial_key(c, smoke.grid) for c in specs.expand(smoke)] == [
+    assert [str(t) for t in specs.expand(smoke)] == [
         "norm=bn,train.batch_per_gpu=1",
         "norm=bn,train.batch_per_gpu=2",
         "norm=gn:g8,train.batch_per_gpu=1",
@@ -46,7 +46,7 @@ STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "eval
 
 def test_study_proxy_is_42_trials_that_each_see_the_same_training_images():
     spec = specs.load(ROOT / "jobs/study_proxy.yaml")
-    trials = specs.expand(spec)
+    trials = [t.config for t in specs.expand(spec)]
     assert len(trials) == 7 * 3 * 2 == 42
     assert sorted({(c["norm"], c["train.batch_per_gpu"], c["train.seed"]) for c in trials}) == sorted(
         (n, b, s) for n in STUDY_NORMS for b in (1, 2, 8) for s in (0, 1)
@@ -68,7 +68,8 @@ def test_study_proxy_is_42_trials_that_each_see_the_same_training_images():
 
 def test_sweep_norms_is_the_full_scale_twin_of_the_proxy():
     full, proxy = (
-        specs.expand(specs.load(ROOT / "jobs" / n)) for n in ("sweep_norms.yaml", "study_proxy.yaml")
+        [t.config for t in specs.expand(specs.load(ROOT / "jobs" / n))]
+        for n in ("sweep_norms.yaml", "study_proxy.yaml")
     )
     assert len(full) == 2 * 7 * 4 * 3 * 2
     assert {c["model.backbone"] for c in full} == {"resnet101", "xception65"}
@@ -85,8 +86,10 @@ def test_defaults_and_flat_round_trip():
     spec = specs.validate(MINIMAL)
     flat = specs.flatten(spec)
     assert flat["norm"] == "bn" and flat["train.crop"] == [720, 720] and flat["model.output_stride"] is None
-    (point,) = specs.expand(spec)  # the backbone's defaults, filled in per trial
-    assert point["model.output_stride"] == 16 and point["model.head"] == "deeplabv3plus"
+    (trial,) = specs.expand(spec)  # the backbone's defaults, filled in per trial
+    assert trial.config["model.output_stride"] == 16 and trial.config["model.head"] == "deeplabv3plus"
+    assert trial.spec.model.output_stride == 16 and trial.spec == specs.from_flat(trial.config)
+    assert trial.key == "base"
     assert spec.experiment == "t"
     assert specs.from_flat(flat) == spec
     assert "grid" not in flat and "data.storage_options" in flat
@@ -153,7 +156,7 @@ def test_overrides(tmp_path):
     assert spec.norm == "syncbn" and list(spec.grid) == ["train.batch_per_gpu"]  # the axis is fixed
     assert specs.load(path, ["norm=bn", "train.batch_per_gpu=4"]).grid == {}
     spec = specs.load(path, ["grid.norm=[gn:c16]"])
-    assert [c["norm"] for c in specs.expand(spec)] == ["gn:c16", "gn:c16"]
+    assert [t.spec.norm for t in specs.expand(spec)] == ["gn:c16", "gn:c16"]
     assert errors_of(tmp_path, MINIMAL, ["train.epochs"]) == [
         "--set 'train.epochs': expected key=value, e.g. --set train.epochs=2"
     ]
@@ -207,7 +210,7 @@ def test_cli_spec_prints_grid_and_schema(capsys):
 
 def test_a_grid_of_backbones_gives_each_its_own_head_and_output_stride():
     spec = specs.validate({**MINIMAL, "grid": {"model.backbone": ["resnet18", "drn_d_22", "enet"]}})
-    got = [(c["model.backbone"], c["model.head"], c["model.output_stride"]) for c in specs.expand(spec)]
+    got = [(t.spec.model.backbone, t.spec.model.head, t.spec.model.output_stride) for t in specs.expand(spec)]
     assert got == [("resnet18", "deeplabv3plus", 16), ("drn_d_22", "deeplabv3plus", 8), ("enet", "enet", 8)]
 
 
@@ -246,7 +249,7 @@ def test_pretrained_template_names_each_backbone():
 
 
 def test_multi_grid_reaches_the_model_and_only_on_resnets(tmp_path):
-    from orchestrator.train.checkpoint import model_for
+    from orchestrator.checkpoints import model_for
 
     spec = specs.validate({**MINIMAL, "model": {"backbone": "resnet50", "multi_grid": [1, 2, 4]}})
     model = model_for(spec)
@@ -265,9 +268,17 @@ def test_multi_grid_reaches_the_model_and_only_on_resnets(tmp_path):
 
 def test_trial_keys_of_stages_are_compact_and_quote_free():
     spec = specs.load(ROOT / "jobs/progressive.yaml")
-    keys = [specs.trial_key(c, spec.grid) for c in specs.expand(spec)]
+    keys = [t.key for t in specs.expand(spec)]
     assert (
         keys[2]
         == "train.stages=100:384x384:16:0.04|100:512x512:8:0.02|100:768x768:4:0.01,train.mixup_alpha=0.0"
     )
     assert not any("'" in k or " " in k for k in keys)
+
+
+def test_a_trial_shows_its_key_and_carries_its_validated_spec():
+    spec = specs.validate({**MINIMAL, "grid": {"norm": ["bn", "gn:g8"]}})
+    trials = specs.expand(spec)
+    assert [repr(t) for t in trials] == ["Trial('norm=bn')", "Trial('norm=gn:g8')"]  # what Tune prints
+    assert [t.spec.norm for t in trials] == ["bn", "gn:g8"] and trials[1].spec.grid == {}
+    assert [t.config["norm"] for t in trials] == ["bn", "gn:g8"]

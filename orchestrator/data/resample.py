@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from orchestrator.data.shards import shard_ids
+from orchestrator.data.shards import read_manifest, shard_ids
+from orchestrator.spec import Spec
 
 
 def sample_repeats(
@@ -64,3 +65,21 @@ def split_ids(manifest: Mapping, url: str) -> list[list[str]]:
 def repeated(ids: list[str], repeats: Mapping[str, int]) -> tuple[int, ...]:
     """A shard's epoch order: each sample index as many times as its id's copies, ascending."""
     return tuple(i for i, sample_id in enumerate(ids) for _ in range(repeats.get(sample_id, 1)))
+
+
+def plan(spec: Spec, scores: Mapping[str, float]) -> tuple[dict[str, int], dict[str, int]]:
+    """`train.sample_weights_from` as copies per training sample id (what the workers' loaders take), and
+    what it did to the split (a trial's resample.* params)."""
+    t, d = spec.train, spec.data
+    ids = [i for shard in split_ids(read_manifest(d.train, d.storage_options), d.train) for i in shard]
+    repeats = sample_repeats(
+        scores, ids, repeat_below=t.repeat_below, repeat_times=t.repeat_times, drop_below=t.drop_below
+    )
+    counts = list(repeats.values())
+    summary = {
+        "resample.scored": len(scores.keys() & set(ids)),
+        "resample.repeated": sum(c > 1 for c in counts),
+        "resample.dropped": counts.count(0),
+        "resample.epoch_samples": len(ids) + sum(c - 1 for c in counts),
+    }
+    return repeats, summary

@@ -47,6 +47,7 @@ from orchestrator.data.transforms import (
     to_chw,
 )
 from orchestrator.errors import UsageError
+from orchestrator.spec import Spec
 
 SHUFFLE_BUFFER = 256  # encoded samples per worker (~40 MB at 1280x720); decoded would be ~14x larger
 _BLOCK_SIZE = 32 << 20  # one GET per shard; cache_type "none" would cost ~9 range GETs per member
@@ -354,6 +355,50 @@ def make_loader(
         stream, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
     return Loader(dataloader, num_batches, device)
+
+
+def input_mean_std(spec: Spec) -> MeanStd:
+    """The input normalization a spec trains with: its training split's RGB statistics or ImageNet's."""
+    if spec.data.normalize == "imagenet":
+        return IMAGENET
+    return dataset_mean_std(spec.data.train, spec.data.storage_options)
+
+
+def spec_loader(
+    spec: Spec,
+    *,
+    train: bool,
+    mean_std: MeanStd,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    start_batch: int = 0,
+    device: torch.device | None = None,
+    repeats: Mapping[str, int] | None = None,
+) -> Loader:
+    """A rank's loader of an epoch as a spec asks: training at the epoch's stage (crop, batch) with the
+    spec's augmentation, validation of whole images at train.batch_per_gpu."""
+    t, d = spec.train, spec.data
+    stage = t.stage(epoch)
+    return make_loader(
+        d.train if train else d.val,
+        batch_size=stage.batch_per_gpu if train else t.batch_per_gpu,
+        rank=rank,
+        world_size=world_size,
+        train=train,
+        crop=tuple(stage.crop) if train else None,
+        epoch=epoch,
+        seed=t.seed,
+        num_workers=d.loader_workers,
+        scale=tuple(t.scale),
+        blur=(t.blur_p, t.blur_sigma),
+        mean_std=mean_std,
+        start_batch=start_batch,
+        device=device,
+        augment_on_device=d.augment_on == "device",
+        repeats=repeats if train else None,
+        storage_options=d.storage_options,
+    )
 
 
 def dataset_mean_std(url: str, storage_options: dict | None = None) -> MeanStd:

@@ -18,15 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator import metrics, tracking
-from orchestrator.data.stream import evaluation_loader
+from orchestrator import checkpoints, metrics, tracking
+from orchestrator.data.stream import evaluation_loader, input_mean_std, spec_loader
 from orchestrator.errors import UsageError
 from orchestrator.inference.evaluate import evaluate
 from orchestrator.models.catalog import parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d, calibrate
 from orchestrator.spec import Spec, from_flat, public_params
-from orchestrator.train import checkpoint
-from orchestrator.train.loop import Worker
 
 CALIBRATABLE = ("bn", "syncbn", "evalnorm")
 
@@ -49,7 +47,7 @@ def calibrate_run(
     storage_options: dict | None = None,
 ) -> CalibrationResult:
     source = tracking.download_checkpoint(run_id)
-    state = checkpoint.load(source)
+    state = checkpoints.load(source)
     config = state["config"]
     norm = parse_norm(config["norm"])
     if norm.kind not in CALIBRATABLE:
@@ -59,7 +57,7 @@ def calibrate_run(
         )
     calibrated_config = {**config, "norm": "evalnorm+ws" if norm.ws else "evalnorm"}
     spec = from_flat(calibrated_config)
-    model = checkpoint.model_for(spec, pretrained=False)
+    model = checkpoints.model_for(spec, pretrained=False)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     # Only EvalNorm's own additions (alpha/beta and their state) may be missing from a BN checkpoint.
     layers = {name for name, m in model.named_modules() if isinstance(m, EvalNorm2d)}
@@ -69,18 +67,18 @@ def calibrate_run(
     ]
     if unexpected or unexplained:
         raise ValueError(f"checkpoint of run {run_id} does not fit its model: {unexpected or unexplained}")
-    original = checkpoint.model_from_state(state)
+    original = checkpoints.model_from_state(state)
 
     batch = batch_size or config["train.batch_per_gpu"]
     values = calibrate(model, _training_images(spec, batch, storage_options), steps=steps, lr=lr)
     val = evaluation_loader(config["data.val"], batch_size=batch, storage_options=storage_options)
-    calibrated_model = checkpoint.Trained(model.eval(), calibrated_config, original.mean_std)
+    calibrated_model = checkpoints.Trained(model.eval(), calibrated_config, original.mean_std)
     ema_cm, calibrated_cm = evaluate([original, calibrated_model], val).cms
     ema, calibrated = metrics.summarize(ema_cm), metrics.summarize(calibrated_cm)
 
     experiment, name = tracking.run_names(run_id)
     with tempfile.TemporaryDirectory() as d:
-        ckpt = checkpoint.save(
+        ckpt = checkpoints.save(
             Path(d) / tracking.CHECKPOINT_FILE, model, calibrated_config, original.mean_std, source_run=run_id
         )
         table = Path(d) / "alpha_beta.json"
@@ -108,7 +106,8 @@ def _training_images(spec: Spec, batch: int, storage_options: dict | None) -> It
     training loop's own loader, in this process, at the calibration batch size."""
     data = spec.data.model_copy(update={"storage_options": storage_options or {}, "loader_workers": 0})
     train = spec.train.model_copy(update={"batch_per_gpu": batch})
-    worker = Worker(spec.model_copy(update={"data": data, "train": train}))
+    spec = spec.model_copy(update={"data": data, "train": train})
+    mean_std = input_mean_std(spec)
     for epoch in itertools.count():
-        for images, _ in worker.loader(train=True, epoch=epoch):
+        for images, _ in spec_loader(spec, train=True, mean_std=mean_std, epoch=epoch):
             yield images

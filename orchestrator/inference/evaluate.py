@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from orchestrator import metrics
+from orchestrator.checkpoints import Trained, load_model
 from orchestrator.data.layout import NUM_CLASSES
 from orchestrator.data.shards import read_manifest, shard_ids
 from orchestrator.data.stream import evaluation_loader
@@ -25,8 +26,6 @@ from orchestrator.errors import UsageError
 from orchestrator.inference import visualize
 from orchestrator.inference.predict import WHOLE, InferenceSettings, predict_proba
 from orchestrator.inference.visualize import Sample
-from orchestrator.train import checkpoint
-from orchestrator.train.checkpoint import Trained
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def evaluate_checkpoints(
     (default: the first member's `data.val`): each member, and their ensemble when there are several.
     With `out_dir`, the scored predictor's (the ensemble's, or the single model's) per-image CSV,
     histogram and `keep` best and worst overlays are written there and listed in `Report.files`."""
-    members = [c if isinstance(c, Trained) else checkpoint.load_model(c) for c in checkpoints]
+    members = [c if isinstance(c, Trained) else load_model(c) for c in checkpoints]
     for m in members:
         m.model.to(device)
     data = data or members[0].config["data.val"]

@@ -24,14 +24,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from orchestrator import metrics
+from orchestrator import checkpoints, metrics
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
 from orchestrator.data.shards import read_manifest
-from orchestrator.data.stream import Loader, dataset_mean_std, make_loader
-from orchestrator.data.transforms import IMAGENET, MeanStd
+from orchestrator.data.stream import Loader, input_mean_std, spec_loader
+from orchestrator.data.transforms import MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
-from orchestrator.spec import Spec, from_flat, public_params
-from orchestrator.train import checkpoint, schedules
+from orchestrator.spec import Spec, public_params
+from orchestrator.train import schedules
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, unwrap
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
@@ -64,33 +64,20 @@ class Worker:
     @cached_property
     def mean_std(self) -> MeanStd:
         """The input normalization: the training split's RGB statistics or ImageNet's."""
-        if self.spec.data.normalize == "imagenet":
-            return IMAGENET
-        return dataset_mean_std(self.spec.data.train, self.spec.data.storage_options)
+        return input_mean_std(self.spec)
 
     def loader(self, *, train: bool, epoch: int = 0, start_batch: int = 0) -> Loader:
-        """This rank's loader of an epoch: training at the epoch's stage (crop, batch), validation of
-        whole images at train.batch_per_gpu."""
-        t, d = self.spec.train, self.spec.data
-        stage = t.stage(epoch)
-        return make_loader(
-            d.train if train else d.val,
-            batch_size=stage.batch_per_gpu if train else t.batch_per_gpu,
+        """This rank's loader of an epoch (see data.stream.spec_loader)."""
+        return spec_loader(
+            self.spec,
+            train=train,
+            mean_std=self.mean_std,
             rank=self.rank,
             world_size=self.world,
-            train=train,
-            crop=tuple(stage.crop) if train else None,
             epoch=epoch,
-            seed=t.seed,
-            num_workers=d.loader_workers,
-            scale=tuple(t.scale),
-            blur=(t.blur_p, t.blur_sigma),
-            mean_std=self.mean_std,
             start_batch=start_batch,
             device=self.device,
-            augment_on_device=d.augment_on == "device",
-            repeats=self.repeats if train else None,
-            storage_options=d.storage_options,
+            repeats=self.repeats,
         )
 
     def base_lr(self, epoch: int) -> float:
@@ -142,10 +129,11 @@ class Position:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """`config`: {"trial": flat trial config, "mlflow_run_id": child run, "tracking_uri": MLflow store}."""
+    """`config`: {"trial": the spec.Trial, "mlflow_run_id": child run, "tracking_uri": MLflow store,
+    "repeats": the resampling plan or None}."""
     ctx = ray.train.get_context()
     w = Worker(
-        from_flat(config["trial"]),
+        config["trial"].spec,
         ctx.get_world_rank(),
         ctx.get_world_size(),
         ray.train.torch.get_device(),
@@ -154,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = checkpoint.model_for(w.spec).to(w.device)
+    model = checkpoints.model_for(w.spec).to(w.device)
     # DDP when world > 1; each rank keeps its own BN running statistics (see average_buffers).
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     net = unwrap(model)
@@ -164,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
-            state = checkpoint.load(Path(d) / checkpoint.FILE)
+            state = checkpoints.load(Path(d) / checkpoints.FILE)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         position, best = Position(**state["position"]), state["best"]
@@ -402,9 +390,9 @@ def _report(
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0:
-            trial = public_params(config["trial"])  # never store credentials in a checkpoint
-            path = Path(d) / checkpoint.FILE
-            checkpoint.save(
+            trial = public_params(config["trial"].config)  # never store credentials in a checkpoint
+            path = Path(d) / checkpoints.FILE
+            checkpoints.save(
                 path,
                 net,
                 trial,
@@ -416,7 +404,7 @@ def _report(
                 improved=improved,
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
-        # Tune sees epoch ends only (tune_report.py); Ray Train keeps every checkpoint's position.
+        # Tune sees epoch ends only (execution/tune_report.py); Ray Train keeps every checkpoint's position.
         ray.train.report(report or {"epoch": position.epoch, "step": position.step}, checkpoint=ckpt)
     if w.rank == 0 and report:
         _log_epoch(w, config, net, report, improved)
@@ -437,8 +425,8 @@ def _log_epoch(
     if improved:
         with tempfile.TemporaryDirectory() as best_dir:
             best_path = Path(best_dir) / tracking.CHECKPOINT_FILE
-            checkpoint.save(
-                best_path, net, public_params(config["trial"]), w.mean_std, epoch=epoch, metrics=report
+            checkpoints.save(
+                best_path, net, public_params(config["trial"].config), w.mean_std, epoch=epoch, metrics=report
             )
             tracking.log_checkpoint(run_id, best_path, uri)
     log.info(

@@ -187,8 +187,8 @@ def test_a_new_backbone_is_one_module_and_one_record(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(catalog.BACKBONES, "tinynet", record)
 
     spec = specs.validate({"name": "t", "data": {"train": "x", "val": "x"}, "model": {"backbone": "tinynet"}})
-    (point,) = specs.expand(spec)
-    assert point["model.output_stride"] == 16 and point["model.head"] == "deeplabv3plus"
+    (trial,) = specs.expand(spec)
+    assert trial.config["model.output_stride"] == 16 and trial.config["model.head"] == "deeplabv3plus"
     test_model_contract("tinynet", "fcn", "gn:c4+ws")
     test_features_at_every_output_stride_the_record_names("tinynet", 8)
     test_parameter_count_matches_the_published_one("tinynet")

@@ -1,5 +1,5 @@
-"""A local S3 API server (moto) on 127.0.0.1, for trying the S3 path on one machine, the tests and the
-benchmarks. It runs as a child process, stopped by its PID; moto is a dev dependency (`.[dev]`)."""
+"""A local S3 API server (moto) on 127.0.0.1 for the tests and the benchmarks: a child process, stopped by its
+PID. moto is a dev dependency (`.[dev]`), so this lives beside the benches, outside the package."""
 
 from __future__ import annotations
 

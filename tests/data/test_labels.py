@@ -25,7 +25,7 @@ from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.verify import verify
 from orchestrator.errors import UsageError
 
-OFFICIAL = Path(__file__).parent / "fixtures" / "bdd100k" / "labels" / "drivable"
+OFFICIAL = Path(__file__).resolve().parents[1] / "fixtures" / "bdd100k" / "labels" / "drivable"
 SPLITS = ("train", "val")
 DIRECT, ALTERNATIVE, BACKGROUND = 0, 1, 2
 PALETTE = {DIRECT: (219, 94, 86), ALTERNATIVE: (86, 211, 219), BACKGROUND: (0, 0, 0)}  # bdd100k label.py

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from orchestrator import metrics
+from orchestrator import checkpoints, metrics
 from orchestrator import spec as specs
+from orchestrator.checkpoints import Trained
 from orchestrator.data.shards import pack
 from orchestrator.data.synth import synthesize
 from orchestrator.data.transforms import IMAGENET, normalize
@@ -29,8 +30,6 @@ from orchestrator.inference.evaluate import (
 )
 from orchestrator.inference.predict import InferenceSettings, predict_proba, windows
 from orchestrator.inference.visualize import Sample, overlay, write_overlays
-from orchestrator.train import checkpoint
-from orchestrator.train.checkpoint import Trained
 
 
 def pointwise(seed: int, kernel: tuple[int, int] = (1, 1)) -> nn.Module:
@@ -343,8 +342,8 @@ def test_evaluate_checkpoints_scores_members_and_ensemble_and_writes_the_report(
     )
     torch.manual_seed(0)
     config = specs.public_params(specs.flatten(spec))
-    path = checkpoint.save(
-        tmp_path / "model.pt", checkpoint.model_for(spec, pretrained=False), config, IMAGENET
+    path = checkpoints.save(
+        tmp_path / "model.pt", checkpoints.model_for(spec, pretrained=False), config, IMAGENET
     )
     settings = InferenceSettings("slide", crop=(64, 64), stride=(32, 32))
     report = evaluate_checkpoints([path, path], settings=settings, out_dir=tmp_path / "eval", keep=2)
@@ -364,8 +363,8 @@ def test_a_checkpoint_from_before_dataset_normalization_loads_with_imagenet_stat
     raw = {"name": "old", "data": {"train": "t", "val": "v"}, "model": {"backbone": "resnet18"}}
     spec = specs.validate(raw)
     config = specs.flatten(spec)
-    model = checkpoint.model_for(spec)
+    model = checkpoints.model_for(spec)
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "old.pt")  # no "mean_std"
-    assert checkpoint.load_model(tmp_path / "old.pt").mean_std == IMAGENET
-    checkpoint.save(tmp_path / "new.pt", model, config, ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
-    assert checkpoint.load_model(tmp_path / "new.pt").mean_std == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert checkpoints.load_model(tmp_path / "old.pt").mean_std == IMAGENET
+    checkpoints.save(tmp_path / "new.pt", model, config, ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
+    assert checkpoints.load_model(tmp_path / "new.pt").mean_std == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from orchestrator import spec as specs
+from orchestrator.checkpoints import model_for
 from orchestrator.train import schedules
-from orchestrator.train.checkpoint import model_for
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 from orchestrator.train.schedules import Schedule, apply, build_optimizer, one_cycle, poly
 

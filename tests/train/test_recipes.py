@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as specs
-from orchestrator.train.checkpoint import model_for
+from orchestrator.checkpoints import model_for
 from orchestrator.train.loop import Position, Worker, accumulate_gradients, make_optimizer, mixup, train_epoch
 
 

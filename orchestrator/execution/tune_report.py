@@ -1,8 +1,8 @@
 """What a trial's Ray Train run tells Tune: its epoch-end reports.
 
 A module of its own, importing nothing of ours: Ray Train's controller unpickles the run's callbacks
-before it starts the workers, and importing `orchestrator.sweep` there (MLflow, the models, the training
-loop) cost every trial about a second of CPU on its way to the first step.
+before it starts the workers, and importing the sweep module there (MLflow, the models, the training loop)
+cost every trial about a second of CPU on its way to the first step.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from orchestrator import checkpoints
 from orchestrator import spec as specs
 from orchestrator.models.evalnorm import evalnorm_parameters
-from orchestrator.train import checkpoint
 from orchestrator.train.loop import make_optimizer
 
 
@@ -14,7 +14,7 @@ def optimizer_for(norm: str, **train) -> tuple[torch.nn.Module, torch.optim.Opti
         {"name": "t", "data": {"train": "x", "val": "y"}, "model": {"backbone": "resnet18"}, "norm": norm,
          "train": {"weight_decay": 1e-4, "head_lr_mult": 10, **train}}
     )  # fmt: skip
-    model = checkpoint.model_for(spec)
+    model = checkpoints.model_for(spec)
     return model, make_optimizer(spec, model)
 
 

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray._common.network_utils import build_address
-from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-from ray.train.v2._internal.util import TrainingFramework
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+from orchestrator.execution.ray_private import TrainerWithoutDatasets, TrainingFramework, rank_zero_url
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -31,16 +28,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run(config)
 
 
-class Trainer(DataParallelTrainer):
+class Trainer(TrainerWithoutDatasets):
     """Ray's TorchTrainer for a run without Ray Datasets, leaving torch to the workers."""
 
     def __init__(self, train_loop_per_worker: Callable[[dict[str, Any]], None], **kwargs: Any) -> None:
         super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(), **kwargs)
-
-    def _create_default_callbacks(self) -> list:
-        # Ray Train starts a DatasetManager actor for every run, even one without Ray Datasets (ours stream
-        # through fsspec): one more Python process per trial on the way to its first step.
-        return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
 
 
 @dataclass
@@ -70,8 +62,7 @@ class ProcessGroup(Backend):
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
-        url = f"tcp://{build_address(*worker_group.execute_single(0, get_address_and_port))}"  # rank 0's node
-        world = len(worker_group)
+        url, world = rank_zero_url(worker_group), len(worker_group)
         ray.get(
             [
                 worker_group.execute_single_async(

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from orchestrator import spec as specs
+from orchestrator.checkpoints import model_for
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.shards import read_manifest
-from orchestrator.train.checkpoint import model_for
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 from orchestrator.train.loss_spec import (
     LOSS_GRAMMAR,
@@ -429,7 +429,7 @@ def test_every_name_has_its_code() -> None:
 
 def test_loss_spec_does_not_import_torch() -> None:
     code = "import sys, orchestrator.train.loss_spec; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 @pytest.mark.parametrize("loss", ["bce", "ohem:t0.7,p0.25+0.5*dice", "focal:g2"])

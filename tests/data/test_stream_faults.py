@@ -13,12 +13,12 @@ import pytest
 import s3fs
 import torch
 
+from orchestrator.checkpoints import model_for
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.shards import pack, read_manifest
 from orchestrator.data.stream import delivered, make_loader
 from orchestrator.data.synth import synthesize
 from orchestrator.spec import DataSpec, ModelSpec, Spec, TrainSpec
-from orchestrator.train.checkpoint import model_for
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 
 TRAIN, VAL, SIZE, SHARD = 22, 22, (64, 36), 5  # shards of 5, 5, 5, 5, 2

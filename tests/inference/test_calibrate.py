@@ -9,14 +9,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from orchestrator import checkpoints, tracking
 from orchestrator import spec as specs
-from orchestrator import tracking
 from orchestrator.cli import main
 from orchestrator.data.shards import pack
 from orchestrator.data.stream import dataset_mean_std
 from orchestrator.data.synth import synthesize
 from orchestrator.models.evalnorm import EvalNorm2d
-from orchestrator.train import checkpoint
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 
 
@@ -38,7 +37,7 @@ def trained_trial(tmp_path: Path, norm: str) -> str:
         }
     )
     torch.manual_seed(0)
-    model = checkpoint.model_for(spec)
+    model = checkpoints.model_for(spec)
     w = Worker(spec)
     train_epoch(w, model, make_optimizer(spec, model), Position())
     config = specs.public_params(specs.flatten(spec))
@@ -47,7 +46,7 @@ def trained_trial(tmp_path: Path, norm: str) -> str:
     parent = tracking.start_sweep_run(exp, "cal", {}, uri)
     run_id = tracking.start_trial_run(exp, parent, f"norm={norm}", config, uri)
     tracking.log_metrics(run_id, {"val_miou": 0.5}, step=1, uri=uri)
-    tracking.log_checkpoint(run_id, checkpoint.save(tmp_path / "model.pt", model, config, w.mean_std), uri)
+    tracking.log_checkpoint(run_id, checkpoints.save(tmp_path / "model.pt", model, config, w.mean_std), uri)
     tracking.end_run(run_id, uri)
     return run_id
 
@@ -70,11 +69,11 @@ def test_calibration_changes_only_alpha_beta_and_logs_a_run(tmp_path, mlflow_sto
     assert run.data.params["norm"] == "evalnorm" and run.data.params["calibration.steps"] == "15"
     assert 0 <= run.data.metrics["val_miou"] <= 1 and 0 <= run.data.metrics["ema_val_miou"] <= 1
 
-    before = checkpoint.load(tracking.download_checkpoint(source))["model"]
-    after = checkpoint.load(tracking.download_checkpoint(run.info.run_id))
+    before = checkpoints.load(tracking.download_checkpoint(source))["model"]
+    after = checkpoints.load(tracking.download_checkpoint(run.info.run_id))
     for key, value in before.items():  # every trained weight and running statistic, bit for bit
         assert torch.equal(after["model"][key], value), key
-    calibrated = checkpoint.load_model(tracking.download_checkpoint(run.info.run_id))
+    calibrated = checkpoints.load_model(tracking.download_checkpoint(run.info.run_id))
     model = calibrated.model
     assert calibrated.config["norm"] == "evalnorm"
     assert calibrated.mean_std == dataset_mean_std(f"{tmp_path}/shards/train")

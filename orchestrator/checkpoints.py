@@ -1,4 +1,5 @@
-"""Checkpoint files: model weights plus the flat trial config that rebuilds the model, so a
+"""The checkpoint contract, shared by training and inference: model weights plus the flat trial config that
+rebuilds the model (`model_for`: spec -> model) and the input normalization it was trained with, so a
 checkpoint alone is enough for evaluation and ensembles."""
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as specs
 from orchestrator import tracking
+from orchestrator.checkpoints import Trained, model_for
 from orchestrator.data.resample import sample_repeats
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.storage import join, url_to_fs
@@ -27,7 +28,6 @@ from orchestrator.data.stream import _read_piece, make_loader
 from orchestrator.data.verify import verify
 from orchestrator.inference.evaluate import evaluate_checkpoints
 from orchestrator.inference.predict import WHOLE
-from orchestrator.train.checkpoint import Trained, model_for
 from orchestrator.train.loop import Worker
 
 NAN = float("nan")
@@ -78,7 +78,7 @@ def test_resampling_is_a_grid_key() -> None:
             "grid": {"train.repeat_times": [1, 3]},  # 1: every image once, the baseline
         }
     )
-    assert [p["train.repeat_times"] for p in specs.expand(spec)] == [1, 3]
+    assert [t.spec.train.repeat_times for t in specs.expand(spec)] == [1, 3]
 
 
 def _fake_split(root: Path, sizes: list[int]) -> tuple[str, list[list[str]]]:

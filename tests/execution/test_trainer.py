@@ -1,4 +1,4 @@
-"""A Ray Train run through `orchestrator.train.launch` on a local Ray: the workers train over a real gloo
+"""A Ray Train run through `orchestrator.execution.trainer` on a local Ray: the workers train over a real gloo
 group, torch stays out of Ray Train's controller, and Ray Data's actor is never started.
 
 torch is imported inside the functions Ray runs: this module travels by value to the workers and the
@@ -15,7 +15,7 @@ import ray
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig, UserCallback
 
-from orchestrator.train.launch import Trainer
+from orchestrator.execution.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def test_a_run_trains_over_a_gloo_group_with_torch_on_the_workers_alone(cli_env,
                 storage_path=str(tmp_path / "runs"), callbacks=[_ControllerModules(str(tmp_path / "modules"))]
             ),
         ).fit()
+        # Ray's public state API needs the dashboard, which this Ray does not start: its internal table.
         actors = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     finally:
         ray.shutdown()

@@ -26,15 +26,15 @@ from bench import common
 from orchestrator.errors import UsageError
 from orchestrator.submit import entrypoint, job_address, job_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
-SLOT = "trial_driver"  # orchestrator.sweep.DRIVER_SLOT (checked below without importing torch here)
+SLOT = "trial_driver"  # execution.cluster.DRIVER_SLOT (checked below without importing torch here)
 TORCH_PIN = re.search(r"torch==[\d.]+", (ROOT / "Makefile").read_text()).group()
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
 
 
 def test_driver_slot_name_matches_sweep():
-    from orchestrator.sweep import DRIVER_SLOT
+    from orchestrator.execution.cluster import DRIVER_SLOT
 
     assert DRIVER_SLOT == SLOT
 

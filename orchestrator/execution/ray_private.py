@@ -1,0 +1,53 @@
+"""Every use of Ray's private API, in one module, written for the Ray versions in SUPPORTED and checked
+against the installed one on import: a Ray upgrade fails here, naming the range, not deep inside a trial.
+
+What is taken, and why:
+- `get_address_and_port`, `build_address`: rank 0's node address and a free port, found as Ray's own torch
+  backend finds them, to open the process group (trainer.ProcessGroup).
+- `TrainingFramework`: what a BackendConfig says it is (Ray Train V2 asks every backend).
+- `DataParallelTrainer`, and its `_create_default_callbacks` overridden: Ray Train starts a DatasetManager
+  actor for every run, also one without Ray Datasets (ours stream through fsspec): one more Python process
+  per trial on the way to its first step. `TrainerWithoutDatasets` drops it.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from orchestrator.errors import UsageError
+
+SUPPORTED = ((2, 60), (2, 61))  # [from, to): the releases this module was written and tested against
+
+
+def check_ray_version(version: str = ray.__version__) -> None:
+    """UsageError unless `version` is in SUPPORTED."""
+    (low, high), found = SUPPORTED, tuple(int(part) for part in version.split(".")[:2])
+    if not low <= found < high:
+        supported = f"ray>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        raise UsageError(
+            f"orchestrator uses Ray's private API as of {supported} (orchestrator/execution/ray_private.py); "
+            f"this is Ray {version}: install {supported}, or port that module to this Ray"
+        )
+
+
+check_ray_version()
+
+from ray._common.network_utils import build_address  # noqa: E402
+from ray.train._internal.utils import get_address_and_port  # noqa: E402
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: E402
+from ray.train.v2._internal.util import TrainingFramework  # noqa: E402
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: E402
+
+__all__ = ["SUPPORTED", "TrainerWithoutDatasets", "TrainingFramework", "rank_zero_url", "check_ray_version"]
+
+
+def rank_zero_url(worker_group) -> str:
+    """tcp://address:port on rank 0's node, a free port there: where the process group meets."""
+    return f"tcp://{build_address(*worker_group.execute_single(0, get_address_and_port))}"
+
+
+class TrainerWithoutDatasets(DataParallelTrainer):
+    """Ray Train's data-parallel trainer without the DatasetManager actor it starts for every run."""
+
+    def _create_default_callbacks(self) -> list:
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]

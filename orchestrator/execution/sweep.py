@@ -1,0 +1,222 @@
+"""Ray Tune + Ray Train: one Tune trial per grid point, each a driver function that runs a Ray Train
+data-parallel trainer (the Train V2 pattern: `Tuner(TorchTrainer(...))` is not supported). Tune's param space
+is the list of trials `spec.expand` gives; each trial's validated spec travels as it is to its driver and
+workers.
+
+`orchestrator train` runs the same driver function for a single point without Tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+import orchestrator.execution.ray_private  # noqa: F401  (its import refuses a Ray it was not written for)
+from orchestrator import tracking
+from orchestrator.data import resample
+from orchestrator.errors import UsageError
+from orchestrator.execution import cluster
+from orchestrator.execution.tune_report import EpochReportCallback
+from orchestrator.spec import Spec, Trial, expand, flatten, public_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialOutcome:
+    key: str
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float]
+    error: str | None = None
+
+
+def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> list[TrialOutcome]:
+    """Run every grid point of the spec as a Tune trial; returns one outcome per point.
+
+    resume: restore the spec's Tune experiment (after its driver died): finished trials stay finished,
+    the others continue from their last checkpoints, under the same MLflow runs.
+    command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own)."""
+    uri = tracking.tracking_uri()
+    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
+    tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
+    trials = expand(spec)
+    cluster.init_ray(spec)
+    cluster.check_fits(trials)
+    if resume and not tune.Tuner.can_restore(tune_path):
+        raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
+    parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
+    if not parent:
+        parent = tracking.start_sweep_run(
+            experiment_id, spec.name, _sweep_params(spec, trials), uri, tune_path
+        )
+        tracking.tag_command(parent, command, uri)
+    trainable = tune.with_parameters(
+        _tune_trial, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri
+    )
+    trainable = tune.with_resources(trainable, cluster.driver_resources())
+    # Tune saves the trials (objects) as references in its experiment state and takes them again on restore.
+    param_space = {"trial": tune.grid_search(trials)}
+    if resume:
+        tuner = tune.Tuner.restore(
+            tune_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.resources.max_concurrent_trials,
+                metric="val_miou",
+                mode="max",
+                # The next trial's driver runs in the last one's process: no new Python to start and
+                # import torch, Ray Train and MLflow into (~4 s of each hand-over on 2 cores).
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(name=spec.name, storage_path=cluster.storage(spec), verbose=1),
+        )
+    results = tuner.fit()
+    outcomes = []
+    for result in results:
+        key = result.config["trial"].key
+        error = None if result.error is None else _reason(result.error)
+        outcomes.append(
+            TrialOutcome(key, "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
+        )
+    failed = any(o.status == "FAILED" for o in outcomes)
+    tracking.set_tags(parent, {"orchestrator.trials": len(outcomes)}, uri)
+    tracking.end_run(parent, uri, failed=failed)
+    return outcomes
+
+
+def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
+    """One trial (the spec's base point, grid ignored) through the same driver, without Tune; `command`
+    is tagged on its sweep run."""
+    uri = tracking.tracking_uri()
+    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
+    trials = expand(spec.model_copy(update={"grid": {}}))
+    cluster.init_ray(spec)
+    cluster.check_fits(trials)
+    parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)
+    tracking.tag_command(parent, command, uri)
+    (trial,) = trials
+    try:
+        result = run_trial(trial, experiment_id, parent, uri, callbacks=[])
+    except Exception as e:
+        tracking.end_run(parent, uri, failed=True)
+        return TrialOutcome("base", "FAILED", {}, _reason(e))
+    tracking.end_run(parent, uri)
+    return TrialOutcome("base", "FINISHED", result)
+
+
+def run_trial(
+    trial: Trial,
+    experiment_id: str,
+    parent_run_id: str,
+    tracking_uri: str,
+    callbacks: list,
+    on_finished: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """The driver of one trial: open its MLflow child run, fit a Ray Train trainer, close the run.
+
+    A trial whose run already finished (its driver died after it, before Tune recorded it) is not run
+    again: its metrics go to `on_finished` (Tune needs a result) and are returned."""
+    spec, key = trial.spec, trial.key
+    done = tracking.find_trial_run(experiment_id, parent_run_id, key, tracking_uri)
+    if done and done.info.status == "FINISHED":
+        log.info("trial %s finished in an earlier run of this sweep: kept", key)
+        if on_finished:
+            on_finished(done.data.metrics)
+        return dict(done.data.metrics)
+    run_id = tracking.start_trial_run(
+        experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri
+    )
+    try:
+        repeats = _sample_repeats(spec, run_id, tracking_uri)
+    except (LookupError, ValueError) as e:
+        tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
+        raise TrialFailed(str(e)) from None
+    # Imported here, in the trial's driver: the sweep's own process never starts a Ray Train run.
+    from orchestrator.execution.trainer import Trainer, train_loop_per_worker
+
+    r = spec.resources
+    trainer = Trainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "trial": trial,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "repeats": repeats,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=r.workers_per_trial,
+            use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": r.cpus_per_worker,
+                **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {}),
+            },
+            placement_strategy=r.placement.upper(),
+        ),
+        run_config=RunConfig(
+            # Stable per grid point, so a restarted driver resumes the same Ray Train run.
+            name=f"train-{_digest(parent_run_id, key)}",
+            storage_path=cluster.storage(spec),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # A dead worker or node restarts the worker group from the last checkpoint.
+            failure_config=FailureConfig(max_failures=r.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(run_id, tracking_uri, failed=True, reason=_reason(e))
+        raise
+    reason = tracking.failure(run_id, tracking_uri)  # set by rank 0 for a failure not worth a retry
+    tracking.end_run(run_id, tracking_uri, failed=bool(reason))
+    if reason:
+        raise TrialFailed(reason)
+    return dict(result.metrics or {})
+
+
+def _sample_repeats(spec: Spec, run_id: str, uri: str) -> dict[str, int] | None:
+    """train.sample_weights_from as copies per training sample id, planned once by the trial's driver (the
+    workers get the plan, not MLflow access); what it did goes to the trial's params."""
+    if spec.train.sample_weights_from is None:
+        return None
+    scores = tracking.per_image_scores(spec.train.sample_weights_from, spec.train.sample_score, uri)
+    repeats, summary = resample.plan(spec, scores)
+    tracking.log_params(run_id, summary, uri)
+    return repeats
+
+
+def _tune_trial(config: dict[str, Any], experiment_id: str, parent_run_id: str, tracking_uri: str) -> None:
+    run_trial(
+        config["trial"], experiment_id, parent_run_id, tracking_uri, [EpochReportCallback()], tune.report
+    )
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended for a reason of its own (a non-finite loss, out of memory)."""
+
+
+def _reason(error: BaseException) -> str:
+    """The last line of an error: the message, without the tracebacks Ray wraps it in."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
+def _sweep_params(spec: Spec, trials: list[Trial]) -> dict[str, Any]:
+    params = {f"grid.{k}": v for k, v in spec.grid.items()}
+    params.update(public_params(flatten(spec)))
+    params["trials"] = len(trials)
+    return params
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
