@@ -129,7 +129,7 @@ def workspace(prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def local_cluster(state: Path, trial_drivers: int, s3: bool = False) -> Iterator[dict[str, str]]:
+def local_cluster(state: Path, s3: bool = False, ray_args: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
     """cluster/local.sh (a Ray head with token auth and an MLflow server; with `s3`, a moto S3 endpoint) on
     free ports, its state and token in `state`; yields a user's shell environment after
     `source $STATE_DIR/env`. Stopped by the script (by PID); what it fails to stop is killed by its process
@@ -146,11 +146,11 @@ def local_cluster(state: Path, trial_drivers: int, s3: bool = False) -> Iterator
         MLFLOW_PORT=str(free_port()),
         S3_PORT=str(free_port()),
         S3_SERVER="moto",
-        TRIAL_DRIVERS=str(trial_drivers),
         RAY_AUTH_TOKEN_PATH=str(state / "token"),
         PYTHONUNBUFFERED="1",
     )
     ports = ["--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
+    ports += ray_args
     try:
         started = subprocess.run(
             [*script, "start", *(["--s3"] if s3 else []), "--", *ports],

@@ -84,11 +84,10 @@ def wait_idle(busy: float = 0.2, timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def joined_cluster(state: Path, slots: int) -> Iterator[dict[str, str]]:
-    """A running cluster/local.sh (`slots` trial drivers, state in `state`), left to go idle; yields what a
-    job's entrypoint finds in its environment: the script's exports, and RAY_ADDRESS as `ray job submit`
-    sets it."""
-    with common.local_cluster(state, trial_drivers=slots) as env:
+def joined_cluster(state: Path) -> Iterator[dict[str, str]]:
+    """A running cluster/local.sh (state in `state`), left to go idle; yields what a job's entrypoint finds
+    in its environment: the script's exports, and RAY_ADDRESS as `ray job submit` sets it."""
+    with common.local_cluster(state) as env:
         wait_idle()
         yield env | {
             "RAY_ADDRESS": f"127.0.0.1:{env['GCS_PORT']}",
@@ -274,9 +273,7 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 env = {}
                 if mode == "cluster":
-                    env = stack.enter_context(
-                        joined_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster", slots)
-                    )
+                    env = stack.enter_context(joined_cluster(Path(os.environ["RAY_TMPDIR"]) / "cluster"))
                 cpu = stack.enter_context(ProcessCpu()) if args.processes else None
                 times = timed_sweep(spec_path, log_path, env)
                 uri = env.get("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])

@@ -14,7 +14,7 @@
 #
 # Settings (environment, defaults in brackets): STATE_DIR [/tmp/orchestrator-local] (short: Ray's socket
 # paths below it must fit in 107 bytes), GCS_PORT [6379], DASHBOARD_PORT [8265], MLFLOW_PORT [5000],
-# S3_PORT [8333], S3_BUCKET [orchestrator], TRIAL_DRIVERS [2] (trials the head runs at once),
+# S3_PORT [8333], S3_BUCKET [orchestrator],
 # RAY_AUTH_TOKEN_PATH [~/.ray/auth_token] (the token file, created if missing; RAY_AUTH_TOKEN wins if set).
 set -euo pipefail
 
@@ -25,7 +25,6 @@ dashboard_port=${DASHBOARD_PORT:-8265}
 mlflow_port=${MLFLOW_PORT:-5000}
 s3_port=${S3_PORT:-8333}
 bucket=${S3_BUCKET:-orchestrator}
-drivers=${TRIAL_DRIVERS:-2}
 
 log() { echo "local.sh: $*" >&2; }
 die() {
@@ -165,8 +164,7 @@ start() {
   # left idle workers behind; nothing here needs it.
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
   launch ray ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$gcs_port" \
-    --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" \
-    --resources "{\"trial_driver\": $drivers}" "$@"
+    --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" "$@"
 
   wait_http mlflow "http://127.0.0.1:$mlflow_port/health" "$(<"$state/mlflow.pid")"
   log "MLflow on http://127.0.0.1:$mlflow_port (store $state/mlflow.db, artifacts $artifacts)"

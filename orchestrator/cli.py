@@ -16,13 +16,14 @@ from collections.abc import Sequence
 
 from orchestrator.data.layout import LABEL_FORMATS
 from orchestrator.errors import UsageError
-from orchestrator.spec import SpecError
+from orchestrator.spec import SpecError, redact_overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    args.command = shlex.join(["orchestrator", *argv])  # tagged on the runs it makes; a report prints it
+    # Tagged on the runs it makes (a report prints it), credentials in --set masked.
+    args.command = shlex.join(["orchestrator", *redact_overrides(argv)])
     # Checkpoint downloads take a second; MLflow's bars for them would bury the one-line errors below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

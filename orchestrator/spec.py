@@ -306,6 +306,11 @@ class ResourcesSpec(_Section):
         description="a trial's workers: packed on few nodes, spread over nodes where possible, or each on "
         "its own node (strict_spread)",
     )
+    wait_for_nodes: bool = Field(
+        False,
+        description="on an autoscaling cluster: a trial the current nodes cannot place waits for the nodes "
+        "it needs, instead of the sweep being refused",
+    )
 
 
 class TrackingSpec(_Section):
@@ -323,6 +328,11 @@ class Spec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: Url | None = Field(None, description="URI for Ray Train checkpoints and Tune state")
+    storage_shared: bool = Field(
+        False,
+        description="storage (and a SQLite or file MLflow store) is on a filesystem every node mounts: "
+        "a cluster of many nodes then accepts a local path",
+    )
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="dotted keys of the fields above -> lists of values"
     )
@@ -409,6 +419,16 @@ class Trial:
     def __repr__(self) -> str:  # what Tune prints of a trial's params: the key, never the whole config
         return f"Trial({self.key!r})"
 
+    def without_secrets(self) -> Trial:
+        """This trial less `data.storage_options` (where s3fs credentials can go): what Tune's config holds,
+        which Tune prints and saves on storage. `with_storage_options` puts them back."""
+        return self.with_storage_options({})
+
+    def with_storage_options(self, options: dict[str, Any]) -> Trial:
+        config = {**self.config, "data.storage_options": options}
+        data = self.spec.data.model_copy(update={"storage_options": options})
+        return Trial(self.key, config, self.spec.model_copy(update={"data": data}))
+
 
 def expand(spec: Spec) -> list[Trial]:
     """The trials of the spec's grid, in the order of the grid's keys (last varies fastest): the one place
@@ -447,6 +467,20 @@ def public_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_overrides(argv: Iterable[str]) -> list[str]:
+    """A command line with the value of every `--set` of a key in SECRET_KEYS (or below one) masked: what a
+    run's command tag keeps."""
+    argv = list(argv)
+    redacted = list(argv)
+    for i, arg in enumerate(argv):
+        flag, eq, item = arg.partition("=") if arg.startswith("--set=") else ("", "", arg)
+        key, sep, _ = item.partition("=")
+        secret = any(key == k or key.startswith(f"{k}.") for k in SECRET_KEYS)
+        if secret and sep and (eq or (i and argv[i - 1] == "--set")):
+            redacted[i] = f"{flag}{eq}{key}=***"
+    return redacted
 
 
 def redact(value: Any) -> Any:

@@ -106,6 +106,27 @@ def test_credentials_written_into_urls_are_masked_in_what_is_logged():
     assert specs.redact("s3://bucket/a@b.tar") == "s3://bucket/a@b.tar"  # an @ past the host is no password
 
 
+def test_a_trial_leaves_its_storage_options_out_of_what_tune_holds_and_takes_them_back():
+    options = {"key": "AKIA1", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://s3:9000"}}
+    data = {**MINIMAL["data"], "storage_options": options}
+    (trial,) = specs.expand(specs.validate({**MINIMAL, "data": data}))
+    public = trial.without_secrets()
+    assert public.key == trial.key and public.spec.data.storage_options == {}
+    assert "s3cr3t" not in str(public.config) + public.spec.model_dump_json()
+    back = public.with_storage_options(options)
+    assert back.config == trial.config and back.spec == trial.spec
+
+
+def test_a_command_line_keeps_no_credentials_set_on_it():
+    argv = ["sweep", "s.yaml", "--set", "data.storage_options.secret=s3cr3t", "--set", "train.epochs=2",
+            "--set=data.storage_options={key: AKIA1}", "--set", "data.train=s3://b/x",
+            "data.storage_options=x"]  # fmt: skip
+    assert specs.redact_overrides(argv) == [
+        "sweep", "s.yaml", "--set", "data.storage_options.secret=***", "--set", "train.epochs=2",
+        "--set=data.storage_options=***", "--set", "data.train=s3://b/x", "data.storage_options=x",
+    ]  # fmt: skip
+
+
 def test_each_problem_is_one_line_naming_field_value_and_allowed(tmp_path):
     doc = {
         **MINIMAL,

@@ -352,7 +352,14 @@ def make_loader(
         storage_options=storage_options,
     )
     dataloader = DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        # A DataLoader draws its workers' base seed from this generator each epoch; the global one would
+        # shift every later mixup/dropout draw, and a resumed run (one draw fewer) would not replay them.
+        # The stream seeds its own augmentation by sample position.
+        generator=torch.Generator(),
     )
     return Loader(dataloader, num_batches, device)
 

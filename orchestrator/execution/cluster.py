@@ -1,16 +1,17 @@
 """The Ray a sweep runs on: joining the cluster (or starting a local Ray), what a trial's driver holds, and
-whether a trial can ever be placed on the cluster's resources."""
+what the cluster can never run as asked (grid points it cannot place; storage or MLflow on one disk)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import ray
 
-from orchestrator.errors import UsageError
-from orchestrator.spec import ResourcesSpec, Spec, Trial
+from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,11 @@ WORKER_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
-# A custom resource, one per concurrent trial: what trial drivers hold instead of CPUs.
-DRIVER_SLOT = "trial_driver"
+# What a trial's driver holds. Its work is waiting on its workers, so it takes no CPU: a driver holding one
+# (even Tune's 0.01) left a plain 2-CPU head no room for a trial's 2 one-CPU workers, and Ray Train waited for
+# them forever. Tune refuses an empty request, and a custom resource would need every head to declare it:
+# a MiB of Ray's logical memory, which every node has and no worker asks for.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 
 
 def init_ray(spec: Spec) -> None:
@@ -40,46 +44,84 @@ def init_ray(spec: Spec) -> None:
         # Ray Train watches the nodes of each worker group for preemption (spot instances): a Ray this
         # process starts has no node to lose, so that is one actor process fewer to start per trial.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        slots = {DRIVER_SLOT: spec.resources.max_concurrent_trials}
         # The dashboard (and its job API) answers on loopback only; Ray 2.60 adds token auth.
-        ray.init(address="local", runtime_env={"env_vars": env}, resources=slots, dashboard_host="127.0.0.1")
+        ray.init(address="local", runtime_env={"env_vars": env}, dashboard_host="127.0.0.1")
 
 
-def check_fits(trials: list[Trial]) -> None:
-    """A trial that can never be placed would wait forever: on a local Ray, say so and stop; on a cluster
-    (whose autoscaler may add nodes), warn. Every grid point is checked (the grid may vary resources)."""
-    points = (trial.spec.resources for trial in trials)
-    for r in {r.model_dump_json(): r for r in points}.values():
-        _check_resources(r)
-
-
-def _check_resources(r: ResourcesSpec) -> None:
-    have = ray.cluster_resources()
-    needs = {"CPU": r.workers_per_trial * r.cpus_per_worker, "GPU": r.workers_per_trial * r.gpus_per_worker}
-    short = [
-        f"{k} {v:g} (the cluster has {have.get(k, 0):g})" for k, v in needs.items() if v > have.get(k, 0)
-    ]
-    nodes = sum(node["Alive"] for node in ray.nodes())
-    if r.placement == "strict_spread" and nodes < r.workers_per_trial:
-        short.append(f"{r.workers_per_trial} nodes for placement strict_spread (the cluster has {nodes})")
-    if not short:
-        return
-    problem = f"a trial of {r.workers_per_trial} workers needs " + ", ".join(short)
-    if not os.environ.get("RAY_ADDRESS"):
-        raise UsageError(
-            f"{problem}: lower resources.workers_per_trial, cpus_per_worker or gpus_per_worker, "
-            "or run on a cluster"
+def check_cluster(spec: Spec, trials: list[Trial], tracking_uri: str) -> None:
+    """Refuse, once joined and before MLflow is contacted or a trial starts, a sweep the cluster can never
+    run as asked: checkpoints or MLflow runs that would land on one node's disk of many, and grid points no
+    set of the current nodes can place (every point is checked: the grid may vary resources)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    problems = _unshared(spec, tracking_uri, len(nodes)) if len(nodes) > 1 else []
+    autoscaling = os.environ.get("RAY_ADDRESS") and spec.resources.wait_for_nodes
+    for trial in trials:
+        reasons = unplaceable(trial.spec.resources, nodes)
+        if not reasons:
+            continue
+        r = trial.spec.resources
+        problem = f"resources: a trial of {r.workers_per_trial} workers needs " + ", ".join(reasons)
+        if trial.key != "base":
+            problem += f" (grid point {trial.key})"
+        if autoscaling:
+            log.warning("%s: it waits until the cluster grows (resources.wait_for_nodes)", problem)
+            continue
+        problems.append(
+            f"{problem}: lower resources.workers_per_trial, cpus_per_worker or gpus_per_worker, add nodes, "
+            "or, on an autoscaling cluster, set resources.wait_for_nodes: true"
         )
-    log.warning("%s: trials wait until the cluster grows", problem)
+    if problems:
+        raise SpecError(problems)
 
 
-def driver_resources() -> dict[str, float]:
-    """What a trial driver holds. Its work is waiting on its workers, so it takes a driver slot and
-    no CPU: a driver holding a CPU left 2-core machines with no room for the 2 workers (Ray waits
-    forever). Tune refuses an empty request, so clusters without slots give it a sliver of CPU."""
-    if ray.cluster_resources().get(DRIVER_SLOT):
-        return {"CPU": 0, DRIVER_SLOT: 1}
-    return {"CPU": 0.01}
+def unplaceable(r: ResourcesSpec, nodes: list[dict[str, float]]) -> list[str]:
+    """Why a trial's workers can never be placed on these nodes (each a dict of its Ray resources), or [].
+    Every worker's bundle must fit on one node, whatever the cluster's sum; a trial's driver holds no CPU or
+    GPU (DRIVER_RESOURCES), so the workers' bundles are what it needs."""
+    bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    # Identical bundles: a node holds as many as its scarcest resource allows (the epsilon absorbs float
+    # division, e.g. 0.3 GPU).
+    held = [min(math.floor(node.get(k, 0) / v + 1e-9) for k, v in bundle.items()) for node in nodes]
+    n = r.workers_per_trial
+    reasons = []
+    if sum(held) < n:
+        needs = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
+        reasons.append(f"{n} worker{'s' * (n > 1)} of {needs} (the nodes hold {sum(held)} of them)")
+    holders = sum(h > 0 for h in held)
+    if r.placement == "strict_spread" and holders < n:
+        reasons.append(
+            f"{n} nodes for placement strict_spread ({holders} node{'s' * (holders != 1)} can hold a worker)"
+        )
+    return reasons
+
+
+def node_local(uri: str) -> bool:
+    """Whether a storage or MLflow URI names a place on one node: a path, file://, local://, memory://
+    (one process's) or a SQLite file. `databricks`, MLflow's one bare-word remote, is not."""
+    return uri != "databricks" and urlsplit(uri).scheme in ("", "file", "local", "memory", "sqlite")
+
+
+def _unshared(spec: Spec, tracking_uri: str, nodes: int) -> list[str]:
+    """On a cluster of many nodes, rank 0 may run on any node: what it writes must reach the head."""
+    many = f"and the cluster has {nodes} nodes"
+    shared = "or, if every node mounts it, set storage_shared: true"
+    where = "./runs (the default)" if spec.storage is None else repr(spec.storage)
+    problems = []
+    if spec.storage and urlsplit(spec.storage).scheme == "memory":
+        problems.append(
+            f"storage: {where} is in one process's memory, {many}: use an object store URI (s3://bucket/path)"
+        )
+    elif node_local(storage(spec)) and not spec.storage_shared:
+        problems.append(
+            f"storage: {where} is on this node's disk, {many}: trials on other nodes would checkpoint to "
+            f"their own disks. Use an object store URI (s3://bucket/path), {shared}"
+        )
+    if node_local(tracking_uri) and not spec.storage_shared:
+        problems.append(
+            f"MLFLOW_TRACKING_URI: {tracking_uri!r} is on this node's disk, {many}: runs logged on other "
+            f"nodes would not reach it. Use an MLflow server (http://host:5000), {shared}"
+        )
+    return problems
 
 
 def storage(spec: Spec) -> str:

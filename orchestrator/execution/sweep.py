@@ -43,11 +43,11 @@ def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> l
     the others continue from their last checkpoints, under the same MLflow runs.
     command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own)."""
     uri = tracking.tracking_uri()
-    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
     trials = expand(spec)
     cluster.init_ray(spec)
-    cluster.check_fits(trials)
+    cluster.check_cluster(spec, trials, uri)
+    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     if resume and not tune.Tuner.can_restore(tune_path):
         raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
     parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
@@ -56,12 +56,18 @@ def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> l
             experiment_id, spec.name, _sweep_params(spec, trials), uri, tune_path
         )
         tracking.tag_command(parent, command, uri)
+    # Tune prints its trials' config and saves it on storage: the trials go there without their storage
+    # options (s3fs credentials can be in them), which reach the drivers through Ray's object store.
     trainable = tune.with_parameters(
-        _tune_trial, experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri
+        _tune_trial,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        tracking_uri=uri,
+        storage_options={t.key: t.spec.data.storage_options for t in trials},
     )
-    trainable = tune.with_resources(trainable, cluster.driver_resources())
+    trainable = tune.with_resources(trainable, cluster.DRIVER_RESOURCES)
     # Tune saves the trials (objects) as references in its experiment state and takes them again on restore.
-    param_space = {"trial": tune.grid_search(trials)}
+    param_space = {"trial": tune.grid_search([t.without_secrets() for t in trials])}
     if resume:
         tuner = tune.Tuner.restore(
             tune_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
@@ -98,10 +104,10 @@ def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
     """One trial (the spec's base point, grid ignored) through the same driver, without Tune; `command`
     is tagged on its sweep run."""
     uri = tracking.tracking_uri()
-    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     trials = expand(spec.model_copy(update={"grid": {}}))
     cluster.init_ray(spec)
-    cluster.check_fits(trials)
+    cluster.check_cluster(spec, trials, uri)
+    experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)
     tracking.tag_command(parent, command, uri)
     (trial,) = trials
@@ -195,10 +201,16 @@ def _sample_repeats(spec: Spec, run_id: str, uri: str) -> dict[str, int] | None:
     return repeats
 
 
-def _tune_trial(config: dict[str, Any], experiment_id: str, parent_run_id: str, tracking_uri: str) -> None:
-    run_trial(
-        config["trial"], experiment_id, parent_run_id, tracking_uri, [EpochReportCallback()], tune.report
-    )
+def _tune_trial(
+    config: dict[str, Any],
+    experiment_id: str,
+    parent_run_id: str,
+    tracking_uri: str,
+    storage_options: dict[str, dict[str, Any]],
+) -> None:
+    trial = config["trial"]
+    trial = trial.with_storage_options(storage_options[trial.key])
+    run_trial(trial, experiment_id, parent_run_id, tracking_uri, [EpochReportCallback()], tune.report)
 
 
 class TrialFailed(RuntimeError):

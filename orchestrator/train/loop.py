@@ -148,23 +148,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
 
+    scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
     position, best = Position(), -math.inf
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             state = checkpoints.load(Path(d) / checkpoints.FILE)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        position, best = Position(**state["position"]), state["best"]
+        position, best = restore(state, net, optimizer, scaler, w.device)
         log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
-        if w.rank == 0 and state.get("report"):  # the attempt before may have died before logging it
-            _log_epoch(w, config, net, state["report"], state["improved"])
+        if w.rank == 0:
+            _log_resume(w, config, position)
+            if state.get("report"):  # the attempt before may have died before logging it
+                _log_epoch(w, config, net, state["report"], state["improved"])
 
     def save(p: Position, report: dict[str, float] | None = None, improved: bool = False) -> None:
-        _report(w, config, net, optimizer, p, best, report, improved)
+        _report(w, config, net, resume_state(optimizer, scaler, p, best, w.device), report, improved)
 
     try:
-        scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
         while position.epoch < w.spec.train.epochs:
             trained = train_epoch(w, model, optimizer, position, save, scaler)
             report = {"epoch": position.epoch + 1, **trained}
@@ -188,6 +188,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from orchestrator import tracking  # see _log_epoch
 
             tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
+
+
+def resume_state(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    position: Position,
+    best: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What a checkpoint holds, besides the weights, to go on exactly where training stands: the optimizer,
+    the fp16 loss scale, the position and the RNG that mixup, dropout and randperm draw from (augmentation
+    draws from generators seeded by sample position, and the loaders keep off the global RNG)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "rng": rng,
+        "position": asdict(position),
+        "best": best,
+    }
+
+
+def restore(
+    state: dict[str, Any],
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+) -> tuple[Position, float]:
+    """Put a checkpoint's weights and resume_state back; returns where training stands and the best
+    val_miou so far. Checkpoints written before the scaler and RNG were saved resume with fresh ones."""
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if state.get("rng"):
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return Position(**state["position"]), state["best"]
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -378,9 +420,7 @@ def _report(
     w: Worker,
     config: dict[str, Any],
     net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    position: Position,
-    best: float,
+    state: dict[str, Any],
     report: dict[str, float] | None,
     improved: bool,
 ) -> None:
@@ -392,22 +432,21 @@ def _report(
         if w.rank == 0:
             trial = public_params(config["trial"].config)  # never store credentials in a checkpoint
             path = Path(d) / checkpoints.FILE
-            checkpoints.save(
-                path,
-                net,
-                trial,
-                w.mean_std,
-                optimizer=optimizer.state_dict(),
-                position=asdict(position),
-                best=best,
-                report=report,
-                improved=improved,
-            )
+            checkpoints.save(path, net, trial, w.mean_std, **state, report=report, improved=improved)
             ckpt = ray.train.Checkpoint.from_directory(d)
         # Tune sees epoch ends only (execution/tune_report.py); Ray Train keeps every checkpoint's position.
-        ray.train.report(report or {"epoch": position.epoch, "step": position.step}, checkpoint=ckpt)
+        position = state["position"]
+        ray.train.report(report or {"epoch": position["epoch"], "step": position["step"]}, checkpoint=ckpt)
     if w.rank == 0 and report:
         _log_epoch(w, config, net, report, improved)
+
+
+def _log_resume(w: Worker, config: dict[str, Any], position: Position) -> None:
+    """Record on the trial's run where an attempt resumed: the optimizer steps done before it."""
+    from orchestrator import tracking  # see _log_epoch
+
+    step = sum(w.epoch_steps[: position.epoch]) + position.step
+    tracking.log_metrics(config["mlflow_run_id"], {"resumed_at_step": step}, step, config["tracking_uri"])
 
 
 def _log_epoch(

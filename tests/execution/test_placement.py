@@ -32,6 +32,7 @@ def workdir(tmp_path: Path, cli_env: dict[str, str]):
         "train": {"epochs": 1, "steps_per_epoch": 1, "batch_per_gpu": 2, "crop": [64, 64]},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "strict_spread"},
         "storage": str(tmp_path / "runs"),
+        "storage_shared": True,  # the simulated nodes share this machine's disk (and its SQLite MLflow)
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path, env
@@ -46,7 +47,7 @@ def test_a_syncbn_trial_spreads_one_worker_per_node(workdir) -> None:
 
     cwd, env = workdir
     # A head that runs only trial drivers, and two 1-CPU worker nodes.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"trial_driver": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1)
@@ -66,6 +67,6 @@ def test_a_syncbn_trial_spreads_one_worker_per_node(workdir) -> None:
 def test_a_trial_that_cannot_fit_says_so(workdir) -> None:
     cwd, env = workdir
     proc = run_cli(["train", "spec.yaml", "--set", "resources.workers_per_trial=64"], cwd, env)
-    assert proc.returncode == 1
-    assert "a trial of 64 workers needs CPU 64 (the cluster has" in proc.stderr
-    assert "64 nodes for placement strict_spread (the cluster has 1)" in proc.stderr
+    assert proc.returncode == 2
+    assert "error: resources: a trial of 64 workers needs 64 workers of CPU 1 (the nodes hold" in proc.stderr
+    assert "64 nodes for placement strict_spread (1 node can hold a worker)" in proc.stderr

@@ -222,3 +222,38 @@ def test_every_norm_trains_in_a_2_worker_trial(workdir):
         assert trial.info.status == "FINISHED", trial.data.params["norm"]
         assert trial.data.params["train.accumulate"] == "2"
         assert 0 <= trial.data.metrics["val_miou"] <= 1
+
+
+def test_storage_options_reach_the_workers_and_nowhere_else(workdir, s3_server):
+    """s3fs credentials in data.storage_options: the only way this sweep's workers reach the data (no AWS_*
+    in the environment), and found afterwards in none of Tune's console or state, MLflow, checkpoints or
+    Ray's session logs."""
+    cwd, env = workdir
+    sentinel = "SENTINEL-not-for-anyone"
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_") or k == "AWS_EC2_METADATA_DISABLED"}
+    spec = yaml.safe_load((cwd / "e2e.yaml").read_text())
+    spec["data"]["storage_options"] = {"client_kwargs": {"endpoint_url": s3_server.endpoint}}
+    spec["storage"] = str(cwd / "runs")
+    del spec["grid"]
+    private = cwd.parent / f"{cwd.name}-private.yaml"  # outside the folder searched below
+    private.write_text(yaml.safe_dump(spec))
+    overrides = ["--set", "data.storage_options.key=test", "--set", f"data.storage_options.secret={sentinel}"]
+    args = [*CLI, "sweep", str(private), *overrides, "--set", "train.epochs=1"]
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert "FINISHED" in proc.stdout
+    assert sentinel not in proc.stdout + proc.stderr
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (sweep,) = client.search_runs(
+        [client.get_experiment_by_name("e2e").experiment_id], "tags.`orchestrator.kind` = 'sweep'"
+    )
+    assert sweep.data.tags["orchestrator.command"].endswith(
+        "--set 'data.storage_options.key=***' --set 'data.storage_options.secret=***' --set train.epochs=1"
+    )
+    found = []
+    for folder in (cwd, Path(env["RAY_TMPDIR"])):
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink() and sentinel.encode() in path.read_bytes():
+                found.append(path)
+    assert found == []

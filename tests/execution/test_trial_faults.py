@@ -100,6 +100,12 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def resumed_at(env: dict[str, str], run_id: str) -> list[int]:
+    """The optimizer steps done before each resumed attempt of a trial (the loop's resumed_at_step)."""
+    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, "resumed_at_step")
+    return [int(m.value) for m in history]
+
+
 def epochs_logged(env: dict[str, str], run_id: str) -> list[int]:
     return [m.step for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, "val_miou")]
 
@@ -117,14 +123,24 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(w
     (run,) = trial_runs(env)
     assert run.info.status == "FINISHED"
     assert epochs_logged(env, run.info.run_id) == list(range(1, EPOCHS + 1))
+    # From a checkpoint (epoch 1's at least, 4 steps in), not from scratch; lost work <= checkpoint_every.
+    assert resumed_at(env, run.info.run_id)[0] >= 4
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(workdir) -> None:
     cwd, env = workdir
     overrides = ["--set", "grid.norm=[bn,gn:g8]", "--set", "train.epochs=2"]
     proc = start(["sweep", "spec.yaml", *overrides], cwd, env)
-    wait_for(lambda: any(r.info.status == "FINISHED" for r in trial_runs(env)), proc)
+
+    def second_trial_checkpointed() -> bool:  # the first finished, the second past its first epoch
+        runs = trial_runs(env)
+        return any(r.info.status == "FINISHED" for r in runs) and any(
+            r.info.status == "RUNNING" and epochs_logged(env, r.info.run_id) for r in runs
+        )
+
+    wait_for(second_trial_checkpointed, proc)
     (done,) = [r for r in trial_runs(env) if r.info.status == "FINISHED"]
+    (interrupted,) = [r for r in trial_runs(env) if r.info.status == "RUNNING"]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -137,6 +153,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(workdir) -> N
         assert epochs_logged(env, run.info.run_id) == [1, 2]
     (again,) = [r for r in runs if r.info.run_id == done.info.run_id]
     assert again.info.end_time == done.info.end_time  # the finished trial did not run again
+    assert resumed_at(env, done.info.run_id) == []
+    # The interrupted trial went on from its checkpoint (epoch 1's, 4 steps in), not from scratch.
+    assert resumed_at(env, interrupted.info.run_id)[0] >= 4
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     sweeps = client.search_runs([runs[0].info.experiment_id], "tags.`orchestrator.kind` = 'sweep'")
     assert [s.info.status for s in sweeps] == ["FINISHED"]  # the same parent run, finished
