@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-machine "cluster" to submit sweeps to: a Ray head, an MLflow server and optionally an S3 endpoint,
-# every port on 127.0.0.1, Ray with token authentication.
+# every port on 127.0.0.1 (or $HOST_IP), Ray with token authentication.
 #
 #   cluster/local.sh start [--s3] [-- RAY_START_ARGS...]
 #       Starts them in the background and prints the `export` lines a shell needs to submit jobs and read
@@ -13,13 +13,15 @@
 #       the machine, other users' and other tests' too.
 #
 # Settings (environment, defaults in brackets): STATE_DIR [/tmp/orchestrator-local] (short: Ray's socket
-# paths below it must fit in 107 bytes), GCS_PORT [6379], DASHBOARD_PORT [8265], MLFLOW_PORT [5000],
-# S3_PORT [8333], S3_BUCKET [orchestrator],
+# paths below it must fit in 107 bytes), HOST_IP [127.0.0.1] (the address every service binds: cluster/netns.sh
+# runs this script in a test host's network namespace with that host's address), GCS_PORT [6379],
+# DASHBOARD_PORT [8265], MLFLOW_PORT [5000], S3_PORT [8333], S3_BUCKET [orchestrator],
 # RAY_AUTH_TOKEN_PATH [~/.ray/auth_token] (the token file, created if missing; RAY_AUTH_TOKEN wins if set).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state=${STATE_DIR:-/tmp/orchestrator-local}
+host=${HOST_IP:-127.0.0.1}
 gcs_port=${GCS_PORT:-6379}
 dashboard_port=${DASHBOARD_PORT:-8265}
 mlflow_port=${MLFLOW_PORT:-5000}
@@ -107,9 +109,9 @@ start() {
   local -a exports=(
     # The job server, where `ray job` and `orchestrator submit` look first. Not RAY_ADDRESS: a driver
     # started in this shell (`orchestrator sweep`) would take that for a GCS address and refuse a URL.
-    "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dashboard_port"
+    "export RAY_API_SERVER_ADDRESS=http://$host:$dashboard_port"
     "export RAY_AUTH_MODE=token"
-    "export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port"
+    "export MLFLOW_TRACKING_URI=http://$host:$mlflow_port"
   )
   [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]] && exports+=("export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH")
 
@@ -122,15 +124,15 @@ start() {
     done
     AWS_ACCESS_KEY_ID=$(<"$state/s3/access_key")
     AWS_SECRET_ACCESS_KEY=$(<"$state/s3/secret_key")
-    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port
+    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL=http://$host:$s3_port
     export AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
     case $server in
       weed)
         mkdir -p "$state/s3/data"
-        launch s3 weed mini -dir="$state/s3/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$s3_port" \
+        launch s3 weed mini -dir="$state/s3/data" -ip="$host" -ip.bind="$host" -s3.port="$s3_port" \
           -master.telemetry=false -webdav=false -admin.ui=false -bucket="$bucket"
         ;;
-      moto) launch s3 moto_server -H 127.0.0.1 -p "$s3_port" ;;
+      moto) launch s3 moto_server -H "$host" -p "$s3_port" ;;
       *) die "S3_SERVER must be weed or moto, not $server" ;;
     esac
     wait_http s3 "$AWS_ENDPOINT_URL" "$(<"$state/s3.pid")"
@@ -149,27 +151,31 @@ start() {
 
   # One worker and no job runner: 2 processes (~0.5 GB) instead of 15. Artifacts go through the server
   # (--artifacts-destination), so job drivers and trial workers need no artifact store of their own.
+  # MLflow answers requests whose Host header is localhost or a private address only (against DNS rebinding);
+  # any other address it binds is named.
+  local -a allowed=()
+  [[ $host == 127.0.0.1 ]] || allowed=(--allowed-hosts "$host:$mlflow_port,$host")
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true launch mlflow \
-    mlflow server --host 127.0.0.1 --port "$mlflow_port" --workers 1 \
+    mlflow server --host "$host" --port "$mlflow_port" --workers 1 "${allowed[@]}" \
     --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$artifacts"
 
   # What the head passes on to every job: the MLflow server, S3 (above), the token settings, the PATH.
-  export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port MLFLOW_DISABLE_TELEMETRY=true
+  export MLFLOW_TRACKING_URI=http://$host:$mlflow_port MLFLOW_DISABLE_TELEMETRY=true
   # A private RAY_TMPDIR: this head's sessions and ray_current_cluster stay out of /tmp/ray.
   export RAY_TMPDIR=$state
   # Ray rewrites --node-ip-address 127.0.0.1 to the machine's outward address (GCS and raylet then listen on
   # every interface); with "clusters" off, a Linux head keeps the loopback address, single node only.
-  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+  [[ $host == 127.0.0.1 ]] && export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   # On SIGTERM Ray first drains the node for up to 30 s (for Serve traffic), the whole 30 s once a job has
   # left idle workers behind; nothing here needs it.
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
-  launch ray ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$gcs_port" \
-    --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" "$@"
+  launch ray ray start --head --block --disable-usage-stats --node-ip-address "$host" --port "$gcs_port" \
+    --dashboard-host "$host" --dashboard-port "$dashboard_port" "$@"
 
-  wait_http mlflow "http://127.0.0.1:$mlflow_port/health" "$(<"$state/mlflow.pid")"
-  log "MLflow on http://127.0.0.1:$mlflow_port (store $state/mlflow.db, artifacts $artifacts)"
-  wait_http ray "http://127.0.0.1:$dashboard_port/api/gcs_healthz" "$(<"$state/ray.pid")"
-  log "Ray head on 127.0.0.1:$gcs_port, dashboard and job server on http://127.0.0.1:$dashboard_port"
+  wait_http mlflow "http://$host:$mlflow_port/health" "$(<"$state/mlflow.pid")"
+  log "MLflow on http://$host:$mlflow_port (store $state/mlflow.db, artifacts $artifacts)"
+  wait_http ray "http://$host:$dashboard_port/api/gcs_healthz" "$(<"$state/ray.pid")"
+  log "Ray head on $host:$gcs_port, dashboard and job server on http://$host:$dashboard_port"
 
   printf '%s\n' "${exports[@]}" >"$state/env"
   log "environment for submitting (also in $state/env):"

@@ -11,23 +11,28 @@ from urllib.parse import urlsplit
 
 import ray
 
+from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
 
 log = logging.getLogger(__name__)
 
 # Environment every Ray process of a sweep gets. OpenMP's default busy-wait made CPU steps 10-25x
 # slower on shared cores; Ray Train's 2 s default health-check interval blocks each report ~2 s.
+# Tune's default TensorBoard logger imports tensorboardX, and it torch, into the sweep's driver: after
+# pyarrow's S3 client (Tune's storage on s3://) that import died there (oneMKL "Cannot load libtorch_cpu.so",
+# exit 139) under `ray job submit`; the sweep adds Tune's CSV and JSON loggers itself.
 WORKER_ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 
 # What a trial's driver holds. Its work is waiting on its workers, so it takes no CPU: a driver holding one
 # (even Tune's 0.01) left a plain 2-CPU head no room for a trial's 2 one-CPU workers, and Ray Train waited for
-# them forever. Tune refuses an empty request, and a custom resource would need every head to declare it:
-# a MiB of Ray's logical memory, which every node has and no worker asks for.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}
+# them forever. It runs on the head, as Ray Train's controller then does (on the driver's node): a worker
+# node lost took a driver placed there with it, and the trial failed instead of restarting its workers.
+DRIVER_RESOURCES = {"cpu": 0, HEAD_NODE_RESOURCE_NAME: 0.001}
 
 
 def init_ray(spec: Spec) -> None:

@@ -8,6 +8,8 @@ What is taken, and why:
 - `DataParallelTrainer`, and its `_create_default_callbacks` overridden: Ray Train starts a DatasetManager
   actor for every run, also one without Ray Datasets (ours stream through fsspec): one more Python process
   per trial on the way to its first step. `TrainerWithoutDatasets` drops it.
+- `HEAD_NODE_RESOURCE_NAME`: the resource only the head node has (Ray pins its own state actors with a
+  sliver of it); trial drivers hold one too (cluster.DRIVER_RESOURCES).
 """
 
 from __future__ import annotations
@@ -32,13 +34,21 @@ def check_ray_version(version: str = ray.__version__) -> None:
 
 check_ray_version()
 
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # noqa: E402
 from ray._common.network_utils import build_address  # noqa: E402
 from ray.train._internal.utils import get_address_and_port  # noqa: E402
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: E402
 from ray.train.v2._internal.util import TrainingFramework  # noqa: E402
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: E402
 
-__all__ = ["SUPPORTED", "TrainerWithoutDatasets", "TrainingFramework", "rank_zero_url", "check_ray_version"]
+__all__ = [
+    "HEAD_NODE_RESOURCE_NAME",
+    "SUPPORTED",
+    "TrainerWithoutDatasets",
+    "TrainingFramework",
+    "rank_zero_url",
+    "check_ray_version",
+]
 
 
 def rank_zero_url(worker_group) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 import orchestrator.execution.ray_private  # noqa: F401  (its import refuses a Ray it was not written for)
 from orchestrator import tracking
@@ -84,7 +85,12 @@ def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> l
                 # import torch, Ray Train and MLflow into (~4 s of each hand-over on 2 cores).
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(name=spec.name, storage_path=cluster.storage(spec), verbose=1),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=cluster.storage(spec),
+                verbose=1,
+                callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],  # no TensorBoard: see WORKER_ENV
+            ),
         )
     results = tuner.fit()
     outcomes = []

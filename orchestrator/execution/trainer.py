@@ -10,7 +10,10 @@ the workers alone, and the training loop is imported where it runs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import socket
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,9 +91,30 @@ def _init_process_group(backend: str, url: str, rank: int, world: int, timeout_s
         # A collective that times out (a dead peer) tears the process down instead of hanging, so Ray
         # Train sees the failure and restarts the group.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    elif "GLOO_SOCKET_IFNAME" not in os.environ:
+        # Gloo listens on the address the host's name resolves to, which many Linux hosts map to loopback
+        # (Debian's /etc/hosts: 127.0.1.1): peers on other nodes then cannot connect. Ray's node address is
+        # the one the other nodes reach.
+        interface = interface_of(ray.util.get_node_ip_address())
+        if interface:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group(
         backend, init_method=url, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface whose (first) IPv4 address is `address`, or None (Linux's SIOCGIFADDR)."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(ifreq[20:24]) == address:
+                return name
+    return None
 
 
 def _destroy_process_group() -> None:

@@ -1,0 +1,162 @@
+"""Many hosts for real: cluster/netns.sh's hosts, each a network namespace with its own address, Ray
+session folder and disk, a Ray head with MLflow and S3 on one of them. A sweep submitted to the head loses a
+worker host mid-trial and goes on from its last S3 checkpoint on the remaining hosts.
+
+Needs root and iproute2 (CI has both); skipped with the reason elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from multihost_syncbn import batch
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+
+ROOT = Path(__file__).resolve().parents[2]
+NETNS = ROOT / "cluster" / "netns.sh"
+CLI = [sys.executable, "-m", "orchestrator"]
+EPOCHS, STEPS = 3, 4
+
+
+def _why_no_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if not shutil.which("ip"):
+        return "network namespaces need iproute2 (ip)"
+    probe = f"orch-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode:
+        return f"cannot make a network namespace here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], check=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[dict[str, str]]:
+    """A head host (Ray with 0 CPUs, MLflow, moto S3) and three 1-CPU worker hosts; yields the environment a
+    user's shell has after `eval "$(cluster/netns.sh start)"`, with the data packed into the bucket."""
+    reason = _why_no_namespaces()
+    if reason:
+        pytest.skip(reason)
+    state = Path(tempfile.mkdtemp(prefix="nn-", dir="/tmp"))  # short: Ray's socket paths
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_TRACKING"))}
+    # A /24 and names of this run's own, so that a cluster another run left cannot collide.
+    tag = os.getpid() % 200
+    base.update(STATE_DIR=str(state), PREFIX=f"t{tag}", NET=f"198.19.{tag}", PYTHONUNBUFFERED="1")
+    try:
+        started = subprocess.run([NETNS, "start", "--workers", "3"], env=base, capture_output=True, text=True,
+                                 timeout=300)  # fmt: skip
+        assert started.returncode == 0, started.stderr[-4000:]
+        shell = ["bash", "-c", f"source {state}/head/env && env -0"]
+        exported = subprocess.run(shell, env=base, check=True, capture_output=True, text=True).stdout
+        env = dict(item.split("=", 1) for item in exported.split("\0") if "=" in item)
+        synth = str(state / "synth")
+        for args in (
+            ["data", "synth", synth, "--train", "16", "--val", "4", "--size", "128x72"],
+            ["data", "pack", synth, "s3://orchestrator/shards", "--shard-size", "4", "--workers", "1"],
+        ):
+            made = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+            assert made.returncode == 0, made.stderr[-3000:]
+        yield {**env, "STATE_DIR": str(state), "PREFIX": base["PREFIX"], "NET": base["NET"]}
+    finally:
+        stopped = subprocess.run([NETNS, "stop"], env=base, capture_output=True, text=True, timeout=300)
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        shutil.rmtree(state, ignore_errors=True)
+        assert f"t{tag}-" not in left, stopped.stderr
+
+
+def host_running(env: dict[str, str], process: str) -> str | None:
+    """The worker host (w1, w2, ...) one of whose processes has `process` in its command line."""
+    for i in range(1, 10):
+        pids = subprocess.run(
+            ["ip", "netns", "pids", f"{env['PREFIX']}-w{i}"], capture_output=True, text=True
+        )
+        for pid in pids.stdout.split():
+            try:
+                if process in Path(f"/proc/{pid}/cmdline").read_text():
+                    return f"w{i}"
+            except OSError:
+                continue
+    return None
+
+
+def test_syncbn_over_workers_on_two_hosts_is_batch_norm_of_the_whole_batch(hosts, tmp_path) -> None:
+    shutil.copy(Path(__file__).with_name("multihost_syncbn.py"), tmp_path)
+    ray_cli = Path(sys.executable).with_name("ray")
+    cmd = [ray_cli, "job", "submit", "--working-dir", tmp_path, "--", "python", "multihost_syncbn.py"]
+    job = subprocess.run(cmd, env=hosts, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    (line,) = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    expected = torch.nn.BatchNorm2d(3)
+    expected(batch())
+    torch.testing.assert_close(torch.tensor(result["mean"]), expected.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(result["var"]), expected.running_var, rtol=1e-5, atol=1e-5)
+    head = hosts["NET"] + ".1"
+    assert len(set(result["nodes"])) == 2 and head not in result["nodes"]  # two hosts, each its worker
+
+
+def test_a_worker_host_lost_mid_trial_the_trial_goes_on_from_its_s3_checkpoint(hosts, tmp_path) -> None:
+    env = hosts
+    spec = {
+        "name": "multihost",
+        "data": {"train": "s3://orchestrator/shards/train", "val": "s3://orchestrator/shards/val",
+                 "loader_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "norm": "syncbn",
+        "train": {"epochs": EPOCHS, "steps_per_epoch": STEPS, "checkpoint_every": 2, "batch_per_gpu": 2,
+                  "crop": [64, 64]},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "storage": "s3://orchestrator/runs",
+    }  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    ray_cli = Path(sys.executable).with_name("ray")
+    job = subprocess.Popen(
+        [ray_cli, "job", "submit", "--working-dir", tmp_path, "--", "orchestrator", "sweep", "spec.yaml"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    try:
+        run = None
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and job.poll() is None:  # the trial past its first epoch
+            exp = client.get_experiment_by_name("multihost")
+            runs = exp and client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
+            run = runs[0] if runs else None
+            if run and client.get_metric_history(run.info.run_id, "val_miou"):
+                break
+            time.sleep(1)
+        assert run and job.poll() is None, job.stdout.read()[-6000:] if job.poll() is not None else "timeout"
+        lost = host_running(env, "RayTrainWorker")
+        assert lost, "no worker host runs a trial worker"
+        # The trial's driver, and with it Ray Train's controller, run on the head: no worker host's loss
+        # takes them.
+        assert host_running(env, "TrainController") is None
+        subprocess.run([NETNS, "kill", lost], env=env, check=True, capture_output=True)
+        out, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-6000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == list(
+        range(1, EPOCHS + 1)
+    )
+    # Resumed from a checkpoint, the first epoch's at least (STEPS steps in), not from scratch.
+    resumed = [int(m.value) for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
+    assert resumed and resumed[0] >= STEPS
+    assert run.data.tags["orchestrator.nodes"] == "2"
