@@ -6,6 +6,7 @@ Needs root and iproute2 (CI has both); skipped with the reason elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,54 +110,120 @@ def test_syncbn_over_workers_on_two_hosts_is_batch_norm_of_the_whole_batch(hosts
     assert len(set(result["nodes"])) == 2 and head not in result["nodes"]  # two hosts, each its worker
 
 
-def test_a_worker_host_lost_mid_trial_the_trial_goes_on_from_its_s3_checkpoint(hosts, tmp_path) -> None:
-    env = hosts
-    spec = {
-        "name": "multihost",
+def _spec(name: str, norm: str, max_failures: int) -> dict:
+    """A 2-worker trial of EPOCHS short epochs on the S3 shards, checkpointed to S3 every 2 steps."""
+    return {
+        "name": name,
         "data": {"train": "s3://orchestrator/shards/train", "val": "s3://orchestrator/shards/val",
                  "loader_workers": 0},
         "model": {"backbone": "resnet18"},
-        "norm": "syncbn",
+        "norm": norm,
         "train": {"epochs": EPOCHS, "steps_per_epoch": STEPS, "checkpoint_every": 2, "batch_per_gpu": 2,
                   "crop": [64, 64]},
-        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": max_failures},
         "storage": "s3://orchestrator/runs",
     }  # fmt: skip
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    ray_cli = Path(sys.executable).with_name("ray")
+
+
+@contextlib.contextmanager
+def _submitted(cmd: list, cwd: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """The submitting command, running; killed with its process group if the test leaves it running."""
     job = subprocess.Popen(
-        [ray_cli, "job", "submit", "--working-dir", tmp_path, "--", "orchestrator", "sweep", "spec.yaml"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )  # fmt: skip
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     try:
-        run = None
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and job.poll() is None:  # the trial past its first epoch
-            exp = client.get_experiment_by_name("multihost")
-            runs = exp and client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
-            run = runs[0] if runs else None
-            if run and client.get_metric_history(run.info.run_id, "val_miou"):
-                break
-            time.sleep(1)
-        assert run and job.poll() is None, job.stdout.read()[-6000:] if job.poll() is not None else "timeout"
-        lost = host_running(env, "RayTrainWorker")
-        assert lost, "no worker host runs a trial worker"
-        # The trial's driver, and with it Ray Train's controller, run on the head: no worker host's loss
-        # takes them.
-        assert host_running(env, "TrainController") is None
-        subprocess.run([NETNS, "kill", lost], env=env, check=True, capture_output=True)
-        out, _ = job.communicate(timeout=600)
+        yield job
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def _past_first_epoch(client: MlflowClient, experiment: str, job: subprocess.Popen) -> str:
+    """The run id of the experiment's trial once it has logged its first epoch (the job still running)."""
+    run = None
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and job.poll() is None:
+        exp = client.get_experiment_by_name(experiment)
+        runs = exp and client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
+        run = runs[0] if runs else None
+        if run and client.get_metric_history(run.info.run_id, "val_miou"):
+            return run.info.run_id
+        time.sleep(1)
+    raise AssertionError(job.stdout.read()[-6000:] if job.poll() is not None else "no epoch within 400 s")
+
+
+def _finished(job: subprocess.Popen, timeout: float) -> str:
+    out, _ = job.communicate(timeout=timeout)
     assert job.returncode == 0, out[-6000:]
-    run = client.get_run(run.info.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == list(
-        range(1, EPOCHS + 1)
-    )
+    return out
+
+
+def _epochs_logged_once(client: MlflowClient, run_id: str) -> None:
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_miou")]
+    assert steps == list(range(1, EPOCHS + 1))
+
+
+def test_a_worker_host_lost_mid_trial_the_trial_goes_on_from_its_s3_checkpoint(hosts, tmp_path) -> None:
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(_spec("multihost", "syncbn", max_failures=2)))
+    ray_cli = Path(sys.executable).with_name("ray")
+    cmd = [ray_cli, "job", "submit", "--working-dir", ".", "--", "orchestrator", "sweep", "spec.yaml"]
+    client = MlflowClient(hosts["MLFLOW_TRACKING_URI"])
+    with _submitted(cmd, tmp_path, hosts) as job:
+        run_id = _past_first_epoch(client, "multihost", job)
+        lost = host_running(hosts, "RayTrainWorker")
+        assert lost, "no worker host runs a trial worker"
+        # The trial's driver, and with it Ray Train's controller, run on the head: no worker host's loss
+        # takes them.
+        assert host_running(hosts, "TrainController") is None
+        subprocess.run([NETNS, "kill", lost], env=hosts, check=True, capture_output=True)
+        _finished(job, timeout=600)
+    _epochs_logged_once(client, run_id)
     # Resumed from a checkpoint, the first epoch's at least (STEPS steps in), not from scratch.
-    resumed = [int(m.value) for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
+    resumed = [int(m.value) for m in client.get_metric_history(run_id, "resumed_at_step")]
     assert resumed and resumed[0] >= STEPS
-    assert run.data.tags["orchestrator.nodes"] == "2"
+    assert client.get_run(run_id).data.tags["orchestrator.nodes"] == "2"
+
+
+def _stop_mlflow(state: Path) -> tuple[list[str], dict[str, str], str]:
+    """Stop the head's MLflow server (its process group, as local.sh stop does); return its command line,
+    environment and working directory, to start it again as it was."""
+    pid = int((state / "mlflow.pid").read_text())
+    proc = Path(f"/proc/{pid}")
+    cmdline = proc.joinpath("cmdline").read_bytes().decode().split("\0")[:-1]
+    environ = dict(
+        e.split("=", 1) for e in proc.joinpath("environ").read_bytes().decode().split("\0") if "=" in e
+    )
+    cwd = os.readlink(proc / "cwd")
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return cmdline, environ, cwd
+
+
+def test_mlflow_down_for_a_minute_mid_trial_no_trial_fails_and_no_epoch_is_lost(hosts, tmp_path) -> None:
+    """Submitted with `orchestrator submit`. Rank 0 logs each epoch to MLflow as it ends: during the outage
+    it waits (MLflow's client retries a refused connection for minutes) and goes on when the server is back.
+    No failure is allowed (max_failures 0), so a lost request would fail the trial."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(_spec("outage", "bn", max_failures=0)))
+    client = MlflowClient(hosts["MLFLOW_TRACKING_URI"])
+    head = Path(hosts["STATE_DIR"]) / "head"
+    with _submitted([*CLI, "submit", "spec.yaml"], tmp_path, hosts) as job:
+        run_id = _past_first_epoch(client, "outage", job)
+        cmdline, environ, cwd = _stop_mlflow(head)
+        try:
+            time.sleep(60)
+            assert job.poll() is None, "the sweep ended while MLflow was down"
+        finally:
+            with open(head / "mlflow.log", "a") as log:
+                server = subprocess.Popen(
+                    ["ip", "netns", "exec", f"{hosts['PREFIX']}-head", *cmdline], env=environ, cwd=cwd,
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+            (head / "mlflow.pid").write_text(f"{server.pid}\n")  # netns.sh stop stops it
+        out = _finished(job, timeout=600)
+    _epochs_logged_once(client, run_id)
+    assert not client.get_metric_history(run_id, "resumed_at_step")  # one attempt, never restarted
+    assert "SUCCEEDED" in out
