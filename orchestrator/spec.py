@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +63,61 @@ class SpecError(ValueError):
         self.lines = lines
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans, `true` and `false` only. PyYAML reads YAML 1.1, where on/off/yes/no/y/n are
+    booleans too: `amp: off` and `--set train.amp=off` arrived as False."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A spec file's or a `--set` value's YAML."""
+    return yaml.load(text, Loader=_SpecLoader)
+
+
+def _takes_text(annotation: Any) -> tuple[bool, bool]:
+    """(whether a field takes nothing but text, whether it takes None too)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    nullable = type(None) in members
+
+    def text(member: Any) -> bool:
+        if typing.get_origin(member) is Annotated:
+            member = typing.get_args(member)[0]
+        if typing.get_origin(member) is Literal:
+            return all(isinstance(v, str) for v in typing.get_args(member))
+        return member is str
+
+    others = [m for m in members if m is not type(None)]
+    return bool(others) and all(map(text, others)), nullable
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_as_typed(cls, data: Any) -> Any:
+        """A field that takes only text gets the text a user typed where YAML read a number, a boolean or
+        null: `--set tracking.experiment=2024`, `name: true`. Null stays null where the field takes it."""
+        if not isinstance(data, dict):
+            return data
+        typed = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is None or not (value is None or isinstance(value, (bool, int, float))):
+                continue
+            text, nullable = _takes_text(field.annotation)
+            if text and not (value is None and nullable):
+                typed[key] = "null" if value is None else str(value).lower()  # True -> "true"
+        return typed
 
 
 class DataSpec(_Section):
@@ -505,7 +560,7 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     """Read, override and validate a spec file; raise SpecError with one line per problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise SpecError([f"{path}: no such file"]) from None
     except yaml.YAMLError as e:
@@ -517,8 +572,9 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """`key=value` pairs (values parsed as YAML) set on the raw spec. Setting a key the grid sweeps
-    over fixes it to that value (the grid axis is dropped); `grid.<key>=[...]` replaces an axis."""
+    """`key=value` pairs (values parsed as YAML 1.2: `off` is text) set on the raw spec. Setting a key
+    the grid sweeps over fixes it to that value (the grid axis is dropped); `grid.<key>=[...]` replaces an
+    axis."""
     raw = copy.deepcopy(raw)
     errors = []
     for item in overrides:
@@ -526,7 +582,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key:
             errors.append(f"--set {item!r}: expected key=value, e.g. --set train.epochs=2")
             continue
-        value = yaml.safe_load(text) if text else None
+        value = read_yaml(text) if text else None
         if key.startswith("grid."):
             raw.setdefault("grid", {})[key[len("grid.") :]] = value
             continue

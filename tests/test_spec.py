@@ -303,3 +303,50 @@ def test_a_trial_shows_its_key_and_carries_its_validated_spec():
     assert [repr(t) for t in trials] == ["Trial('norm=bn')", "Trial('norm=gn:g8')"]  # what Tune prints
     assert [t.spec.norm for t in trials] == ["bn", "gn:g8"] and trials[1].spec.grid == {}
     assert [t.config["norm"] for t in trials] == ["bn", "gn:g8"]
+
+
+def _text_fields() -> dict[str, bool]:
+    """Each dotted key whose JSON Schema takes only strings (and maybe null) -> whether it takes null."""
+    schema = specs.json_schema()
+    found = {}
+
+    def walk(properties: dict, prefix: str) -> None:
+        for key, prop in properties.items():
+            if "$ref" in prop:
+                walk(schema["$defs"][prop["$ref"].split("/")[-1]]["properties"], f"{prefix}{key}.")
+                continue
+            kinds = {member.get("type") for member in prop.get("anyOf", [prop])}
+            if kinds - {"null"} == {"string"}:
+                found[prefix + key] = "null" in kinds
+
+    walk(schema["properties"], "")
+    return found
+
+
+def test_what_a_user_types_into_a_text_field_arrives_as_that_text(tmp_path):
+    """YAML 1.1 read `--set train.amp=off` as False ("got False"); every field of the schema that takes text
+    gets the words as typed: the value itself, or an error about that text."""
+    fields = _text_fields()
+    assert {"name", "train.amp", "model.head", "storage", "data.normalize", "norm"} <= set(fields)
+    for key, nullable in fields.items():
+        for word in ("off", "on", "no", "yes", "null", "true", "2024"):
+            try:
+                value = specs.flatten(specs.load(write(tmp_path, MINIMAL), [f"{key}={word}"]))[key]
+            except specs.SpecError as e:
+                (line,) = [line for line in e.lines if line.startswith(f"{key}:")] or e.lines
+                assert f"'{word}'" in line, (key, word, e.lines)
+                continue
+            if word == "null" and nullable:
+                assert value is None, (key, value)
+            else:  # a local path is made absolute
+                assert value == word or value.endswith(f"/{word}"), (key, word, value)
+
+
+def test_a_spec_file_reads_yaml_1_2_booleans(tmp_path):
+    (tmp_path / "spec.yaml").write_text(
+        "name: t\ndata: {train: s3://b/t, val: s3://b/v}\n"
+        "train: {amp: off}\nresources: {wait_for_nodes: on}\n"
+    )
+    spec = specs.load(tmp_path / "spec.yaml", ["storage_shared=true", "grid.train.amp=[off, bf16]"])
+    assert spec.train.amp == "off" and spec.resources.wait_for_nodes is True and spec.storage_shared is True
+    assert [t.spec.train.amp for t in specs.expand(spec)] == ["off", "bf16"]
