@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# Each rank keeps its own BN running statistics (no buffer broadcast at each forward). torch 2.13 renamed
+# broadcast_buffers to forward_sync_buffers and warns on the old name; older torch has only the old one.
+_RANK_LOCAL_BUFFERS = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def world_size() -> int:
@@ -16,12 +27,22 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
         dist.all_reduce(t, op=op)
 
 
+def distribute(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on its device, in DDP when more than one rank runs: gradients are all-reduced, while BN
+    running statistics stay each rank's own until average_buffers (per-GPU BN)."""
+    model = model.to(device)
+    if world_size() == 1:
+        return model
+    ids = [device] if device.type == "cuda" else None  # CPU modules take none
+    return DDP(model, device_ids=ids, output_device=device if ids else None, **_RANK_LOCAL_BUFFERS)
+
+
 def average_buffers(net: nn.Module) -> None:
     """Average floating buffers (BN running statistics) over ranks; other buffers (batch counters)
     take rank 0's value.
 
     Per-GPU BN normalizes each rank's batch with that batch's statistics, and each rank keeps its own
-    running estimate (DDP runs with broadcast_buffers=False). Averaging them before evaluation and
+    running estimate (see distribute). Averaging them before evaluation and
     checkpointing estimates the population statistics from every rank's data, where DDP's default
     (rank 0's buffers copied to all at each forward) would use a 1/world share of it. For `syncbn`
     the ranks' statistics are already equal; GN has no buffers."""

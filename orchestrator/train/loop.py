@@ -32,7 +32,7 @@ from orchestrator.data.transforms import MeanStd
 from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
 from orchestrator.spec import Spec, public_params
 from orchestrator.train import schedules
-from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, unwrap
+from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
@@ -142,9 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = checkpoints.model_for(w.spec).to(w.device)
-    # DDP when world > 1; each rank keeps its own BN running statistics (see average_buffers).
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    model = distribute(checkpoints.model_for(w.spec), w.device)
     net = unwrap(model)
     optimizer = make_optimizer(w.spec, net)
 

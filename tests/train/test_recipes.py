@@ -36,7 +36,10 @@ def test_mixed_precision_trains_without_nan_and_keeps_norm_statistics_in_fp32(
     w = worker(tiny_shards, amp=amp)
     model = model_for(w.spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes = set()  # of a convolution's output inside the loop's forward: the claim that it runs in amp
+    model.backbone.layer1[0].conv1.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
     report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
+    assert dtypes == {{"bf16": torch.bfloat16, "fp16": torch.float16}[amp]}
     assert math.isfinite(report["train_loss"])
     state = model.state_dict()
     assert all(v.dtype == before[k].dtype for k, v in state.items())  # fp32 weights and BN statistics

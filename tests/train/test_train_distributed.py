@@ -7,8 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from orchestrator.train.distributed import all_reduce, average_buffers, unwrap
-from orchestrator.train.loop import accumulate_gradients
+from orchestrator import spec as specs
+from orchestrator.checkpoints import model_for
+from orchestrator.train.distributed import all_reduce, average_buffers, distribute, unwrap
+from orchestrator.train.loop import Position, Worker, accumulate_gradients, make_optimizer, train_epoch
 
 
 def tiny_segmenter(norm: nn.Module) -> nn.Module:
@@ -29,9 +31,7 @@ def _buffers_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(
-            tiny_segmenter(nn.BatchNorm2d(4)), broadcast_buffers=False
-        )
+        model = distribute(tiny_segmenter(nn.BatchNorm2d(4)), torch.device("cpu"))
         torch.manual_seed(1 + rank)  # each rank sees its own data, as under DDP
         model(torch.randn(2, 3, 5, 5) * (rank + 1)).sum().backward()
         net = unwrap(model)
@@ -119,3 +119,46 @@ def test_ddp_accumulation_averages_every_micro_batch_over_ranks(tmp_path: Path) 
     for rank in range(2):
         for got, want in zip(torch.load(tmp_path / f"{rank}.pt"), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _per_gpu_bn_worker(rank: int, store: str, shards: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        spec = specs.validate({
+            "name": "per-gpu-bn", "model": {"backbone": "resnet18"}, "norm": "bn",
+            "data": {"train": f"{shards}/train", "val": f"{shards}/val", "loader_workers": 0},
+            "train": {"epochs": 1, "batch_per_gpu": 2, "crop": [32, 32]},
+        })  # fmt: skip
+        w = Worker(spec, rank=rank, world=2)
+        torch.manual_seed(spec.train.seed)  # as train_loop_per_worker does
+        model = distribute(model_for(spec), w.device)
+        net = unwrap(model)
+        bn = net.backbone.bn1
+        means = []  # the per-channel mean of each batch this rank's first BN normalized
+        bn.register_forward_pre_hook(lambda m, args: means.append(args[0].detach().mean((0, 2, 3))))
+        train_epoch(w, model, make_optimizer(spec, net), Position())
+        before = bn.running_mean.clone()
+        average_buffers(net)
+        torch.save({"means": means, "before": before, "after": bn.running_mean}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_gpu_bn_ranks_keep_their_own_statistics_through_the_loop_until_averaged(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """The training loop's DDP, an epoch of the real loop on each rank's own images: each rank's running
+    mean is the running average of its own batches alone (DDP's default would copy rank 0's into the
+    others before every forward), different between ranks, and their mean after average_buffers."""
+    mp.spawn(_per_gpu_bn_worker, args=(str(tmp_path / "store"), str(tiny_shards), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert len(r["means"]) >= 2
+        own = torch.zeros_like(r["before"])
+        for mean in r["means"]:  # BatchNorm2d's update, momentum 0.1, from its initial zeros
+            own = 0.9 * own + 0.1 * mean
+        torch.testing.assert_close(r["before"], own, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ranks[0]["before"], ranks[1]["before"])
+    mean = (ranks[0]["before"] + ranks[1]["before"]) / 2
+    for r in ranks:
+        torch.testing.assert_close(r["after"], mean, rtol=0, atol=1e-7)
