@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from orchestrator.data.layout import LABEL_FORMATS
 from orchestrator.errors import UsageError
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cmd.add_argument("--schema", action="store_true", help="print the spec's JSON Schema")
+    cmd.add_argument("--doc", metavar="PATH", help="write the spec's reference (docs/spec.md) to PATH")
     cmd.set_defaults(func=_spec)
 
     data = sub.add_parser("data", help="synthetic data, shard packing and checking").add_subparsers(
@@ -315,8 +317,14 @@ def _spec(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(specs.json_schema(), indent=2))
         return 0
+    if args.doc:
+        from orchestrator import spec_doc
+
+        Path(args.doc).write_text(spec_doc.render())
+        print(f"wrote {args.doc}")
+        return 0
     if not args.spec:
-        raise SpecError(["spec: give a spec file, or --schema"])
+        raise SpecError(["spec: give a spec file, or --schema, or --doc PATH"])
     print(specs.describe_grid(specs.load(args.spec, args.overrides)))
     return 0
 

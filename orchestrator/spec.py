@@ -140,8 +140,13 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
-    backbone: str = "resnet50"
-    head: str | None = Field(None, description="default: the backbone's own (deeplabv3plus; enet for enet)")
+    backbone: str = Field(
+        "resnet50", description=f"one of {', '.join(BACKBONES)} (orchestrator/models/catalog.py)"
+    )
+    head: str | None = Field(
+        None,
+        description=f"one of {', '.join(HEADS)}; default: the backbone's own (deeplabv3plus; enet for enet)",
+    )
     output_stride: Literal[8, 16] | None = Field(
         None, description="default: the backbone's own (16; 8 for DRN and ENet)"
     )
@@ -208,7 +213,7 @@ def _check_crop(v: tuple[int, int]) -> tuple[int, int]:
 
 
 class TrainSpec(_Section):
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, description="epochs of the run (all stages together)")
     batch_per_gpu: int = Field(2, ge=1, description="images per worker per forward: the normalization batch")
     accumulate: int = Field(
         1,
@@ -233,7 +238,9 @@ class TrainSpec(_Section):
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
     )
-    lr: float = Field(0.02, gt=0)
+    lr: float = Field(
+        0.02, gt=0, description="the backbone's base learning rate (the head's: x head_lr_mult)"
+    )
     lr_reference_batch: int | None = Field(
         None,
         ge=1,
@@ -252,7 +259,7 @@ class TrainSpec(_Section):
         description="poly: lr x (1 - t)^0.9 after warmup_steps; one_cycle: lr is the peak (Smith)",
     )
     warmup_steps: int = Field(0, ge=0, description="poly: linear warmup over this many optimizer steps")
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, description="L2 (SGD) or decoupled (AdamW) weight decay")
     decay_norm_and_bias: bool = Field(False, description="also apply weight decay to norm weights and biases")
     loss: str = Field(
         "ce", description=f"loss spec string: {LOSS_GRAMMAR}", json_schema_extra={"pattern": LOSS_PATTERN}
@@ -284,7 +291,9 @@ class TrainSpec(_Section):
         description="mixed precision: bf16 (CPU and GPU) or fp16 (with a gradient scaler); norms keep their "
         "statistics in fp32",
     )
-    seed: int = 0
+    seed: int = Field(
+        0, description="seeds weights, augmentation, mixup and dropout: a CPU run is bit-identical"
+    )
 
     @field_validator("loss")
     @classmethod
@@ -349,8 +358,10 @@ class TrainSpec(_Section):
 class ResourcesSpec(_Section):
     workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (DDP ranks) per trial")
     gpus_per_worker: float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
-    cpus_per_worker: float = Field(1, gt=0)
-    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs each worker holds (its DataLoader processes run on them)"
+    )
+    max_concurrent_trials: int = Field(1, ge=1, description="trials Tune runs at once")
     max_failures: int = Field(
         2,
         ge=-1,
@@ -373,7 +384,9 @@ class TrackingSpec(_Section):
 
 
 class Spec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the sweep's name (and MLflow experiment)"
+    )
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     norm: str = Field(

@@ -229,6 +229,15 @@ def test_cli_spec_prints_grid_and_schema(capsys):
     assert '"propertyNames"' in capsys.readouterr().out
 
 
+def test_docs_spec_md_is_what_the_schema_writes_and_names_every_field(tmp_path):
+    assert main(["spec", "--doc", str(tmp_path / "spec.md")]) == 0
+    written = (tmp_path / "spec.md").read_text()
+    assert written == (ROOT / "docs/spec.md").read_text(), "stale: run `orchestrator spec --doc docs/spec.md`"
+    rows = [line.split(" | ")[0].strip("| `") for line in written.splitlines() if line.startswith("| `")]
+    stage_fields = list(specs.StageSpec.model_fields)
+    assert sorted(rows) == sorted(["name", "grid", *specs.grid_keys(), *stage_fields])
+
+
 def test_a_grid_of_backbones_gives_each_its_own_head_and_output_stride():
     spec = specs.validate({**MINIMAL, "grid": {"model.backbone": ["resnet18", "drn_d_22", "enet"]}})
     got = [(t.spec.model.backbone, t.spec.model.head, t.spec.model.output_stride) for t in specs.expand(spec)]
