@@ -67,7 +67,7 @@ def number(value: float) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    """The rows as a markdown table (the README's layout)."""
+    """The rows as a markdown table (docs/performance.md's layout)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | --- | ---: | ---: | --- |"]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)

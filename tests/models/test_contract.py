@@ -154,8 +154,8 @@ def test_records_name_the_code_that_builds_them() -> None:
 
 
 def test_a_new_backbone_is_one_module_and_one_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the README's "Adding a backbone" promises: a module with a function named like the backbone and a
-    catalog record, and the spec, build_model and the contract take it."""
+    """What docs/models.md's "Adding a backbone" promises: a module with a function named like the backbone
+    and a catalog record, and the spec, build_model and the contract take it."""
     from orchestrator import spec as specs
 
     module = types.ModuleType("orchestrator.models.tinynet")
