@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench import common  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
-from orchestrator.train.loop import accumulate_gradients  # noqa: E402
+from orchestrator.train.step import accumulate_gradients  # noqa: E402
 
 BENCH = "gpu"
 

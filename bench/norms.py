@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
-from orchestrator.train.loop import accumulate_gradients  # noqa: E402
+from orchestrator.train.step import accumulate_gradients  # noqa: E402
 
 BENCH = "norms"
 NORMS = (

@@ -26,6 +26,9 @@ import pytest
         # A trial's driver builds the trainer and Ray Train's controller unpickles its backend config:
         # neither ever holds a tensor.
         ("orchestrator.execution.trainer", ["torch", "ray.train.torch", "orchestrator.train.loop"]),
+        # The step and the models run on a bare CUDA machine (the GPU check): torch and the rooms below it.
+        ("orchestrator.train.step", ["ray", "mlflow", "pydantic", "orchestrator.spec"]),
+        ("orchestrator.models.build", ["ray", "mlflow", "pydantic", "orchestrator.spec"]),
         # Workers: MLflow is rank 0's alone, imported once an epoch ends.
         ("orchestrator.train.loop", ["mlflow", "orchestrator.tracking"]),
         # Inference reaches nothing of training (it shares the checkpoint contract, orchestrator.checkpoints).

@@ -6,7 +6,6 @@ reports are the trial's, not rank 0's. Rank 0 alone writes checkpoints and logs 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import tempfile
@@ -22,24 +21,22 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orchestrator import checkpoints, metrics
-from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
+from orchestrator.data.layout import NUM_CLASSES
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
-from orchestrator.models.evalnorm import evalnorm_aux_loss, evalnorm_parameters
+from orchestrator.models.evalnorm import evalnorm_parameters
 from orchestrator.spec import Spec, public_params
 from orchestrator.train import schedules
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
+from orchestrator.train.step import accumulate_gradients, autocast, out_of_memory
 
 log = logging.getLogger(__name__)
-
-CROSS_ENTROPY = make_loss("ce")
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -175,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position = Position(epoch=position.epoch + 1)
             save(position, report, improved)
     except Exception as e:
-        if not (isinstance(e, NonFiniteLoss) or _out_of_memory(e)):
+        if not (isinstance(e, NonFiniteLoss) or out_of_memory(e)):
             raise  # a worker or node failure: Ray Train restarts the trial from its checkpoint
         # Deterministic: a restart from the last checkpoint would fail the same way, so the workers end
         # normally (no retry) and rank 0 records why; the trial driver then fails the trial with it.
@@ -228,21 +225,6 @@ def restore(
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     return Position(**state["position"]), state["best"]
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a RuntimeError that says so (also when a
-    DataLoader worker re-raises it)."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str) -> torch.autocast:
-    """Mixed precision for the forward pass: convolutions in bf16/fp16, losses and norm statistics in fp32
-    (norm buffers stay fp32, the loss upcasts the logits)."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp in AMP_DTYPES)
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
@@ -344,55 +326,6 @@ def _trial_sums(sums: torch.Tensor, skipped: int) -> torch.Tensor:
     totals[1] += skipped
     all_reduce(totals)
     return totals
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    amp: str,
-    loss: Loss = CROSS_ENTROPY,
-    scaler: torch.amp.GradScaler | None = None,
-    mixup_alpha: float = 0.0,
-) -> torch.Tensor:
-    """Forward and backward each micro-batch, adding up the gradients of one step over their union.
-
-    Each micro-batch is normalized on its own (the small normalization batch of the papers) while
-    the gradient is that of the whole: a pixel-wise loss is divided by the valid pixels of all
-    micro-batches together, exact even when crops are padded with the ignore label (batch-wise terms,
-    OHEM and Dice, take the mean over micro-batches). DDP all-reduces the gradients once, on the last
-    micro-batch. Returns the step's loss."""
-    valid = sum(int((masks != IGNORE_INDEX).sum()) for _, masks in micro_batches)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (images, masks) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
-        with sync:
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            lam, partner = mixup(len(images), mixup_alpha, device)
-            if lam < 1:
-                images = lam * images + (1 - lam) * images[partner]
-            with autocast(device, amp):
-                logits = model(images)
-            share = {"valid_pixels": valid, "micro_batches": len(micro_batches)}
-            objective = loss(logits, masks, **share)
-            if lam < 1:  # the soft label lam * y + (1 - lam) * y[partner], by linearity of the loss in it
-                objective = lam * objective + (1 - lam) * loss(logits, masks[partner], **share)
-            total += objective.detach()
-            aux = evalnorm_aux_loss(unwrap(model))  # reaches only EvalNorm's alpha/beta (stop-gradients)
-            if aux is not None:
-                objective = objective + aux / len(micro_batches)
-            (scaler.scale(objective) if scaler else objective).backward()
-    return total
-
-
-def mixup(batch: int, alpha: float, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Mixup's draw for one micro-batch: lam ~ Beta(alpha, alpha) and each image's partner (a random
-    permutation of the micro-batch); lam = 1 (no mixing) when alpha is 0. Drawn from torch's seeded RNG."""
-    if alpha <= 0:
-        return 1.0, torch.arange(batch, device=device)
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    return lam, torch.randperm(batch).to(device)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
-"""Job submission and the cluster configs of cluster/: the configs parse and hold what docs/cluster.md promises
-(Ray's own launcher schema for aws-gpu.yaml), and, with real processes, sweeps submitted to the head of
-cluster/local.sh (Ray with token auth, MLflow server, moto S3) as users type them finish with their runs
-in MLflow."""
+"""Job submission and the cluster configs of cluster/: the configs parse and hold what docs/cluster.md
+promises (Ray's own launcher schema for aws-gpu.yaml), and, with real processes, sweeps submitted to the
+head of cluster/local.sh (Ray with token auth, MLflow server, moto S3) as users type them finish with
+their runs in MLflow."""
 
 from __future__ import annotations
 

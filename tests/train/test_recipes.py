@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
-from orchestrator.train.loop import Position, Worker, accumulate_gradients, make_optimizer, mixup, train_epoch
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
+from orchestrator.train.step import accumulate_gradients, mixup
 
 
 def worker(shards: Path, **train) -> Worker:

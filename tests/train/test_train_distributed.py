@@ -10,7 +10,8 @@ from torch import nn
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.train.distributed import all_reduce, average_buffers, distribute, unwrap
-from orchestrator.train.loop import Position, Worker, accumulate_gradients, make_optimizer, train_epoch
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
+from orchestrator.train.step import accumulate_gradients
 
 
 def tiny_segmenter(norm: nn.Module) -> nn.Module:
