@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-quick lint ui bench study clean
+.PHONY: setup demo test test-quick lint ui bench study clean gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,17 @@ lint: setup
 # Every benchmark at its quick size (~6 min on 2 idle cores), one table of all figures (bench/__main__.py).
 bench: setup
 	$(PY) -m bench
+
+# The GPU check (bench/gpu_check.py), made to run on a lent GPU machine as it is: its Python with torch, no
+# .venv; pytest comes from the wheels `make gpu-wheels` puts in .whl/gpu-check (carry that folder there).
+# GPU_CHECK_DRY=1 runs it on the CPU at tiny sizes.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+
+gpu-wheels: setup
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation py --abi none \
+		--platform any -d .whl/gpu-check pytest
 
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \

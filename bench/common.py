@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,11 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"machine: {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, ray {version('ray')}"
+    try:
+        ray = f"ray {version('ray')}"
+    except PackageNotFoundError:  # the GPU check's bare machine
+        ray = "no ray"
+    return f"machine: {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {ray}"
 
 
 @contextlib.contextmanager
