@@ -4,7 +4,7 @@ written up as one document.
     python3 -m bench.gpu_check [--out docs/gpu-check.md] [--wheels DIR]
 
 1. The `cuda` tests (tests/cuda: nccl and SyncBatchNorm under DDP, AMP with a gradient scaler, device
-   augmentation, channels_last per norm, out-of-memory handling), each with its outcome.
+   augmentation, channels_last through every norm layer, out-of-memory handling), each with its outcome.
 2. bench.gpu: images/s and MFU of resnet101-deeplabv3plus, bf16, channels_last, at the report's crops.
 3. The norms' training cost on the GPU relative to bn (bench.gpu per norm at one crop): the GN-vs-BN
    question users ask. On one GPU, syncbn has no peer to sync with and costs what bn costs.
@@ -89,9 +89,6 @@ def run_tests(work: Path, env: dict[str, str]) -> list[tuple[str, str, str]]:
             if found is not None:
                 outcome = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[kind]
                 note = (found.get("message") or "").splitlines()[0][:160] if found.get("message") else ""
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        if "norm_output_channels_last" in props:
-            note = note or f"norm output channels_last: {props['norm_output_channels_last']}"
         results.append((case.get("name", "?"), outcome, note))
     return results
 

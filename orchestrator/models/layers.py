@@ -3,6 +3,7 @@ weight-standardized is decided in one place (`conv`)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,7 +60,10 @@ class StdConv2d(nn.Conv2d):
         # layer_norm over each output channel's row: one fused op; the naive mean/std form made a whole
         # training step 1.8x slower (ENVIRONMENT.md).
         w = self.weight
-        return F.layer_norm(w.reshape(w.shape[0], -1), (w[0].numel(),), eps=self.eps).reshape_as(w)
+        std = F.layer_norm(w.reshape(w.shape[0], -1), (w[0].numel(),), eps=self.eps).reshape_as(w)
+        if std.stride() != w.stride():  # channels_last weights: the conv output follows their layout
+            std = torch.empty_like(w).copy_(std)
+        return std
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)

@@ -42,13 +42,13 @@ def make_norm(spec: str | NormSpec, num_channels: int, *, instance_half: bool = 
         # too) inside a CPU module, so CPU workers (Ray hides the GPUs from them) get our gloo version.
         return nn.SyncBatchNorm(num_channels) if torch.cuda.is_available() else SyncBatchNorm(num_channels)
     if spec.kind == "gn":
-        return nn.GroupNorm(group_count(spec, num_channels), num_channels)
+        return GroupNorm(group_count(spec, num_channels), num_channels)
     if spec.kind == "in":
         # One channel per group: per sample and channel over (H, W) with a per-channel affine, exactly
         # InstanceNorm2d(C, affine=True) (which keeps no running stats either), with GN's key names.
-        return nn.GroupNorm(num_channels, num_channels)
+        return GroupNorm(num_channels, num_channels)
     if spec.kind == "ln":
-        return nn.GroupNorm(1, num_channels)  # per sample over (C, H, W), per-channel affine
+        return GroupNorm(1, num_channels)  # per sample over (C, H, W), per-channel affine
     if spec.kind == "frozenbn":
         return FrozenBatchNorm2d(num_channels)
     if spec.kind == "evalnorm":
@@ -237,7 +237,25 @@ class IBN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         first, rest = x.split((self.half, self.num_channels - self.half), dim=1)
-        return torch.cat([self.IN(first), self.BN(rest)], dim=1)
+        return keep_layout(x, torch.cat([self.IN(first), self.BN(rest)], dim=1))
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (GN, and IN and LN as its one-channel and one-group cases) whose output keeps its
+    input's memory layout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return keep_layout(x, super().forward(x))
+
+
+def keep_layout(x: Tensor, out: Tensor) -> Tensor:
+    """`out` in `x`'s channels_last layout where `x` has it and `out` lost it. GroupNorm has returned a
+    channels-first tensor for a channels_last input on CUDA in some torch versions, and a concatenation of
+    channel slices can too; the next convolution would then convert every activation back."""
+    last = torch.channels_last
+    if x.dim() == 4 and x.is_contiguous(memory_format=last) and not out.is_contiguous(memory_format=last):
+        return out.contiguous(memory_format=last)
+    return out
 
 
 # Every layer make_norm builds (BatchNorm2d covers our SyncBatchNorm and EvalNorm2d).

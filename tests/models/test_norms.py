@@ -20,7 +20,14 @@ from orchestrator.models import norms
 from orchestrator.models.build import build_model
 from orchestrator.models.catalog import NORM_PATTERN, NormSpec, parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d
-from orchestrator.models.norms import IBN, FrozenBatchNorm2d, SyncBatchNorm, convert_norms, make_norm
+from orchestrator.models.norms import (
+    IBN,
+    FrozenBatchNorm2d,
+    GroupNorm,
+    SyncBatchNorm,
+    convert_norms,
+    make_norm,
+)
 
 VALID_NORMS = [
     ("bn", NormSpec("bn")),
@@ -144,19 +151,19 @@ def test_make_norm_kinds() -> None:
     ]
     for spec, groups in [("in", 8), ("ln", 1), ("gn:c2+ws", 4)]:
         layer = make_norm(spec, 8)
-        assert type(layer) is nn.GroupNorm and (layer.num_groups, layer.num_channels) == (groups, 8)
+        assert type(layer) is GroupNorm and (layer.num_groups, layer.num_channels) == (groups, 8)
 
 
 @pytest.mark.parametrize(
     ("spec", "instance_half", "expected"),
     [
         ("ibn-a", False, nn.BatchNorm2d),
-        ("ign-a:c4", False, nn.GroupNorm),
+        ("ign-a:c4", False, GroupNorm),
         ("ibn-a", True, IBN),
         ("ign-a:g2+ws", True, IBN),
         ("bn", True, nn.BatchNorm2d),  # other specs ignore instance_half
-        ("gn:g2", True, nn.GroupNorm),
-        ("in", True, nn.GroupNorm),
+        ("gn:g2", True, GroupNorm),
+        ("in", True, GroupNorm),
         ("frozenbn", True, FrozenBatchNorm2d),
     ],
 )
@@ -464,3 +471,18 @@ def test_sync_bn_over_two_gloo_processes_is_batch_norm_on_the_whole_batch(tmp_pa
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for i, case in enumerate(SYNC_CASES):
         _assert_like_batch_norm_on_the_whole_batch(case, [r[i] for r in results], 1e-5)
+
+
+def test_group_norms_keep_a_channels_last_input_so_where_torch_loses_it(monkeypatch) -> None:
+    """GroupNorm has returned channels-first for a channels_last input on CUDA in some torch versions (every
+    conv after it would convert back): GN, IN, LN and the IBN layers give the layout back."""
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    plain = nn.GroupNorm.forward
+    monkeypatch.setattr(nn.GroupNorm, "forward", lambda self, t: plain(self, t).contiguous())  # as on CUDA
+    for spec in ("gn:g2", "in", "ln", "ign-a:c2"):
+        layer = make_norm(spec, 8, instance_half=True)
+        out = layer(x)
+        assert out.is_contiguous(memory_format=torch.channels_last), spec
+        if isinstance(layer, nn.GroupNorm):
+            torch.testing.assert_close(out, plain(layer, x))  # the same values
+    assert not make_norm("gn:g2", 8)(x.contiguous()).is_contiguous(memory_format=torch.channels_last)

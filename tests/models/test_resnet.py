@@ -9,7 +9,7 @@ from torch import nn
 
 from orchestrator.models import catalog, resnet
 from orchestrator.models.build import build_model
-from orchestrator.models.norms import IBN
+from orchestrator.models.norms import IBN, GroupNorm
 
 # (stride, dilation) of resnet50's 3x3 convs in layer3/4: (first block, other blocks)
 DILATION_PLANS = {
@@ -176,7 +176,7 @@ DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-@pytest.mark.parametrize(("norm", "rest"), [("ibn-a", nn.BatchNorm2d), ("ign-a:c16", nn.GroupNorm)])
+@pytest.mark.parametrize(("norm", "rest"), [("ibn-a", nn.BatchNorm2d), ("ign-a:c16", GroupNorm)])
 def test_ibn_a_mixes_instance_norm_into_the_first_norm_of_the_blocks_of_layer1_to_3(
     backbone: str, norm: str, rest: type
 ) -> None:
@@ -190,7 +190,7 @@ def test_ibn_a_mixes_instance_norm_into_the_first_norm_of_the_blocks_of_layer1_t
         for m in layer_ibn:
             assert (m.IN.num_channels, m.IN.num_groups) == (planes // 2, planes // 2)  # per-channel IN
             assert type(m.BN) is rest and m.BN.weight.numel() == planes - planes // 2
-            if rest is nn.GroupNorm:
+            if rest is GroupNorm:
                 assert m.BN.num_groups == (planes - planes // 2) // 16
     others = [m for name, m in net.named_modules() if name not in ibn and not name.startswith(tuple(ibn))]
     assert {type(m) for m in others if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)} == {rest}
