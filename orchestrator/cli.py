@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("sweep", help="run the spec's grid as Ray Tune trials of Ray Train workers")
     spec_args(cmd)
     resume_arg(cmd)
+    cmd.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print Ray's, Tune's and the workers' logs here, with Tune's status tables (default: to a log "
+        "file beside the run, the console showing a row per trial)",
+    )
     cmd.set_defaults(func=_sweep)
 
     cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
@@ -247,9 +255,22 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
     from orchestrator.execution.sweep import run_sweep
 
-    outcomes = run_sweep(spec, resume=args.resume, command=args.command)
+    if not args.verbose:
+        from orchestrator import logs
+
+        log_file = _log_file(spec)
+        logs.to_file(log_file)  # after importing Ray and MLflow, whose console handlers it quiets
+        print(f"{spec.name}: {len(specs.expand(spec))} trials; logs in {log_file} (-v: here)", flush=True)
+    outcomes = run_sweep(spec, resume=args.resume, command=args.command, quiet=not args.verbose)
     _print_outcomes(spec.experiment, outcomes)
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+def _log_file(spec) -> Path:
+    """<storage>/<name>/logs/sweep-<time>.log, beside Tune's experiment folder, where storage is a local
+    folder (default ./runs); else under ./runs."""
+    root = Path(spec.storage) if spec.storage and "://" not in spec.storage else Path("runs")
+    return root / spec.name / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import http.client
+import io
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -230,3 +231,22 @@ def flaky_s3(s3_server: S3Server) -> Iterator[FlakyS3]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def stderr_terminal(monkeypatch: pytest.MonkeyPatch) -> Callable[[], io.StringIO]:
+    """Called, makes sys.stderr a terminal (tqdm draws its bars on one) and returns it: its getvalue() is
+    what was written. A fixture that patched at setup would be undone: pytest's output capture puts its own
+    sys.stderr back before the test runs."""
+
+    def patch() -> io.StringIO:
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        return terminal
+
+    return patch

@@ -465,20 +465,33 @@ def test_cli_report_doc_records_its_own_command_line(seeded, tmp_path, monkeypat
 CLI = [sys.executable, "-m", "orchestrator"]
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
         f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     )
-    return proc.stdout
+    return proc
+
+
+# What the demo's chain may print, all commands together, at this size (4 trials of 1 epoch, 5 shards): a
+# line per shard packed (no terminal, no bar), the sweep's header, 3 lines per trial and its table, the
+# ensemble's table and ~10 progress lines, the report's 3 lines. Tune's status tables or the workers'
+# forwarded output would each overflow it.
+CHAIN_LINES = 50
 
 
 @pytest.mark.slow
 def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
     """synth -> pack -> a 2 norms x 2 seeds sweep (Ray Tune + Ray Train, 2 gloo workers) -> ensemble of the
-    top 2 -> `report --doc`: the document's numbers and command lines are those of the runs."""
-    _run(["data", "synth", "synth", "--train", "16", "--val", "4", "--size", "64x36"], tmp_path, cli_env)
-    _run(["data", "pack", "synth", "shards", "--shard-size", "4", "--workers", "1"], tmp_path, cli_env)
+    top 2 -> `report --doc`: the document's numbers and command lines are those of the runs; the commands
+    print a few lines, no warnings, and the sweep's Ray logs go to its log file."""
+    commands = [
+        ["data", "synth", "synth", "--train", "16", "--val", "4", "--size", "64x36"],
+        ["data", "pack", "synth", "shards", "--shard-size", "4", "--workers", "1"],
+        ["sweep", "chain.yaml", "--set", "train.epochs=1"],
+        ["ensemble", "--top", "2", "--experiment", "chain"],
+        ["report", "--experiment", "chain", "--doc", "docs/chain.md"],
+    ]
     spec = {
         "name": "chain",
         "data": {"train": "shards/train", "val": "shards/val", "loader_workers": 0},
@@ -488,13 +501,16 @@ def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
         "grid": {"norm": ["bn", "gn:c16"], "train.seed": [0, 1]},
     }
     (tmp_path / "chain.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    commands = [
-        ["sweep", "chain.yaml", "--set", "train.epochs=1"],
-        ["ensemble", "--top", "2", "--experiment", "chain"],
-        ["report", "--experiment", "chain", "--doc", "docs/chain.md"],
-    ]
+    printed = []
     for args in commands:
-        out = _run(args, tmp_path, cli_env)
+        proc = _run(args, tmp_path, cli_env)
+        printed += proc.stdout.splitlines() + proc.stderr.splitlines()
+    out = proc.stdout
+    assert len(printed) <= CHAIN_LINES, "\n".join(printed)
+    assert not [line for line in printed if "warning" in line.lower()]
+    (log,) = (tmp_path / "runs" / "chain" / "logs").glob("sweep-*.log")
+    assert "Started a local Ray instance" in log.read_text()  # Ray's logs, from the driver
+    assert "(RayTrainWorker pid=" in log.read_text()  # and the workers' output
     assert "4 trials (0 failed) in 2 configurations" in out
 
     c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
@@ -506,7 +522,7 @@ def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
     assert sorted((r.data.params["norm"], r.data.params["train.seed"]) for r in kind["trial"]) == [
         ("bn", "0"), ("bn", "1"), ("gn:c16", "0"), ("gn:c16", "1"),
     ]  # fmt: skip
-    lines = [shlex.join(["orchestrator", *args]) for args in commands]
+    lines = [shlex.join(["orchestrator", *args]) for args in commands[2:]]
     assert sweep.data.tags[tracking.COMMAND] == lines[0] and ensemble.data.tags[tracking.COMMAND] == lines[1]
 
     md = (tmp_path / "docs" / "chain.md").read_text()

@@ -408,12 +408,14 @@ def _decode_sample(
 
 
 def _collect(split: str, jobs: list[_Shard], results: Iterator[_Packed], progress: bool) -> list[_Packed]:
-    """The next len(jobs) results, logging each shard as it lands, under a bar over the split's samples."""
+    """The next len(jobs) results, under a bar over the split's samples on a terminal; elsewhere each shard
+    is logged as it lands."""
     packed = []
-    with tqdm(total=sum(len(j.ids) for j in jobs), desc=split, unit="sample", disable=not progress) as bar:
+    total = sum(len(j.ids) for j in jobs)
+    with tqdm(total=total, desc=split, unit="sample", disable=None if progress else True) as bar:
         for job in jobs:
             packed.append(next(results))
-            if not packed[-1].reused:
+            if bar.disable and not packed[-1].reused:
                 log.info("%s shard %d/%d (%d samples)", split, len(packed), len(jobs), len(job.ids))
             bar.update(len(job.ids))
     reused = sum(p.reused for p in packed)

@@ -7,6 +7,7 @@ which checks the Ray version it was written for.
     cluster      joining or starting Ray, what trial drivers hold, whether a trial can ever be placed
     trainer      the Ray Train trainer, its process-group backend and the workers' entry point (no torch here)
     tune_report  the epoch-end reports Ray Train forwards to Tune (light: Ray Train's controller imports it)
+    progress     the sweep's console: a row per trial redrawn on a terminal, else a line per trial event
     ray_private  Ray's private API, version-checked
 
 This package imports nothing itself: each process imports only the module it runs.

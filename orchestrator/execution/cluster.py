@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import ray
 
-from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME
+from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME, send_worker_output
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,11 @@ WORKER_ENV = {
 DRIVER_RESOURCES = {"cpu": 0, HEAD_NODE_RESOURCE_NAME: 0.001}
 
 
-def init_ray(spec: Spec) -> None:
+def init_ray(spec: Spec, worker_output_to_log: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray.
-    address="local" avoids silently joining (or hanging on) a stale `ray start` head."""
+    address="local" avoids silently joining (or hanging on) a stale `ray start` head.
+    worker_output_to_log: what the workers print goes to the logger orchestrator.workers (at INFO), not to
+    the console."""
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
@@ -51,6 +53,8 @@ def init_ray(spec: Spec) -> None:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         # The dashboard (and its job API) answers on loopback only; Ray 2.60 adds token auth.
         ray.init(address="local", runtime_env={"env_vars": env}, dashboard_host="127.0.0.1")
+    if worker_output_to_log:
+        send_worker_output(logging.getLogger("orchestrator.workers").info)
 
 
 def check_cluster(spec: Spec, trials: list[Trial], tracking_uri: str) -> None:

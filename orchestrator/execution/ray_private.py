@@ -10,9 +10,16 @@ What is taken, and why:
   per trial on the way to its first step. `TrainerWithoutDatasets` drops it.
 - `HEAD_NODE_RESOURCE_NAME`: the resource only the head node has (Ray pins its own state actors with a
   sliver of it); trial drivers hold one too (cluster.DRIVER_RESOURCES).
+- `global_worker_stdstream_dispatcher`: where a driver receives its workers' stdout and stderr. Ray's one
+  public choice is all of it on the console or none of it anywhere near the run (`log_to_driver`);
+  `send_worker_output` writes it to the sweep's log file instead, the autoscaler's status reports cut to
+  their events by `filter_autoscaler_events`, as Ray's printer does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -36,6 +43,8 @@ check_ray_version()
 
 from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # noqa: E402
 from ray._common.network_utils import build_address  # noqa: E402
+from ray._private.ray_logging import global_worker_stdstream_dispatcher  # noqa: E402
+from ray._private.worker import filter_autoscaler_events  # noqa: E402
 from ray.train._internal.utils import get_address_and_port  # noqa: E402
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: E402
 from ray.train.v2._internal.util import TrainingFramework  # noqa: E402
@@ -48,7 +57,11 @@ __all__ = [
     "TrainingFramework",
     "rank_zero_url",
     "check_ray_version",
+    "send_worker_output",
 ]
+
+_RAY_PRINTER = "ray_print_logs"  # the name ray.init gives its console printer of worker output
+_OUR_PRINTER = "orchestrator_worker_output"
 
 
 def rank_zero_url(worker_group) -> str:
@@ -61,3 +74,21 @@ class TrainerWithoutDatasets(DataParallelTrainer):
 
     def _create_default_callbacks(self) -> list:
         return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+
+def send_worker_output(write: Callable[[str], None]) -> None:
+    """Hand each line the workers print to `write` (prefixed like Ray's console lines: actor or task name,
+    pid, ip), instead of Ray's console printer. Call after ray.init(log_to_driver=True)."""
+
+    def emit(batch: dict[str, Any]) -> None:
+        lines = batch.get("lines", [])
+        if batch.get("pid") == "autoscaler":  # its status reports: only their events, as Ray prints them
+            lines = filter_autoscaler_events(lines)
+        who = [batch.get("actor_name") or batch.get("task_name"), f"pid={batch.get('pid')}", batch.get("ip")]
+        prefix = "(" + " ".join(str(part) for part in who if part) + ")"
+        for line in lines:
+            write(f"{prefix} {line}")
+
+    for name in (_RAY_PRINTER, _OUR_PRINTER):
+        global_worker_stdstream_dispatcher.remove_handler(name)
+    global_worker_stdstream_dispatcher.add_handler(_OUR_PRINTER, emit)

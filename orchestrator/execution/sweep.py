@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from orchestrator import tracking
 from orchestrator.data import resample
 from orchestrator.errors import UsageError
 from orchestrator.execution import cluster
+from orchestrator.execution.progress import SweepProgress
 from orchestrator.execution.tune_report import EpochReportCallback
 from orchestrator.spec import Spec, Trial, expand, flatten, public_params
 
@@ -37,16 +39,20 @@ class TrialOutcome:
     error: str | None = None
 
 
-def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> list[TrialOutcome]:
+def run_sweep(
+    spec: Spec, resume: bool = False, command: str | None = None, quiet: bool = False
+) -> list[TrialOutcome]:
     """Run every grid point of the spec as a Tune trial; returns one outcome per point.
 
     resume: restore the spec's Tune experiment (after its driver died): finished trials stay finished,
     the others continue from their last checkpoints, under the same MLflow runs.
-    command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own)."""
+    command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own).
+    quiet: the console shows the trials' progress (progress.SweepProgress) instead of Tune's status tables,
+    and the workers' output goes to Python logging (logger orchestrator.workers) instead of the console."""
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
     trials = expand(spec)
-    cluster.init_ray(spec)
+    cluster.init_ray(spec, worker_output_to_log=quiet)
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     if resume and not tune.Tuner.can_restore(tune_path):
@@ -69,6 +75,12 @@ def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> l
     trainable = tune.with_resources(trainable, cluster.DRIVER_RESOURCES)
     # Tune saves the trials (objects) as references in its experiment state and takes them again on restore.
     param_space = {"trial": tune.grid_search([t.without_secrets() for t in trials])}
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()]  # no TensorBoard: see WORKER_ENV
+    if quiet:
+        callbacks.append(SweepProgress(trials))
+        # Tune's current console output prints its experiment's table at every verbosity; its legacy
+        # output, which this selects, prints nothing at verbose=0.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume:
         tuner = tune.Tuner.restore(
             tune_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
@@ -88,8 +100,8 @@ def run_sweep(spec: Spec, resume: bool = False, command: str | None = None) -> l
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=cluster.storage(spec),
-                verbose=1,
-                callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],  # no TensorBoard: see WORKER_ENV
+                verbose=0 if quiet else 1,
+                callbacks=callbacks,
             ),
         )
     results = tuner.fit()

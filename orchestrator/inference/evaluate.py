@@ -114,8 +114,8 @@ def evaluate(
     extremes = _Extremes(keep)
     batches, offset = [], 0
     total = len(loader) if isinstance(loader, Sized) else None
-    every = max(1, (total or 10) // 10)
     bar = tqdm(loader, total=total, desc="evaluate", unit="batch", disable=None, leave=False)
+    every = -(-(total or 100) // 10)  # without a terminal (no bar), about ten log lines
     for i, (images, masks) in enumerate(bar, 1):
         images, masks = images.to(device), masks.to(device)
         inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
@@ -127,7 +127,7 @@ def evaluate(
         batches.append(cms.cpu())
         extremes.add(offset, metrics.scores(batches[-1][-1])["miou"].tolist(), images, masks, labels[-1])
         offset += len(images)
-        if i % every == 0 or i == total:
+        if bar.disable and (i % every == 0 or i == total):
             log.info("evaluated %d/%s validation batches", i, total or "?")
     return Evaluation(torch.cat(batches, 1), len(members), _ranked(extremes.best), _ranked(extremes.worst))
 

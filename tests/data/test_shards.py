@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import re
+import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -353,12 +355,25 @@ def test_pack_redoes_shards_with_changed_or_bad_samples(
     assert _files(out) == _files(tmp_path / "fresh")
 
 
-def test_pack_shows_a_progress_bar(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_pack_shows_a_progress_bar_on_a_terminal_and_logs_shards_elsewhere(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    stderr_terminal: Callable[[], io.StringIO],
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="orchestrator.data.shards")
+    terminal = stderr_terminal()
     pack(str(raw), str(tmp_path / "shards"), shard_size=2, workers=1, progress=True)
-    err = capsys.readouterr().err
+    err = terminal.getvalue()
     assert re.search(r"train: 100%.* 5/5 ", err) and re.search(r"val: 100%.* 3/3 ", err)
+    assert "shard 1/" not in caplog.text  # the bar says it
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a file, a CI log: no bar, a line per shard
+    pack(str(raw), str(tmp_path / "logged"), shard_size=2, workers=1, progress=True)
+    assert "100%" not in sys.stderr.getvalue()
+    assert "train shard 3/3 (1 samples)" in caplog.text and "val shard 2/2 (1 samples)" in caplog.text
+
+    terminal = stderr_terminal()
     pack(str(raw), str(tmp_path / "quiet"), shard_size=2, workers=1)
-    assert capsys.readouterr().err == ""
+    assert terminal.getvalue() == ""
 
 
 def test_pack_command_takes_workers_and_refuses_bad_numbers(

@@ -60,8 +60,9 @@ def workdir(tmp_path, s3_server, s3_bucket, cli_env):
 
 def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bucket):
     cwd, env = workdir
-    out = run_cli(["sweep", "e2e.yaml"], cwd, env)
+    out = run_cli(["sweep", "e2e.yaml", "-v"], cwd, env)
     assert "norm=bn" in out and "norm=gn:g8" in out and "FINISHED" in out
+    assert "Trial status: 2 TERMINATED" in out  # -v: Tune's own status tables
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     ray_checkpoints = [p for p in fs.find(f"{s3_bucket}/runs") if p.endswith("/model.pt")]
     assert len(ray_checkpoints) == 2 * 2  # 2 trials x num_to_keep=2 epochs
@@ -181,6 +182,9 @@ def test_a_failing_trial_fails_alone_with_its_reason(workdir):
     assert "train.batch_per_gpu=2   FINISHED" in table
     assert "train.batch_per_gpu=64  FAILED" in table
     assert "too few for world_size 2 x batch_size 64" in table  # the reason, in one line
+    # The error in full, with its traceback, on the console that otherwise shows progress lines alone.
+    assert "Trial task failed" in proc.stderr and "Traceback (most recent call last)" in proc.stderr
+    assert "train.batch_per_gpu=64  failed" in proc.stdout
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("e2e")

@@ -5,7 +5,10 @@ constant-logit members (so mean and vote are computed by hand)."""
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +206,23 @@ def test_an_ensemble_of_identical_members_is_that_member(combine):
     assert result.per_image.shape == (4, 4, 3, 3)
     assert torch.equal(result.per_image[-1], result.per_image[0])
     assert result.summary() == result.summary(0)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_about_ten_log_lines_elsewhere(
+    monkeypatch, caplog, stderr_terminal
+):
+    caplog.set_level(logging.INFO, logger="orchestrator.inference.evaluate")
+    terminal = stderr_terminal()
+    evaluate(members(pointwise(0)), loader(n_batches=25, size=(4, 4)))
+    bar = terminal.getvalue()
+    assert "evaluate:" in bar and "| 0/25 [" in bar and not caplog.records
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    evaluate(members(pointwise(0)), loader(n_batches=25, size=(4, 4)))
+    assert "25/25 [" not in sys.stderr.getvalue()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"evaluated {i}/25 validation batches" for i in (3, 6, 9, 12, 15, 18, 21, 24, 25)
+    ]
 
 
 def test_mean_and_vote_differ_where_one_member_is_sure():
