@@ -159,7 +159,9 @@ def top_trial_runs(
 ) -> list[tuple[Run, float]]:
     """The k finished trial runs with a checkpoint (and matching filter_string, an MLflow filter such as
     "params.`model.backbone` = 'resnet101'"), each with its best value of `metric`, ranked by it (the
-    best value, not the last: each run's checkpoint is its best epoch)."""
+    best value, not the last: each run's checkpoint is its best epoch). Runs with the same params (one
+    configuration trained again: a sweep run twice) count once, by the best of them (the latest of equals):
+    an ensemble of one model's copies is that model."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -171,8 +173,16 @@ def top_trial_runs(
         max_results=10_000,
     )
     scored = [(run, best) for run in runs if (best := best_value(run.info.run_id, metric, uri)) is not None]
-    scored.sort(key=lambda pair: -pair[1])
-    return [(run, best) for run, best in scored if has_checkpoint(run.info.run_id, uri)][:k]
+    scored.sort(key=lambda pair: (-pair[1], -pair[0].info.start_time))  # ties: the latest run
+    ranked, configurations = [], set()
+    for run, best in scored:
+        configuration = frozenset(run.data.params.items())
+        if configuration not in configurations and has_checkpoint(run.info.run_id, uri):
+            ranked.append((run, best))
+            configurations.add(configuration)
+            if len(ranked) == k:
+                break
+    return ranked
 
 
 def latest_sweep_experiment(uri: str | None = None) -> str:

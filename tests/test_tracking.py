@@ -20,3 +20,36 @@ def test_an_epoch_is_logged_once_with_its_tags(tmp_path) -> None:
     history = tracking.client(uri).get_metric_history(run_id, "val_miou")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
     assert run.data.tags["orchestrator.nodes"] == "2"
+
+
+def test_ensemble_candidates_are_ranked_by_best_value_and_a_configuration_counts_once(tmp_path) -> None:
+    """A sweep run twice trains each configuration twice: the second copy of a configuration is no new
+    member (an ensemble of one model's copies is that model); one without a checkpoint is none at all."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment("e", uri)
+    (tmp_path / tracking.CHECKPOINT_FILE).write_bytes(b"weights")
+
+    def trial(sweep: str, key: str, params: dict, history: list[float], checkpoint: bool = True) -> str:
+        run_id = tracking.start_trial_run(exp, sweep, key, params, uri)
+        for epoch, value in enumerate(history, 1):
+            tracking.log_epoch(run_id, {"val_miou": value}, epoch, uri)
+        if checkpoint:
+            tracking.client(uri).log_artifact(
+                run_id, str(tmp_path / tracking.CHECKPOINT_FILE), tracking.CHECKPOINT_DIR
+            )
+        tracking.end_run(run_id, uri)
+        return run_id
+
+    first, again = (tracking.start_sweep_run(exp, "s", {}, uri) for _ in range(2))
+    bn, gn, gn_seed1 = {"norm": "bn"}, {"norm": "gn", "train.seed": 0}, {"norm": "gn", "train.seed": 1}
+    bn_1 = trial(first, "norm=bn", bn, [0.5, 0.7, 0.6])  # ranked by its best epoch, not its last
+    bn_2 = trial(again, "norm=bn", bn, [0.5, 0.7, 0.6])  # the same configuration, as good: the latest stands
+    gn_1 = trial(first, "norm=gn", gn, [0.4])
+    gn_2 = trial(again, "norm=gn", gn, [0.65])  # the better copy of gn stands for it
+    trial(first, "norm=gn,seed=1", gn_seed1, [0.9], checkpoint=False)
+    seed_1 = trial(again, "norm=gn,seed=1", gn_seed1, [0.3])
+
+    ranked = tracking.top_trial_runs("e", "val_miou", 5, uri)
+    assert [(run.info.run_id, best) for run, best in ranked] == [(bn_2, 0.7), (gn_2, 0.65), (seed_1, 0.3)]
+    assert {bn_1, gn_1}.isdisjoint(run.info.run_id for run, _ in ranked)
+    assert [run.info.run_id for run, _ in tracking.top_trial_runs("e", "val_miou", 2, uri)] == [bn_2, gn_2]

@@ -43,8 +43,8 @@ def run_ensemble(
     if len(ranked) < top:
         matching = f" matching {filter_string!r}" if filter_string else ""
         raise LookupError(
-            f"--top {top}: experiment {experiment!r} has {len(ranked)} finished trial run(s){matching} "
-            f"with metric {metric!r} and a checkpoint"
+            f"--top {top}: experiment {experiment!r} has {len(ranked)} finished trial configuration(s)"
+            f"{matching} with metric {metric!r} and a checkpoint (runs of the same params count once)"
         )
     runs = [run for run, _ in ranked]
     weights = [best for _, best in ranked] if combine == "weighted" else None
