@@ -7,6 +7,8 @@ the runs are written from different processes (the CLI, Tune trial drivers, rank
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import re
@@ -14,10 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 KIND = "orchestrator.kind"  # sweep | trial | ensemble
 SWEEP = "orchestrator.sweep"
@@ -129,6 +133,30 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str) -> None:
 def log_checkpoint(run_id: str, path: str | Path, uri: str) -> None:
     """Upload a checkpoint file as the run's best checkpoint (replacing the previous best)."""
     client(uri).log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+
+def log_datasets(run_id: str, splits: dict[str, tuple[str, dict]], uri: str) -> None:
+    """Each packed split a run reads, as an MLflow dataset input (the UI's Dataset column):
+    {context ("training", "validation"): (URL, its manifest)}. The digest fingerprints the manifest, which
+    lists every shard with its size and sha256; the profile counts samples and shards. MLflow keeps one input
+    per dataset and run, so a restarted trial adds none."""
+    inputs = []
+    for context, (url, manifest) in splits.items():
+        profile = {"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"])}
+        dataset = Dataset(
+            name="/".join(url.rstrip("/").split("/")[-2:]),
+            digest=_digest(manifest),
+            source_type=urlsplit(url).scheme or "local",
+            source=json.dumps({"uri": url}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client(uri).log_inputs(run_id, datasets=inputs)
+
+
+def _digest(manifest: dict) -> str:
+    """8 hex digits of the manifest's sha256 (MLflow's own digests are that long)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def log_epoch(

@@ -1,8 +1,12 @@
-"""tracking.log_epoch against a real SQLite MLflow store: an epoch's metrics and tags land together, once."""
+"""tracking against a real SQLite MLflow store: epochs logged once, datasets as inputs, ensemble ranking."""
 
 from __future__ import annotations
 
+import json
+
 from orchestrator import tracking
+from orchestrator.data.shards import pack, read_manifest
+from orchestrator.data.synth import synthesize
 
 
 def test_an_epoch_is_logged_once_with_its_tags(tmp_path) -> None:
@@ -53,3 +57,33 @@ def test_ensemble_candidates_are_ranked_by_best_value_and_a_configuration_counts
     assert [(run.info.run_id, best) for run, best in ranked] == [(bn_2, 0.7), (gn_2, 0.65), (seed_1, 0.3)]
     assert {bn_1, gn_1}.isdisjoint(run.info.run_id for run, _ in ranked)
     assert [run.info.run_id for run, _ in tracking.top_trial_runs("e", "val_miou", 2, uri)] == [bn_2, gn_2]
+
+
+def test_a_runs_splits_are_its_dataset_inputs_with_a_digest_of_their_manifest(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    synthesize(str(tmp_path / "synth"), train=4, val=2, size=(32, 18))
+    pack(str(tmp_path / "synth"), str(tmp_path / "shards"), shard_size=2, workers=1)
+    pack(str(tmp_path / "synth"), str(tmp_path / "other"), shard_size=4, workers=1)
+    splits = {
+        context: (str(tmp_path / "shards" / split), read_manifest(str(tmp_path / "shards" / split)))
+        for context, split in (("training", "train"), ("validation", "val"))
+    }
+    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
+    tracking.log_datasets(run_id, splits, uri)
+    tracking.log_datasets(run_id, splits, uri)  # a restarted trial logs them again: still one each
+
+    inputs = tracking.client(uri).get_run(run_id).inputs.dataset_inputs
+    logged = {i.tags[0].value: i.dataset for i in inputs}
+    assert len(inputs) == 2 and [t.key for i in inputs for t in i.tags] == ["mlflow.data.context"] * 2
+    assert {c: (d.name, json.loads(d.source), d.source_type) for c, d in logged.items()} == {
+        "training": ("shards/train", {"uri": str(tmp_path / "shards" / "train")}, "local"),
+        "validation": ("shards/val", {"uri": str(tmp_path / "shards" / "val")}, "local"),
+    }
+    assert json.loads(logged["training"].profile) == {"num_samples": 4, "num_shards": 2}
+    # The digest follows the shards: the same samples packed in other shards are another dataset.
+    other = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
+    repacked = read_manifest(str(tmp_path / "other" / "train"))
+    tracking.log_datasets(other, {"training": ("other/train", repacked)}, uri)
+    (again,) = tracking.client(uri).get_run(other).inputs.dataset_inputs
+    digests = {logged["training"].digest, logged["validation"].digest, again.dataset.digest}
+    assert len(digests) == 3 and all(len(d) == 8 and int(d, 16) >= 0 for d in digests)

@@ -22,11 +22,12 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 import orchestrator.execution.ray_private  # noqa: F401  (its import refuses a Ray it was not written for)
 from orchestrator import tracking
 from orchestrator.data import resample
+from orchestrator.data.shards import read_manifest
 from orchestrator.errors import UsageError
 from orchestrator.execution import cluster
 from orchestrator.execution.progress import SweepProgress
 from orchestrator.execution.tune_report import EpochReportCallback
-from orchestrator.spec import Spec, Trial, expand, flatten, public_params
+from orchestrator.spec import Spec, Trial, expand, flatten, public_params, redact
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def run_trial(
     run_id = tracking.start_trial_run(
         experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri
     )
+    _log_datasets(spec, run_id, tracking_uri)
     try:
         repeats = _sample_repeats(spec, run_id, tracking_uri)
     except (LookupError, ValueError) as e:
@@ -206,6 +208,18 @@ def run_trial(
     if reason:
         raise TrialFailed(reason)
     return dict(result.metrics or {})
+
+
+def _log_datasets(spec: Spec, run_id: str, uri: str) -> None:
+    """The trial's splits as its run's MLflow dataset inputs. A split this driver cannot read is left out
+    (logged here): the workers read it too, and their error names it."""
+    splits = {}
+    for context, url in (("training", spec.data.train), ("validation", spec.data.val)):
+        try:
+            splits[context] = (redact(url), read_manifest(url, spec.data.storage_options))
+        except (OSError, ValueError) as e:
+            log.info("%s data %s is not logged as an MLflow input: %s", context, redact(url), e)
+    tracking.log_datasets(run_id, splits, uri)
 
 
 def _sample_repeats(spec: Spec, run_id: str, uri: str) -> dict[str, int] | None:

@@ -3,6 +3,7 @@ S3 API server -> a 2-trial Ray Tune sweep of 2 gloo workers each -> SQLite MLflo
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,12 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
         assert [f.path for f in client.list_artifacts(trial.info.run_id, "checkpoints/best")] == [
             "checkpoints/best/model.pt"
         ]
+        inputs = client.get_run(trial.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
+        shards = f"s3://{s3_bucket}/bdd100k/shards"
+        assert {i.tags[0].value: json.loads(i.dataset.source) for i in inputs} == {
+            "training": {"uri": f"{shards}/train"},
+            "validation": {"uri": f"{shards}/val"},
+        }
 
     proc = subprocess.run(CLI + ["ensemble", "--top", "3"], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 1  # fails clearly, before any download
