@@ -5,6 +5,7 @@ every trial's configuration, stay off (RunConfig(verbose=0)); `orchestrator swee
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ STATUS = {
     "TERMINATED": "finished",
     "ERROR": "failed",
 }
+SHOWN_FIRST = ("running", "failed", "paused", "finished", "pending")  # on a terminal too short for all
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,31 @@ class SweepProgress(tune.Callback):
             f"{summary}  [{_clock(time.monotonic() - self.start)}]",
             f"{'trial':<{self.width}}  status    epoch  val mIoU    best   img/s",
         ]
-        for key, r in self.rows.items():
+        # A table taller than the terminal cannot be redrawn in place (the cursor stops at its top line):
+        # a grid of hundreds shows its running and failed trials first, then the latest finished.
+        room = max(shutil.get_terminal_size().lines - len(lines) - 2, 1)
+        keys = list(self.rows)
+        shown = {key for _, key in sorted(enumerate(keys), key=self._priority)[:room]}
+        for key in (k for k in keys if k in shown):
+            r = self.rows[key]
             epoch = f"{r.epoch}/{self.epochs[key]}" if r.epoch else "-"
             lines.append(
                 f"{key:<{self.width}}  {r.status:<8}  {epoch:>5}  {_num(r.val_miou):>8}  {_num(r.best):>6}  "
                 f"{_num(r.images_per_s, '.1f'):>6}"
             )
+        if len(shown) < len(keys):
+            lines.append(f"... and {len(keys) - len(shown)} more")
         up = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
         self.out.write(up + "\n".join(lines) + "\n")
         self.out.flush()
         self.drawn, self.shown_at = len(lines), time.monotonic()
+
+    def _priority(self, position_key: tuple[int, str]) -> tuple[int, int]:
+        """Running, failed, paused trials in grid order, then the latest finished, then the next pending."""
+        position, key = position_key
+        status = self.rows[key].status
+        rank = SHOWN_FIRST.index(status) if status in SHOWN_FIRST else len(SHOWN_FIRST)
+        return rank, -position if status == "finished" else position
 
 
 def _row(status: str, result: dict) -> Row:

@@ -89,6 +89,22 @@ def test_on_a_terminal_the_table_is_redrawn_over_itself_and_cleared_at_the_end()
     assert draws[2] == ""
 
 
+def test_on_a_short_terminal_running_and_failed_trials_come_first(monkeypatch) -> None:
+    """A grid of hundreds cannot be redrawn in place taller than the terminal: it shows what matters."""
+    monkeypatch.setenv("LINES", "7")  # room for 3 trials under the 2 header lines, a "more" line, the cursor
+    trials = smoke_trials()
+    tune_trials = [TuneTrial({"trial": t.without_secrets()}) for t in trials]
+    out = io.StringIO()
+    steps = [{0: ("TERMINATED", epoch(3, 0.4, 0.45, 7.0)), 1: ("RUNNING", {}), 3: ("ERROR", {})}]
+    run(SweepProgress(trials, out=out, live=True), tune_trials, steps)
+    table = out.getvalue().split("\x1b[6F\x1b[J")[0].splitlines()
+    assert len(table) == 6
+    assert [line.split()[:2] for line in table[2:5]] == [
+        [trials[0].key, "finished"], [trials[1].key, "running"], [trials[3].key, "failed"],
+    ]  # fmt: skip
+    assert table[5] == "... and 1 more"
+
+
 def test_after_tune_prints_an_error_the_next_table_goes_below_it() -> None:
     trials = smoke_trials()
     tune_trials = [TuneTrial({"trial": t.without_secrets()}) for t in trials]
