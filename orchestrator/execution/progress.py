@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import IO
 
@@ -95,9 +96,7 @@ class SweepProgress(tune.Callback):
         self.out.flush()
 
     def _draw(self) -> None:
-        counts = {}
-        for row in self.rows.values():
-            counts[row.status] = counts.get(row.status, 0) + 1
+        counts = Counter(row.status for row in self.rows.values())
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         lines = [
             f"{summary}  [{_clock(time.monotonic() - self.start)}]",

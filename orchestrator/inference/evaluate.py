@@ -115,7 +115,7 @@ def evaluate(
     batches, offset = [], 0
     total = len(loader) if isinstance(loader, Sized) else None
     bar = tqdm(loader, total=total, desc="evaluate", unit="batch", disable=None, leave=False)
-    every = -(-(total or 100) // 10)  # without a terminal (no bar), about ten log lines
+    every = math.ceil((total or 100) / 10)  # without a terminal (no bar), about ten log lines
     for i, (images, masks) in enumerate(bar, 1):
         images, masks = images.to(device), masks.to(device)
         inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
