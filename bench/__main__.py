@@ -1,6 +1,6 @@
 """`make bench`: every bench script at its quick size, one after another, then one table of all their figures.
 
-    .venv/bin/python -m bench [--only step_overhead sweep data norms gpu] [--logs DIR]
+    .venv/bin/python -m bench [--only step_overhead sweep data norms evaluate gpu] [--logs DIR]
 
 Each script runs as its own process (`python -m bench.NAME --json FILE`), with its output in a log file; a
 line per script says how long it took. A script that fails is a row of the table that says so (and the end
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import common
 
-BENCHES = ("step_overhead", "sweep", "data", "norms", "gpu")
+BENCHES = ("step_overhead", "sweep", "data", "norms", "evaluate", "gpu")
 ROOT = Path(__file__).resolve().parent.parent
 
 

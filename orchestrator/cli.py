@@ -23,7 +23,11 @@ from orchestrator.spec import SpecError, redact_overrides
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    job = []
+    if argv[:1] == ["submit"] and "--" in argv:  # `submit [options] -- ensemble ...`: that command as the job
+        argv, job = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = _parser().parse_args(argv)
+    args.job = job
     # Tagged on the runs it makes (a report prints it), credentials in --set masked.
     args.command = shlex.join(["orchestrator", *redact_overrides(argv)])
     # Checkpoint downloads take a second; MLflow's bars for them would bury the one-line errors below.
@@ -54,8 +58,11 @@ def _parser() -> argparse.ArgumentParser:
             "from their last checkpoints, in the same MLflow runs",
         )
 
-    def spec_args(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("spec", help="sweep spec YAML (see jobs/)")
+    def spec_args(cmd: argparse.ArgumentParser, optional: bool = False) -> None:
+        if optional:
+            cmd.add_argument("spec", nargs="?", help="sweep spec YAML (see jobs/), or -- COMMAND ARGS...")
+        else:
+            cmd.add_argument("spec", help="sweep spec YAML (see jobs/)")
         cmd.add_argument(
             "--set",
             dest="overrides",
@@ -82,9 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_train)
 
     cmd = sub.add_parser(
-        "submit", help="`orchestrator sweep SPEC` as a Ray job on a cluster: stream its logs, exit as it did"
+        "submit",
+        help="`orchestrator sweep SPEC` (or, after --, an ensemble, evaluate or predict command) as a Ray "
+        "job on a cluster: stream its logs, exit as it did",
     )
-    spec_args(cmd)
+    spec_args(cmd, optional=True)
     cmd.add_argument(
         "--address", help="Ray job server URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, the local head)"
     )
@@ -161,8 +170,13 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("url", help="a packed split folder, or the packed root holding one per split")
     cmd.set_defaults(func=_verify)
 
-    def inference_args(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--data", help="packed split URL to score (default: the (first) model's data.val)")
+    def inference_args(cmd: argparse.ArgumentParser, data: str | None = None) -> None:
+        if data is None:
+            cmd.add_argument(
+                "--data", help="packed split URL to score (default: the (first) model's data.val)"
+            )
+        else:
+            cmd.add_argument("--data", required=True, help=data)
         cmd.add_argument("--mode", choices=("whole", "slide", "multiscale"), default="whole")
         cmd.add_argument(
             "--crop", type=_size, help="sliding window WIDTHxHEIGHT (slide; multiscale by windows)"
@@ -173,6 +187,20 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
         cmd.add_argument("--batch-size", type=_positive, default=2)
+        cmd.add_argument(
+            "--amp", choices=("off", "bf16"), default="off", help="bfloat16 autocast (default off)"
+        )
+        cmd.add_argument(
+            "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU where there is one"
+        )
+        cmd.add_argument(
+            "--workers", type=_positive, help="split the images over N Ray workers (default: this process)"
+        )
+        cmd.add_argument(
+            "--gpus-per-worker",
+            type=_fraction,
+            help="GPUs each Ray worker holds (default: 1 where Ray has GPUs)",
+        )
 
     cmd = sub.add_parser(
         "evaluate", help="score one model (an MLflow run's best checkpoint, or a checkpoint file/URI)"
@@ -196,8 +224,28 @@ def _parser() -> argparse.ArgumentParser:
         default="mean",
         help="mean softmax, mean weighted by each member's best metric, or per-pixel vote",
     )
+    cmd.add_argument(
+        "--register", metavar="NAME", help="registered MLflow model of the best trial and the ensemble "
+        "(default: the experiment's name)",
+    )  # fmt: skip
     inference_args(cmd)
     cmd.set_defaults(func=_ensemble)
+
+    cmd = sub.add_parser(
+        "predict", help="write a trial's or an ensemble's predictions of a split as BDD100K masks or RLE JSON"
+    )
+    cmd.add_argument("run_id", help="MLflow run id of a trial, or of an ensemble (its members)")
+    cmd.add_argument(
+        "--out", required=True, help="folder (path or fsspec URL) the predictions are written to"
+    )
+    cmd.add_argument(
+        "--format",
+        choices=("masks", "rle"),
+        default="masks",
+        help="masks: <id>.png of class ids; rle: one predictions.json of Scalabel RLE frames",
+    )
+    inference_args(cmd, data="packed split URL to predict, labelled or not (e.g. the test split)")
+    cmd.set_defaults(func=_predict)
 
     cmd = sub.add_parser(
         "evalnorm-calibrate",
@@ -228,10 +276,26 @@ def _scales(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected factors such as 0.75,1,1.25, got {text!r}") from None
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0 such as 1 or 0.5, got {text!r}")
+    return value
+
+
 def _settings(args: argparse.Namespace):
     from orchestrator.inference.predict import InferenceSettings
 
-    return InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip)
+    return InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip, args.amp)
+
+
+def _where(args: argparse.Namespace):
+    from orchestrator.inference.runs import Where
+
+    return Where(args.workers, args.gpus_per_worker, args.device)
 
 
 def _names(text: str) -> list[str]:
@@ -284,13 +348,28 @@ def _train(args: argparse.Namespace) -> int:
     return 1 if outcome.status == "FAILED" else 0
 
 
+SUBMITTABLE = ("ensemble", "evaluate", "predict")  # besides the sweep: the commands that run on Ray
+
+
 def _submit(args: argparse.Namespace) -> int:
-    from orchestrator import spec as specs
+    from orchestrator.submit import entrypoint, submit
 
-    specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
-    from orchestrator.submit import submit
+    if args.job:
+        if args.spec or args.overrides or args.resume or args.job[0] not in SUBMITTABLE:
+            raise UsageError(
+                f"submit -- {shlex.join(args.job)}: after -- comes one of {', '.join(SUBMITTABLE)} with its "
+                "arguments, and no spec, --set or --resume before it"
+            )
+        _parser().parse_args(args.job)  # a bad command fails here (exit 2), before anything is uploaded
+        command = shlex.join(["orchestrator", *args.job])
+    elif args.spec is None:
+        raise UsageError("submit: name a sweep spec, or give a command after --: submit -- ensemble --top 3")
+    else:
+        from orchestrator import spec as specs
 
-    return submit(args.spec, args.overrides, args.address, args.working_dir, args.extra_env, args.resume)
+        specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
+        command = entrypoint(args.spec, args.overrides, args.working_dir, args.resume)
+    return submit(command, args.address, args.working_dir, args.extra_env)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -400,11 +479,14 @@ def _ensemble(args: argparse.Namespace) -> int:
     experiment = args.experiment or tracking.latest_sweep_experiment()
     result = run_ensemble(
         experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size,
-        filter_string=args.filter, settings=settings, combine=args.combine, command=args.command,
+        filter_string=args.filter, settings=settings, combine=args.combine, where=_where(args),
+        register=args.register, command=args.command,
     )  # fmt: skip
     rows = [(f"{name} ({run_id[:8]})", m) for run_id, name, m in result.members]
     _print_scores(rows + [(f"ensemble of {len(result.members)} ({args.combine})", result.metrics)])
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
+    aliases = ", ".join(f"{alias} v{version}" for alias, version in sorted(result.versions.items()))
+    print(f"MLflow: registered model {result.model!r} ({aliases}): models:/{result.model}@champion")
     return 0
 
 
@@ -414,10 +496,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     result = evaluate_model(
         args.model, settings, data=args.data, batch_size=args.batch_size, experiment=args.experiment,
-        command=args.command,
+        where=_where(args), command=args.command,
     )  # fmt: skip
     _print_scores([(result.name, result.metrics)])
     print(f"\nMLflow: evaluation run {result.run_id} in experiment {result.experiment!r}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from orchestrator.inference.runs import predict_run
+
+    result = predict_run(
+        args.run_id, args.data, args.out, format=args.format, settings=_settings(args),
+        batch_size=args.batch_size, where=_where(args), command=args.command,
+    )  # fmt: skip
+    print(f"{result.images} predictions ({args.format}) written to {result.written}")
+    if result.metrics:
+        _print_scores([(f"scored ({args.data})", result.metrics)])
+    print(f"\nMLflow: prediction run {result.run_id} in experiment {result.experiment!r}")
     return 0
 
 

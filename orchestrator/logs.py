@@ -7,7 +7,10 @@ tables created): useful after the fact, noise beside a sweep's own progress line
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
+
+from tqdm import tqdm
 
 # The loggers that print through handlers of their own (they do not propagate to the root), and the least
 # level their console handlers still show: ours warn, the libraries' only fail.
@@ -37,3 +40,25 @@ class _Forward(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.target.handle(record)
+
+
+class Progress:
+    """Progress over `total` items: a tqdm bar on a terminal; elsewhere about ten INFO lines of `logger`
+    ("<desc> 120/1000 <unit>s"), not one per batch."""
+
+    def __init__(self, total: int, desc: str, unit: str, logger: logging.Logger) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+        self.total, self.desc, self.unit, self.logger = total, desc, unit, logger
+        self.done, self.every = 0, max(1, math.ceil(total / 10))
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        before, self.done = self.done, self.done + n
+        if self.bar.disable and (self.done // self.every > before // self.every or self.done == self.total):
+            self.logger.info("%s %d/%d %ss", self.desc, self.done, self.total, self.unit)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

@@ -1,5 +1,6 @@
-"""`orchestrator submit`: run `orchestrator sweep SPEC` as a Ray job on a cluster, the same job that
-`ray job submit --working-dir . -- orchestrator sweep SPEC` starts, then follow it to its end.
+"""`orchestrator submit`: run `orchestrator sweep SPEC` (or `orchestrator ensemble ...`, evaluate, predict)
+as a Ray job on a cluster, the same job that `ray job submit --working-dir . -- orchestrator sweep SPEC`
+starts, then follow it to its end.
 
 The working directory is uploaded (Ray leaves out what .gitignore names: .venv, data, runs, mlruns), so the
 cluster runs this checkout's code and spec. The job's environment is the cluster's (S3 and MLflow settings
@@ -52,15 +53,11 @@ def job_env(extra: Sequence[str] = ()) -> dict[str, str]:
 
 
 def submit(
-    spec: str,
-    overrides: Sequence[str] = (),
-    address: str | None = None,
-    working_dir: str = ".",
-    extra_env: Sequence[str] = (),
-    resume: bool = False,
+    command: str, address: str | None = None, working_dir: str = ".", extra_env: Sequence[str] = ()
 ) -> int:
-    """Submit, stream the job's output to stdout, and return 0 if it SUCCEEDED, else 1 (130 after Ctrl-C,
-    which stops the job: a sweep left running unwatched would hold the cluster's GPUs)."""
+    """Submit the shell `command` (an orchestrator command line, see `entrypoint`), stream the job's output
+    to stdout, and return 0 if it SUCCEEDED, else 1 (130 after Ctrl-C, which stops the job: a sweep left
+    running unwatched would hold the cluster's GPUs)."""
     # Every cluster of cluster/ uses token auth; RAY_AUTH_MODE=disabled reaches one without it.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     address = job_address(address)
@@ -69,7 +66,6 @@ def submit(
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    command = entrypoint(spec, overrides, working_dir, resume)
     env = job_env(extra_env)
     try:
         client = JobSubmissionClient(address)

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -387,3 +388,65 @@ def per_image_scores(run_id: str, column: str = "miou", uri: str | None = None) 
             "recorded): pack it again and evaluate again"
         )
     return {row["id"]: float(row[column]) for row in rows}
+
+
+def log_model(
+    run_id: str,
+    python_model: str,
+    artifacts: dict[str, str],
+    registered_name: str,
+    uri: str | None = None,
+) -> str:
+    """Log a pyfunc model from code (`python_model`: the file that calls mlflow.models.set_model; images
+    uint8 [B, H, W, 3] in, class ids uint8 [B, H, W] out) as an output of `run_id`, the orchestrator
+    package inside it, and register it as a new version of `registered_name`;
+    returns the version. The requirements are the package's own (its metadata), not inferred: inference
+    imports the model in a subprocess, seconds per model."""
+    from importlib.metadata import requires
+
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import orchestrator
+
+    uri = uri or tracking_uri()
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+    )
+    # Made here, in the run's experiment: Model.log would make it in the fluent API's current experiment.
+    experiment_id = client(uri).get_run(run_id).info.experiment_id
+    model = client(uri).create_logged_model(experiment_id, "model", source_run_id=run_id)
+    mlflow.set_tracking_uri(uri)  # Model.log and registration resolve the store through it
+    mlflow.set_registry_uri(uri)
+    with warnings.catch_warnings():  # that no input example was given: the signature says what goes in
+        warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+        info = Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            name="model",
+            run_id=run_id,
+            model_id=model.model_id,
+            registered_model_name=registered_name,
+            await_registration_for=0,
+            python_model=python_model,
+            artifacts=artifacts,
+            signature=signature,
+            code_paths=[str(Path(orchestrator.__file__).parent)],
+            pip_requirements=[r for r in requires("orchestrator") if "extra ==" not in r],
+        )
+    return str(info.registered_model_version)
+
+
+def set_model_aliases(name: str, aliases: dict[str, str], uri: str | None = None) -> None:
+    """Point each alias of registered model `name` at a version ({alias: version})."""
+    c = client(uri)
+    for alias, version in aliases.items():
+        c.set_registered_model_alias(name, alias, version)
+
+
+def model_aliases(name: str, uri: str | None = None) -> dict[str, str]:
+    """{alias: version} of registered model `name`."""
+    return {alias: str(v) for alias, v in client(uri).get_registered_model(name).aliases.items()}

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.resample import repeated, split_ids
-from orchestrator.data.shards import decode_pair, is_labeled, read_manifest
+from orchestrator.data.shards import decode_image, decode_pair, is_labeled, read_manifest
 from orchestrator.data.storage import RETRIES, backoff, is_transient, join, url_to_fs
 from orchestrator.data.transforms import (
     IMAGENET,
@@ -78,7 +78,7 @@ class Encoded(NamedTuple):
     index: int  # its position in the shard's epoch order (the sample's index when nothing is repeated)
     name: str  # "<shard path>:<sample id>", for the log
     jpg: bytes | None
-    png: bytes | str  # the mask bytes, or the problem
+    png: bytes | str | None  # the mask bytes, or the problem; None in an unlabeled split
 
 
 def bounds(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -138,6 +138,7 @@ class ShardStream(IterableDataset):
     rank: int
     start_batch: int = 0  # batches of this rank's epoch already consumed
     on_device: bool = False  # ship uint8 + draws; the Loader augments on the training device
+    labeled: bool = True  # False: shards of images alone, each yielded with an all-ignore mask
     storage_options: dict | None = field(default=None, repr=False)  # may hold credentials
 
     def worker_batches(self, worker: int, workers: int) -> tuple[int, int]:
@@ -158,8 +159,11 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + next_worker) % workers
         # The filesystem is made here, inside the worker: a client built before fork is not safe to share.
         fs, root = url_to_fs(self.url, self.storage_options)
+        members = 2 if self.labeled else 1
         samples: Iterable[Encoded] = (
-            s for p in self.worker_pieces(worker, workers) for s in _read_piece(fs, join(root, p.name), p)
+            s
+            for p in self.worker_pieces(worker, workers)
+            for s in _read_piece(fs, join(root, p.name), p, members)
         )
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
@@ -181,7 +185,11 @@ class ShardStream(IterableDataset):
         if sample.jpg is None:
             return sample.png
         try:
-            image, mask = decode_pair(sample.jpg, sample.png, check_labels=False)
+            if sample.png is None:
+                image = decode_image(sample.jpg)
+                mask = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+            else:
+                image, mask = decode_pair(sample.jpg, sample.png, check_labels=False)
         except ValueError as e:
             return str(e)
         if (image.shape[1], image.shape[0]) != self.image_size:
@@ -290,6 +298,8 @@ def make_loader(
     device: torch.device | None = None,
     augment_on_device: bool = False,
     repeats: Mapping[str, int] | None = None,
+    samples: tuple[int, int] | None = None,
+    need_labels: bool = True,
     storage_options: dict | None = None,
 ) -> Loader:
     """A loader over the packed split at url (e.g. s3://bucket/shards/train) for this rank and epoch.
@@ -301,13 +311,16 @@ def make_loader(
     (ranges differ by at most one sample), the last batch may be partial. start_batch resumes an epoch.
     repeats: training copies per sample id (0 drops a sample; ids not named are read once), from
     `data.resample.sample_repeats`; the split then works on the copies as it does on the samples.
+    samples: validation of the split's samples [start, stop) instead of this rank's range.
+    need_labels=False reads a split packed from its images alone, every mask all IGNORE_INDEX.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     manifest = read_manifest(url, storage_options)
-    if not is_labeled(manifest):
+    labeled = is_labeled(manifest)
+    if need_labels and not labeled:
         raise UsageError(
             f"{url} was packed from its images alone (unlabeled): there is nothing to train on or score"
         )
@@ -318,7 +331,9 @@ def make_loader(
         entries = enumerate(zip(manifest["shards"], orders, strict=True))
         shards = [Piece(i, entry["name"], 0, len(order), order) for i, (entry, order) in entries]
     total = sum(p.stop for p in shards)
-    start, stop = bounds(total, world_size, rank)
+    start, stop = bounds(total, world_size, rank) if samples is None or train else samples
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"samples [{start}, {stop}) are outside the split's {total}")
     if train:
         shards = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
         num_batches = total // world_size // batch_size
@@ -349,6 +364,7 @@ def make_loader(
         rank=rank,
         start_batch=start_batch,
         on_device=augment_on_device,
+        labeled=labeled,
         storage_options=storage_options,
     )
     dataloader = DataLoader(
@@ -419,9 +435,28 @@ def dataset_mean_std(url: str, storage_options: dict | None = None) -> MeanStd:
     return tuple(manifest["rgb_mean"]), tuple(manifest["rgb_std"])
 
 
-def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None = None) -> Loader:
-    """Every sample of a split, in order, whole images, in one process: evaluation outside training.
+def part_samples(total: int, batch_size: int, part: tuple[int, int]) -> tuple[int, int]:
+    """Samples [start, stop) of part (index, parts) of a split of `total` samples cut into whole batches."""
+    index, parts = part
+    if not 0 <= index < parts:
+        raise ValueError(f"part {index} is outside {parts} parts")
+    lo, hi = bounds(math.ceil(total / batch_size), parts, index)
+    return lo * batch_size, min(hi * batch_size, total)
+
+
+def evaluation_loader(
+    url: str,
+    *,
+    batch_size: int,
+    part: tuple[int, int] = (0, 1),
+    need_labels: bool = True,
+    storage_options: dict | None = None,
+) -> Loader:
+    """The samples of a split in order, whole images, for evaluation outside training: all of them, or
+    part (index, parts) of its batches. Parts split whole batches, so each batch holds the images one
+    process would batch together and the parts' results concatenate to that process's exactly.
     Images stay uint8 [B,3,H,W] (masks int64): each model normalizes them with its own mean/std."""
+    total = read_manifest(url, storage_options)["num_samples"]
     loader = make_loader(
         url,
         batch_size=batch_size,
@@ -431,13 +466,17 @@ def evaluation_loader(url: str, *, batch_size: int, storage_options: dict | None
         crop=None,
         epoch=0,
         seed=0,
+        samples=part_samples(total, batch_size, part),
+        need_labels=need_labels,
         storage_options=storage_options,
     )
     return replace(loader, raw=True)
 
 
-def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Iterator[Encoded]:
-    """Positions [piece.start, piece.stop) of one shard, in one streaming pass.
+def _read_piece(
+    fs: fsspec.AbstractFileSystem, path: str, piece: Piece, members: int = 2
+) -> Iterator[Encoded]:
+    """Positions [piece.start, piece.stop) of one shard, in one streaming pass; `members` per sample.
 
     A transient error reopens the shard after a backoff and goes on at the next position (RETRIES times,
     then it is raised: an unreachable store is not bad data). Anything else (a corrupt tar, a missing
@@ -445,7 +484,7 @@ def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Itera
     start, attempt = piece.start, 0
     while start < piece.stop:
         try:
-            for sample in _scan(fs, path, piece, start):
+            for sample in _scan(fs, path, piece, start, members):
                 yield sample
                 start = sample.index + 1
             return
@@ -469,40 +508,46 @@ def _read_piece(fs: fsspec.AbstractFileSystem, path: str, piece: Piece) -> Itera
             return
 
 
-def _scan(fs: fsspec.AbstractFileSystem, path: str, piece: Piece, start: int) -> Iterator[Encoded]:
-    """Positions [start, piece.stop) of a shard: members 2i and 2i+1 are sample i's <id>.jpg and <id>.png.
-    Pairing by position keeps every later sample in place when one member is misnamed. The order is
-    ascending, so a repeated sample is read once and yielded for each of its positions."""
+def _scan(
+    fs: fsspec.AbstractFileSystem, path: str, piece: Piece, start: int, members: int
+) -> Iterator[Encoded]:
+    """Positions [start, piece.stop) of a shard: members 2i and 2i+1 are sample i's <id>.jpg and <id>.png
+    (member i its <id>.jpg where `members` is 1: an unlabeled split). Pairing by position keeps every later
+    sample in place when one member is misnamed. The order is ascending, so a repeated sample is read once
+    and yielded for each of its positions."""
     with (
         fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="readahead") as f,
         tarfile.open(fileobj=f, mode="r|") as tar,
     ):
-        members, index, pair, data = iter(tar), -1, [], []
+        entries, index, group, data = iter(tar), -1, [], []
         for position in range(start, piece.stop):
             wanted = piece.sample(position)
             while index < wanted:
-                index, pair, data = index + 1, [], []
-                for member in itertools.islice(members, 2):
+                index, group, data = index + 1, [], []
+                for member in itertools.islice(entries, members):
                     # A stream-mode tar can read a member only before moving on; others are passed over.
                     read = index == wanted and member.isfile()
-                    pair.append(member)
+                    group.append(member)
                     data.append(tar.extractfile(member).read() if read else b"")
-                if len(pair) < 2:
-                    raise EOFError(f"{2 * index + len(pair)} members, the manifest needs {2 * wanted + 2}")
-            name, problem = _pair_name(pair)
-            yield Encoded(piece.shard, position, f"{path}:{name}", *((None, problem) if problem else data))
+                if len(group) < members:
+                    found, needed = members * index + len(group), members * (wanted + 1)
+                    raise EOFError(f"{found} members, the manifest needs {needed}")
+            name, problem = _sample_name(group)
+            jpg, png = (None, problem) if problem else (data[0], data[1] if members == 2 else None)
+            yield Encoded(piece.shard, position, f"{path}:{name}", jpg, png)
 
 
-def _pair_name(pair: list[tarfile.TarInfo]) -> tuple[str, str | None]:
-    """(sample id, None) for a well-formed <id>.jpg + <id>.png, else (what was found, the problem).
-    Absolute paths, '..' and folders are refused outright: nothing here is ever extracted to disk,
-    but a shard holding them was not written by `pack`."""
-    (stem, ext), (stem2, ext2) = (posixpath.splitext(m.name) for m in pair)
-    safe = all(m.isfile() and "/" not in m.name and m.name not in (".", "..") for m in pair)
-    if safe and stem and stem == stem2 and (ext, ext2) == (".jpg", ".png"):
-        return stem, None
-    names = " + ".join(repr(m.name) for m in pair)
-    return names, f"members {names} refused: want plain <id>.jpg + <id>.png"
+def _sample_name(group: list[tarfile.TarInfo]) -> tuple[str, str | None]:
+    """(sample id, None) for a well-formed <id>.jpg + <id>.png (or a lone <id>.jpg), else (what was
+    found, the problem). Absolute paths, '..' and folders are refused outright: nothing here is ever
+    extracted to disk, but a shard holding them was not written by `pack`."""
+    stems, exts = zip(*(posixpath.splitext(m.name) for m in group), strict=True)
+    safe = all(m.isfile() and "/" not in m.name and m.name not in (".", "..") for m in group)
+    want = (".jpg", ".png")[: len(group)]
+    if safe and stems[0] and len(set(stems)) == 1 and exts == want:
+        return stems[0], None
+    names = " + ".join(repr(m.name) for m in group)
+    return names, f"members {names} refused: want plain {' + '.join(f'<id>{e}' for e in want)}"
 
 
 def _shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:

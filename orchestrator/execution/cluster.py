@@ -35,7 +35,7 @@ WORKER_ENV = {
 DRIVER_RESOURCES = {"cpu": 0, HEAD_NODE_RESOURCE_NAME: 0.001}
 
 
-def init_ray(spec: Spec, worker_output_to_log: bool = False) -> None:
+def init_ray(worker_output_to_log: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray.
     address="local" avoids silently joining (or hanging on) a stale `ray start` head.
     worker_output_to_log: what the workers print goes to the logger orchestrator.workers (at INFO), not to

@@ -53,7 +53,7 @@ def run_sweep(
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
     trials = expand(spec)
-    cluster.init_ray(spec, worker_output_to_log=quiet)
+    cluster.init_ray(worker_output_to_log=quiet)
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     if resume and not tune.Tuner.can_restore(tune_path):
@@ -124,7 +124,7 @@ def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
     is tagged on its sweep run."""
     uri = tracking.tracking_uri()
     trials = expand(spec.model_copy(update={"grid": {}}))
-    cluster.init_ray(spec)
+    cluster.init_ray()
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +23,14 @@ from orchestrator import checkpoints, metrics, tracking
 from orchestrator.data.stream import evaluation_loader, input_mean_std, spec_loader
 from orchestrator.errors import UsageError
 from orchestrator.inference.evaluate import evaluate
+from orchestrator.logs import Progress
 from orchestrator.models.catalog import parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d, calibrate
 from orchestrator.spec import Spec, from_flat, public_params
 
 CALIBRATABLE = ("bn", "syncbn", "evalnorm")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,10 +74,13 @@ def calibrate_run(
     original = checkpoints.model_from_state(state)
 
     batch = batch_size or config["train.batch_per_gpu"]
-    values = calibrate(model, _training_images(spec, batch, storage_options), steps=steps, lr=lr)
+    with Progress(steps, "calibrate", "step", log) as progress:
+        images = _counted(_training_images(spec, batch, storage_options), progress)
+        values = calibrate(model, images, steps=steps, lr=lr)
     val = evaluation_loader(config["data.val"], batch_size=batch, storage_options=storage_options)
     calibrated_model = checkpoints.Trained(model.eval(), calibrated_config, original.mean_std)
-    ema_cm, calibrated_cm = evaluate([original, calibrated_model], val).cms
+    with Progress(val.dataloader.dataset.num_samples, "evaluate", "image", log) as progress:
+        ema_cm, calibrated_cm = evaluate([original, calibrated_model], val, progress=progress).cms
     ema, calibrated = metrics.summarize(ema_cm), metrics.summarize(calibrated_cm)
 
     experiment, name = tracking.run_names(run_id)
@@ -99,6 +106,13 @@ def calibrate_run(
             files={tracking.CHECKPOINT_DIR: ckpt, "evalnorm": table},
         )
     return CalibrationResult(run_id, new_run, ema, calibrated, values)
+
+
+def _counted(batches: Iterator[torch.Tensor], progress: Progress) -> Iterator[torch.Tensor]:
+    """The batches, each counted as a step as it is handed out."""
+    for batch in batches:
+        progress.update(1)
+        yield batch
 
 
 def _training_images(spec: Spec, batch: int, storage_options: dict | None) -> Iterator[torch.Tensor]:

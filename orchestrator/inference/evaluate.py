@@ -1,33 +1,28 @@
 """Score models on a validation loader in one pass: one confusion matrix per image and predictor (each
 member, and optionally their ensemble), from which every total and per-image score follows, and the
-best and worst images of the last predictor for overlays. `evaluate_checkpoints` is the whole job for
-`orchestrator evaluate` and ensembles: load, score, write the per-image artifacts; no MLflow."""
+best and worst images of the last predictor for overlays; the per-image artifacts of a report. Running
+it over a packed split, whole or in parts: inference/parts.py."""
 
 from __future__ import annotations
 
 import heapq
-import logging
 import math
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from tqdm import tqdm
 
 from orchestrator import metrics
-from orchestrator.checkpoints import Trained, load_model
+from orchestrator.checkpoints import Trained
 from orchestrator.data.layout import NUM_CLASSES
-from orchestrator.data.shards import read_manifest, shard_ids
-from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.transforms import normalize
 from orchestrator.errors import UsageError
 from orchestrator.inference import visualize
 from orchestrator.inference.predict import WHOLE, InferenceSettings, predict_proba
 from orchestrator.inference.visualize import Sample
-
-log = logging.getLogger(__name__)
+from orchestrator.logs import Progress
 
 Combine = Literal["mean", "weighted", "vote"]
 
@@ -95,6 +90,25 @@ def ensemble_labels(
     return torch.where(tied, mean, -1.0).argmax(1)
 
 
+def predict_labels(
+    members: Sequence[Trained],
+    images: torch.Tensor,
+    settings: InferenceSettings = WHOLE,
+    *,
+    ensemble: bool = False,
+    combine: Combine = "mean",
+    weights: Sequence[float] | None = None,
+) -> list[torch.Tensor]:
+    """Class ids [B, H, W] of each member for uint8 images [B, 3, H, W] (on the members' device), each
+    normalized as its member was trained, then (with `ensemble`) of their combination."""
+    inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
+    probs = [predict_proba(m.model, inputs[m.mean_std], settings) for m in members]
+    labels = [p.argmax(1) for p in probs]
+    if ensemble:
+        labels.append(ensemble_labels(probs, combine, weights))
+    return labels
+
+
 def evaluate(
     members: list[Trained],
     loader: Iterable,
@@ -104,68 +118,34 @@ def evaluate(
     combine: Combine = "mean",
     weights: Sequence[float] | None = None,
     keep: int = 0,
+    first: int = 0,
+    sink: Callable[[int, torch.Tensor], None] | None = None,
+    progress: Progress | None = None,
 ) -> Evaluation:
     """Score each member (and, with `ensemble`, their combination) predicting in `settings`' mode. The
     loader yields uint8 images (evaluation_loader) and masks; each member sees the images normalized as
     it was trained, on the device of the first member's parameters. `keep`: how many best and worst
-    images (by per-image 3-class mIoU) of the last predictor to keep for overlays."""
-    _check_combine(combine, weights, len(members))
+    images (by per-image 3-class mIoU) of the last predictor to keep for overlays. `first`: the split's
+    index of the loader's first image. `sink(index, labels)` gets the last predictor's class ids [B, H, W]
+    of each batch, `index` that of its first image; `progress` is advanced by each batch's images."""
+    check_combine(combine, weights, len(members))
     device = next(members[0].model.parameters()).device
     extremes = _Extremes(keep)
-    batches, offset = [], 0
-    total = len(loader) if isinstance(loader, Sized) else None
-    bar = tqdm(loader, total=total, desc="evaluate", unit="batch", disable=None, leave=False)
-    every = math.ceil((total or 100) / 10)  # without a terminal (no bar), about ten log lines
-    for i, (images, masks) in enumerate(bar, 1):
+    batches, offset = [], first
+    for images, masks in loader:
         images, masks = images.to(device), masks.to(device)
-        inputs = {m.mean_std: normalize(images, m.mean_std) for m in members}  # once per distinct mean/std
-        probs = [predict_proba(m.model, inputs[m.mean_std], settings) for m in members]
-        labels = [p.argmax(1) for p in probs]
-        if ensemble:
-            labels.append(ensemble_labels(probs, combine, weights))
+        labels = predict_labels(
+            members, images, settings, ensemble=ensemble, combine=combine, weights=weights
+        )
+        if sink is not None:
+            sink(offset, labels[-1])
         cms = torch.stack([metrics.confusion_matrices(y, masks, NUM_CLASSES) for y in labels])
         batches.append(cms.cpu())
         extremes.add(offset, metrics.scores(batches[-1][-1])["miou"].tolist(), images, masks, labels[-1])
         offset += len(images)
-        if bar.disable and (i % every == 0 or i == total):
-            log.info("evaluated %d/%s validation batches", i, total or "?")
+        if progress is not None:
+            progress.update(len(images))
     return Evaluation(torch.cat(batches, 1), len(members), _ranked(extremes.best), _ranked(extremes.worst))
-
-
-def evaluate_checkpoints(
-    checkpoints: Sequence[str | Path | Trained],
-    data: str | None = None,
-    settings: InferenceSettings = WHOLE,
-    *,
-    combine: Combine = "mean",
-    weights: Sequence[float] | None = None,
-    batch_size: int = 2,
-    out_dir: str | Path | None = None,
-    keep: int = 4,
-    device: str | torch.device = "cpu",
-    storage_options: dict | None = None,
-) -> Report:
-    """Score local checkpoint files (or loaded models, moved to `device`) on the packed split `data`
-    (default: the first member's `data.val`): each member, and their ensemble when there are several.
-    With `out_dir`, the scored predictor's (the ensemble's, or the single model's) per-image CSV,
-    histogram and `keep` best and worst overlays are written there and listed in `Report.files`."""
-    members = [c if isinstance(c, Trained) else load_model(c) for c in checkpoints]
-    for m in members:
-        m.model.to(device)
-    data = data or members[0].config["data.val"]
-    loader = evaluation_loader(data, batch_size=batch_size, storage_options=storage_options)
-    ids = shard_ids(read_manifest(data, storage_options))
-    result = evaluate(
-        members,
-        loader,
-        ensemble=len(members) > 1,
-        settings=settings,
-        combine=combine,
-        weights=weights,
-        keep=keep if out_dir is not None else 0,
-    )
-    result.ids = None if ids is None else [i for shard in ids for i in shard]
-    return Report(data, result, [] if out_dir is None else write_report(result, out_dir))
 
 
 def write_report(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
@@ -182,7 +162,7 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
     ]
 
 
-def _check_combine(combine: str, weights: Sequence[float] | None, members: int) -> None:
+def check_combine(combine: str, weights: Sequence[float] | None, members: int) -> None:
     if combine not in get_args(Combine):
         raise UsageError(f"combine {combine!r}: allowed are {', '.join(get_args(Combine))}")
     if (combine == "weighted") != (weights is not None):

@@ -8,8 +8,9 @@ augmentation:
 - multiscale: the image resized by each scale (bilinear with antialiasing, as training's random scale),
   predicted whole or, with a crop, by sliding windows; probabilities resized back bilinearly and averaged.
 
-`flip` adds the horizontally flipped view of every scale, flipped back, to the average. Models return
-logits at their input's size (models/build.py).
+`flip` adds the horizontally flipped view of every scale, flipped back, to the average. `amp` "bf16" runs
+the models under bfloat16 autocast (on the images' device); probabilities are averaged in float32 either
+way. Models return logits at their input's size (models/build.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from orchestrator.errors import UsageError
 
 Mode = Literal["whole", "slide", "multiscale"]
+Amp = Literal["off", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class InferenceSettings:
     stride: tuple[int, int] | None = None  # (x, y) between windows; with crop
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    amp: Amp = "off"
 
     def __post_init__(self) -> None:
         # Lists (argparse, YAML) become tuples, so settings compare and hash as the values they hold.
@@ -48,6 +51,8 @@ class InferenceSettings:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         if self.mode not in get_args(Mode):
             raise UsageError(f"inference mode {self.mode!r}: allowed are {', '.join(get_args(Mode))}")
+        if self.amp not in get_args(Amp):
+            raise UsageError(f"amp {self.amp!r}: allowed are {', '.join(get_args(Amp))}")
         if (self.crop is None) != (self.stride is None):
             raise UsageError(
                 f"crop {self.crop} and stride {self.stride}: give both (sliding windows) or neither"
@@ -76,6 +81,7 @@ class InferenceSettings:
             "inference.stride": pair(self.stride),
             "inference.scales": ",".join(f"{s:g}" for s in self.scales),
             "inference.flip": str(self.flip).lower(),
+            "inference.amp": self.amp,
         }
 
 
@@ -95,7 +101,9 @@ def predict_proba(
             scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
             x = F.interpolate(images, size=scaled, mode="bilinear", antialias=True, align_corners=False)
         for flip in (False, True) if settings.flip else (False,):
-            probs = _logits(model, x.flip(-1) if flip else x, settings).softmax(dim=1)
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=settings.amp == "bf16"):
+                logits = _logits(model, x.flip(-1) if flip else x, settings)
+            probs = logits.float().softmax(dim=1)
             probs = probs.flip(-1) if flip else probs
             if probs.shape[-2:] != size:
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)

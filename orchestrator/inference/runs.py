@@ -1,6 +1,8 @@
-"""Inference that ends in an MLflow run: `orchestrator evaluate` of one model, and `orchestrator ensemble`
-of the best trials (members and ensemble scored together in one pass over the split). Each logs its
-settings, metrics, per-image CSV, histogram and best/worst overlays."""
+"""Inference that ends in an MLflow run: `orchestrator evaluate` of one model, `orchestrator ensemble` of
+the best trials (members and ensemble scored together in one pass over the split), and `orchestrator
+predict` of a trial or an ensemble run into BDD100K's submission files. Evaluations log their settings,
+metrics, per-image CSV, histogram and best/worst overlays; predictions the files written. Each runs in
+this process or, with `workers`, as Ray work (`Where`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,29 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import tracking
+from orchestrator import checkpoints, tracking
+from orchestrator.data.shards import is_labeled, read_manifest
 from orchestrator.data.storage import url_to_fs
-from orchestrator.inference.evaluate import Combine, evaluate_checkpoints
+from orchestrator.inference.evaluate import Combine
+from orchestrator.inference.parts import Device, Output, Pass, evaluate_checkpoints, run_pass
 from orchestrator.inference.predict import WHOLE, InferenceSettings
+from orchestrator.inference.submission import Format, write_rle
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where inference runs: this process (workers None) or `workers` Ray workers of `gpus_per_worker`
+    GPUs (default: one each where the cluster has GPUs); on `device`."""
+
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    device: Device = "auto"
+
+    def args(self) -> dict:
+        return {"workers": self.workers, "gpus_per_worker": self.gpus_per_worker}
+
+
+HERE = Where()
 
 
 @dataclass
@@ -19,6 +40,8 @@ class EnsembleResult:
     members: list[tuple[str, str, dict[str, float]]]  # (run id, run name, metrics)
     metrics: dict[str, float]
     run_id: str
+    model: str  # the registered model
+    versions: dict[str, str]  # its aliases: best_trial, ensemble, champion -> version
 
 
 def run_ensemble(
@@ -32,13 +55,17 @@ def run_ensemble(
     filter_string: str | None = None,
     settings: InferenceSettings = WHOLE,
     combine: Combine = "mean",
+    where: Where = HERE,
+    register: str | None = None,
     command: str | None = None,
 ) -> EnsembleResult:
     """Pick the `top` finished trials by `metric` (among those matching `filter_string`), ensemble them on
     the validation split (`data`, default: the best member's `data.val`) with the inference `settings`
     and `combine` rule ("weighted": by each member's best `metric`), and log the ensemble run: members,
     settings, metrics of the ensemble and of each member, and the ensemble's per-image scores and
-    best/worst overlays; `command` (the command line) is tagged on the run."""
+    best/worst overlays; `command` (the command line) is tagged on the run. The best trial and the
+    ensemble are registered as pyfunc models of `register` (default: the experiment's name), aliased
+    best_trial, ensemble and champion (the better of the two by `metric` on this split)."""
     ranked = tracking.top_trial_runs(experiment, metric, top, filter_string=filter_string)
     if len(ranked) < top:
         matching = f" matching {filter_string!r}" if filter_string else ""
@@ -52,7 +79,7 @@ def run_ensemble(
     with tempfile.TemporaryDirectory() as out:
         report = evaluate_checkpoints(
             paths, data, settings, combine=combine, weights=weights, batch_size=batch_size, out_dir=out,
-            storage_options=storage_options,
+            device=where.device, storage_options=storage_options, **where.args(),
         )  # fmt: skip
         ids = [r.info.run_id for r in runs]
         members = report.member_metrics
@@ -76,8 +103,40 @@ def run_ensemble(
             tags={"orchestrator.members": ",".join(ids), **tracking.command_tag(command)},
             files={"predictions": out},
         )
+    name = register or experiment
+    with tempfile.TemporaryDirectory() as d:
+        versions = _register(name, runs[0].info.run_id, run_id, paths, settings, combine, weights, Path(d))
+    key = metric if metric in report.metrics else "val_miou"
+    better = report.metrics[key] > members[0][key]  # a tie goes to the single model: cheaper to run
+    tracking.set_model_aliases(
+        name, {**versions, "champion": versions["ensemble" if better else "best_trial"]}
+    )
     scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, members, strict=True)]
-    return EnsembleResult(scores, report.metrics, run_id)
+    return EnsembleResult(scores, report.metrics, run_id, name, tracking.model_aliases(name))
+
+
+def _register(
+    name: str,
+    best_run: str,
+    ensemble_run: str,
+    paths: list[Path],
+    settings: InferenceSettings,
+    combine: Combine,
+    weights: list[float] | None,
+    folder: Path,
+) -> dict[str, str]:
+    """The best trial and the ensemble as pyfunc models (one, when the ensemble has one member), registered
+    under `name`: {"best_trial": version, "ensemble": version}."""
+    from orchestrator.inference.served import CODE, artifacts
+
+    (folder / "best").mkdir()
+    files = artifacts(paths[:1], settings, "mean", None, folder / "best")
+    best = tracking.log_model(best_run, CODE, files, name)
+    if len(paths) == 1:
+        return {"best_trial": best, "ensemble": best}
+    (folder / "ensemble").mkdir()
+    files = artifacts(paths, settings, combine, weights, folder / "ensemble")
+    return {"best_trial": best, "ensemble": tracking.log_model(ensemble_run, CODE, files, name)}
 
 
 @dataclass
@@ -96,6 +155,7 @@ def evaluate_model(
     batch_size: int = 2,
     experiment: str | None = None,
     storage_options: dict | None = None,
+    where: Where = HERE,
     command: str | None = None,
 ) -> EvaluationResult:
     """Score an MLflow run's best checkpoint (model = run id) or a checkpoint file at a path/URI, and log an
@@ -110,8 +170,9 @@ def evaluate_model(
             experiment, name = experiment or "evaluation", Path(model).name
         out = Path(d) / "predictions"
         report = evaluate_checkpoints(
-            [path], data, settings, batch_size=batch_size, out_dir=out, storage_options=storage_options
-        )
+            [path], data, settings, batch_size=batch_size, out_dir=out, device=where.device,
+            storage_options=storage_options, **where.args(),
+        )  # fmt: skip
         run_id = tracking.log_derived_run(
             experiment,
             kind="evaluation",
@@ -131,4 +192,87 @@ def _fetch(uri: str, folder: Path, storage_options: dict | None) -> Path:
         raise LookupError(f"{uri} is neither an MLflow run id nor an existing checkpoint file")
     local = folder / "model.pt"
     fs.get_file(path, str(local))
+    return local
+
+
+@dataclass
+class PredictionResult:
+    written: str  # the masks' folder, or the RLE file
+    images: int
+    metrics: dict[str, float]  # of a labelled split, else empty
+    run_id: str
+    experiment: str
+
+
+def predict_run(
+    run_id: str,
+    data: str,
+    out: str,
+    *,
+    format: Format = "masks",
+    settings: InferenceSettings = WHOLE,
+    batch_size: int = 2,
+    storage_options: dict | None = None,
+    where: Where = HERE,
+    command: str | None = None,
+) -> PredictionResult:
+    """Predict every image of the packed split `data` (labelled or not) with a trial run's best checkpoint,
+    or an ensemble run's members combined as that run combined them, into `out` in `format`; log a
+    `prediction` run in the source run's experiment holding the files (and, for a labelled split, the
+    scores of what was written)."""
+    source = tracking.find_run(run_id)
+    if source is None:
+        raise LookupError(f"{run_id} is not an MLflow run id at {tracking.tracking_uri()}")
+    members, combine, weights = _predictors(source)
+    states = tuple(checkpoints.load(tracking.cached_checkpoint(m)) for m in members)
+    job = Pass(
+        states, data, settings, combine, weights, batch_size, device=where.device,
+        output=Output(out, format), storage_options=storage_options,
+    )  # fmt: skip
+    evaluation, frames = run_pass(job, **where.args())
+    written = write_rle(out, frames, storage_options) if format == "rle" else out
+    scores = evaluation.summary() if is_labeled(read_manifest(data, storage_options)) else {}
+    experiment, name = tracking.run_names(run_id)
+    with tempfile.TemporaryDirectory() as d:
+        run = tracking.log_derived_run(
+            experiment,
+            kind="prediction",
+            name=f"{name} {format}",
+            params={
+                "source": run_id,
+                "data": data,
+                "out": out,
+                "format": format,
+                "combine": combine,
+                "members": ",".join(members),
+                **settings.as_params(),
+            },  # fmt: skip
+            metrics=scores,
+            tags={"orchestrator.source_run": run_id, **tracking.command_tag(command)},
+            files={"predictions": _local(written, Path(d), storage_options)},
+        )
+    return PredictionResult(written, evaluation.per_image.shape[1], scores, run, experiment)
+
+
+def _predictors(run) -> tuple[list[str], Combine, tuple[float, ...] | None]:
+    """(member run ids, combine, weights) of a trial run (itself) or an ensemble run (its members, as it
+    combined them)."""
+    kind = run.data.tags.get(tracking.KIND)
+    if kind != "ensemble":
+        return [run.info.run_id], "mean", None
+    members, params = run.data.tags["orchestrator.members"].split(","), run.data.params
+    combine = params.get("combine", "mean")
+    weights = None
+    if combine == "weighted":
+        weights = tuple(tracking.best_value(m, params["metric"]) for m in members)
+    return members, combine, weights
+
+
+def _local(url: str, folder: Path, storage_options: dict | None) -> Path:
+    """A local path of the file or folder at `url`: itself where it is local, else a copy in `folder`."""
+    fs, path = url_to_fs(url, storage_options)
+    if "file" in fs.protocol:
+        return Path(path)
+    local = folder / Path(path).name
+    fs.get(path, str(local), recursive=fs.isdir(path))
     return local

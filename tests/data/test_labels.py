@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
+import torch
 from PIL import Image
 
 from orchestrator.cli import main
+from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.shards import pack
 from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.verify import verify
@@ -280,6 +282,10 @@ def test_the_test_split_packs_from_its_images_alone(tmp_path: Path, caplog: pyte
     assert verify(str(out)).problems == []
     with pytest.raises(UsageError, match="packed from its images alone"):
         evaluation_loader(str(out / "test"), batch_size=1)
+    # Prediction reads it: the images in order, each with a mask of nothing labelled.
+    ((images, masks),) = evaluation_loader(str(out / "test"), batch_size=2, need_labels=False)
+    ((val_images, _),) = evaluation_loader(str(out / "val"), batch_size=2)
+    assert torch.equal(images, val_images) and (masks == IGNORE_INDEX).all()
     with pytest.raises(UsageError, match=r"no images for split\(s\) tset under .* it has test, train, val"):
         pack(str(raw), str(out), workers=1, splits=["tset"])
 

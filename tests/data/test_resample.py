@@ -18,15 +18,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator import checkpoints, tracking
 from orchestrator import spec as specs
-from orchestrator import tracking
-from orchestrator.checkpoints import Trained, model_for
+from orchestrator.checkpoints import model_for
 from orchestrator.data.resample import sample_repeats
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.storage import join, url_to_fs
 from orchestrator.data.stream import _read_piece, make_loader
 from orchestrator.data.verify import verify
-from orchestrator.inference.evaluate import evaluate_checkpoints
+from orchestrator.inference.parts import evaluate_checkpoints
 from orchestrator.inference.predict import WHOLE
 from orchestrator.train.loop import Worker
 
@@ -133,7 +133,8 @@ def test_repeated_samples_are_read_from_the_shards_and_augmented_apart(tiny_shar
                          seed=0, scale=(1.0, 1.0), blur=(0.0, 1.0), repeats=repeats)  # fmt: skip
     stream = loader.dataloader.dataset
     fs, root = url_to_fs(url)
-    names = [s.name.rsplit(":", 1)[1] for p in stream.pieces for s in _read_piece(fs, join(root, p.name), p)]
+    samples = (s for p in stream.pieces for s in _read_piece(fs, join(root, p.name), p, 2))
+    names = [s.name.rsplit(":", 1)[1] for s in samples]
     assert Counter(names) == Counter({i: repeats.get(i, 1) for i in ids if repeats.get(i, 1)})
     crops = [x for x, _ in loader]
     assert len(crops) == 8 + 2 + 1 - 1
@@ -177,10 +178,11 @@ def test_per_image_scores_come_back_by_sample_id(tiny_shards: Path, tmp_path: Pa
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     data = {"train": f"{tiny_shards}/train", "val": f"{tiny_shards}/val"}
     spec = specs.validate({"name": "r", "data": data, "model": {"backbone": "resnet18"}})
-    model = model_for(spec).eval()
-    trained = Trained(model, specs.flatten(spec), ((0.5,) * 3, (0.25,) * 3))
+    path = checkpoints.save(
+        tmp_path / "model.pt", model_for(spec), specs.flatten(spec), ((0.5,) * 3, (0.25,) * 3)
+    )
     out = tmp_path / "predictions"
-    report = evaluate_checkpoints([trained], f"{tiny_shards}/train", WHOLE, out_dir=out)
+    report = evaluate_checkpoints([path], f"{tiny_shards}/train", WHOLE, out_dir=out)
     columns = report.evaluation.images()
     ids = [i for shard in read_manifest(f"{tiny_shards}/train")["shards"] for i in shard["ids"]]
     assert columns["id"] == ids

@@ -22,6 +22,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bench import common
+from orchestrator import checkpoints, tracking
+from orchestrator import spec as specs
+from orchestrator.data.transforms import IMAGENET
 from orchestrator.errors import UsageError
 from orchestrator.submit import entrypoint, job_address, job_env
 
@@ -253,6 +256,37 @@ def test_ray_job_submit_runs_the_executable_spec_and_logs_to_the_clusters_mlflow
     assert [f.path for f in client.list_artifacts(trial.info.run_id, "checkpoints/best")] == [
         "checkpoints/best/model.pt"
     ]
+    assert_no_secrets(local_cluster, proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
+def test_an_ensemble_submitted_runs_on_the_clusters_ray_workers(local_cluster, tmp_path, monkeypatch):
+    """`orchestrator submit -- ensemble ... --workers 2`: the job's ensemble scores on 2 Ray workers of the
+    cluster, reading the bucket's split and the member's checkpoint from the head's MLflow (and S3)."""
+    env = local_cluster.env
+    for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, env[name])
+    uri = env["MLFLOW_TRACKING_URI"]
+    spec = specs.validate({"name": "member", "model": {"backbone": "resnet18"}, "data": {
+        "train": "s3://orchestrator/shards/train", "val": "s3://orchestrator/shards/val"}})  # fmt: skip
+    config = specs.public_params(specs.flatten(spec))
+    exp = tracking.ensure_experiment("cluster-ensemble", uri)
+    trial = tracking.start_trial_run(
+        exp, tracking.start_sweep_run(exp, "member", {}, uri), "member", config, uri
+    )
+    tracking.log_metrics(trial, {"val_miou": 0.5}, step=0, uri=uri)
+    model = checkpoints.model_for(spec, pretrained=False)
+    tracking.log_checkpoint(trial, checkpoints.save(tmp_path / "model.pt", model, config, IMAGENET), uri)
+    tracking.end_run(trial, uri)
+
+    cli = [sys.executable, "-m", "orchestrator", "submit", "--", "ensemble", "--top", "1",
+           "--experiment", "cluster-ensemble", "--workers", "2"]  # fmt: skip
+    proc = run(cli, env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "orchestrator ensemble --top 1 --experiment cluster-ensemble --workers 2" in proc.stderr
+    assert "4 images on 2 Ray worker(s) of 0 GPU(s)" in proc.stdout and "SUCCEEDED" in proc.stderr
+    (ensemble,) = MlflowClient(uri).search_runs([exp], "tags.`orchestrator.kind` = 'ensemble'")
+    assert ensemble.data.params["members"] == trial and "val_miou_official" in ensemble.data.metrics
     assert_no_secrets(local_cluster, proc.stdout, proc.stderr)
 
 

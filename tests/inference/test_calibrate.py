@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,14 @@ def mlflow_store(tmp_path, monkeypatch):
     return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
-def test_calibration_changes_only_alpha_beta_and_logs_a_run(tmp_path, mlflow_store, capsys):
+def test_calibration_changes_only_alpha_beta_and_logs_a_run(tmp_path, mlflow_store, capsys, caplog):
     source = trained_trial(tmp_path, "bn")
+    caplog.set_level(logging.INFO, logger="orchestrator.inference.calibrate")
     assert main(["evalnorm-calibrate", source, "--steps", "15"]) == 0
     out = capsys.readouterr().out
     assert "BN, running statistics (EMA)" in out and "EvalNorm, calibrated" in out
+    progress = [r.getMessage() for r in caplog.records if r.name == "orchestrator.inference.calibrate"]
+    assert progress[-3:] == ["calibrate 15/15 steps", "evaluate 2/4 images", "evaluate 4/4 images"]
 
     exp = mlflow_store.get_experiment_by_name("cal")
     (run,) = mlflow_store.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'calibrated'")

@@ -24,15 +24,11 @@ from orchestrator.data.shards import pack
 from orchestrator.data.synth import synthesize
 from orchestrator.data.transforms import IMAGENET, normalize
 from orchestrator.errors import UsageError
-from orchestrator.inference.evaluate import (
-    Evaluation,
-    ensemble_labels,
-    evaluate,
-    evaluate_checkpoints,
-    write_report,
-)
+from orchestrator.inference.evaluate import Evaluation, ensemble_labels, evaluate, write_report
+from orchestrator.inference.parts import evaluate_checkpoints
 from orchestrator.inference.predict import InferenceSettings, predict_proba, windows
 from orchestrator.inference.visualize import Sample, overlay, write_overlays
+from orchestrator.logs import Progress
 
 
 def pointwise(seed: int, kernel: tuple[int, int] = (1, 1)) -> nn.Module:
@@ -178,7 +174,10 @@ def test_settings_are_validated_with_what_to_do():
         "inference.stride": "342x342",
         "inference.scales": "0.75,1",
         "inference.flip": "true",
+        "inference.amp": "off",
     }
+    with pytest.raises(UsageError, match="amp 'fp8': allowed are off, bf16"):
+        InferenceSettings(amp="fp8")
 
 
 # -- ensembles -------------------------------------------------------------------------------------
@@ -208,21 +207,26 @@ def test_an_ensemble_of_identical_members_is_that_member(combine):
     assert result.summary() == result.summary(0)
 
 
-def test_progress_is_a_bar_on_a_terminal_and_about_ten_log_lines_elsewhere(
+def test_progress_is_a_bar_over_images_on_a_terminal_and_about_ten_log_lines_elsewhere(
     monkeypatch, caplog, stderr_terminal
 ):
-    caplog.set_level(logging.INFO, logger="orchestrator.inference.evaluate")
+    caplog.set_level(logging.INFO, logger="test")
     terminal = stderr_terminal()
-    evaluate(members(pointwise(0)), loader(n_batches=25, size=(4, 4)))
+
+    def run() -> None:
+        with Progress(50, "evaluate", "image", logging.getLogger("test")) as progress:
+            evaluate(members(pointwise(0)), loader(n_batches=25, size=(4, 4)), progress=progress)
+
+    run()
     bar = terminal.getvalue()
-    assert "evaluate:" in bar and "| 0/25 [" in bar and not caplog.records
+    assert "evaluate:" in bar and "| 0/50 [00:00<?, ?image/s]" in bar and not caplog.records
 
     monkeypatch.setattr("sys.stderr", io.StringIO())
-    evaluate(members(pointwise(0)), loader(n_batches=25, size=(4, 4)))
-    assert "25/25 [" not in sys.stderr.getvalue()
-    assert [r.getMessage() for r in caplog.records] == [
-        f"evaluated {i}/25 validation batches" for i in (3, 6, 9, 12, 15, 18, 21, 24, 25)
-    ]
+    run()
+    assert "50/50 [" not in sys.stderr.getvalue()
+    # Batches of 2 images: a line at the first count past each tenth.
+    expected = [f"evaluate {i}/50 images" for i in (6, 10, 16, 20, 26, 30, 36, 40, 46, 50)]
+    assert [r.getMessage() for r in caplog.records] == expected
 
 
 def test_mean_and_vote_differ_where_one_member_is_sure():

@@ -1,0 +1,261 @@
+"""Inference at dataset scale: a pass cut into parts (in this process and on 2 local Ray workers) gives what
+one process gives, to the bit; `orchestrator predict` writes BDD100K's masks and RLE JSON for labelled and
+unlabelled splits, and the written files re-scored by BDD100K's rule give evaluate's val_miou_official."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from PIL import Image
+from pycocotools import mask as coco
+from ray.util.state import list_actors
+
+from orchestrator import checkpoints, tracking
+from orchestrator import spec as specs
+from orchestrator.cli import main
+from orchestrator.data.shards import pack
+from orchestrator.data.synth import synthesize
+from orchestrator.data.transforms import IMAGENET
+from orchestrator.execution.inference import run_parts
+from orchestrator.inference.parts import Output, Pass, evaluate_checkpoints, merge, run_pass
+from orchestrator.inference.predict import InferenceSettings
+from orchestrator.logs import Progress
+
+IMAGES = 7  # batches of 2: 4 batches, the last one partial
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """7 labelled val images (96x64), the same images packed again as an unlabelled `test` split, and an
+    untrained checkpoint (its predictions hold all three classes: test_predict checks)."""
+    root = tmp_path_factory.mktemp("scale")
+    synthesize(str(root / "raw"), train=1, val=IMAGES, size=(96, 64))
+    shutil.copytree(root / "raw/images/100k/val", root / "raw/images/100k/test")
+    pack(str(root / "raw"), str(root / "shards"), shard_size=3, workers=1, splits=["val", "test"])
+    spec = specs.validate(
+        {
+            "name": "scale",
+            "data": {"train": f"{root}/shards/val", "val": f"{root}/shards/val"},
+            "model": {"backbone": "resnet18"},
+            "norm": "bn",
+        }
+    )
+    torch.manual_seed(0)
+    model = checkpoints.model_for(spec, pretrained=False)
+    config = specs.public_params(specs.flatten(spec))
+    checkpoints.save(root / "model.pt", model, config, IMAGENET)
+    return root
+
+
+def job(root: Path, output: Output | None = None, keep: int = 2, data: str = "val") -> Pass:
+    state = checkpoints.load(root / "model.pt")
+    settings = InferenceSettings("slide", crop=(64, 64), stride=(32, 32))
+    return Pass(
+        (state, state), f"{root}/shards/{data}", settings, "vote", batch_size=2, keep=keep, device="cpu",
+        output=output,
+    )  # fmt: skip
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_parts_of_whole_batches_merge_to_what_one_process_computes(split: Path, tmp_path: Path) -> None:
+    whole = job(split, Output(str(tmp_path / "one"), "masks"))
+    members = whole.load()
+    one, _ = merge([whole.run(members)], 2, 2)
+    cut = job(split, Output(str(tmp_path / "two"), "masks"))
+    parts = [cut.run(members, (i, 2)) for i in range(2)]
+    assert [p.images for p in parts] == [4, 3]  # whole batches: images (0, 4), (4, 7), not (0, 3), (3, 7)
+    merged, _ = merge(parts, 2, 2)
+    assert one.per_image.sum() == 3 * IMAGES * 96 * 64  # every pixel labelled, by 2 members and their vote
+    assert torch.equal(merged.per_image, one.per_image)
+    assert [s.index for s in merged.best] == [s.index for s in one.best]
+    assert [s.index for s in merged.worst] == [s.index for s in one.worst]
+    written = files(tmp_path / "one")
+    assert len(written) == IMAGES and written == files(tmp_path / "two")
+
+    rle = job(split, Output("unused", "rle"), keep=0)
+    _, frames = merge([rle.run(members)], 2, 0)
+    _, cut_frames = merge([rle.run(members, (i, 3)) for i in range(3)], 2, 0)
+    assert frames == cut_frames and len(frames) == IMAGES
+
+
+class KillAWorker(Progress):
+    """Progress that kills one Ray worker's process when the first part comes back: a part it holds, or is
+    handed next, has to be run again by the worker Ray restarts."""
+
+    def __init__(self) -> None:
+        super().__init__(IMAGES, "evaluate", "image", logging.getLogger("test"))
+        self.killed: int | None = None
+
+    def update(self, n: int) -> None:
+        super().update(n)
+        if self.killed is None:
+            alive = list_actors(filters=[("class_name", "=", "_Worker"), ("state", "=", "ALIVE")])
+            self.killed = alive[0].pid
+            os.kill(self.killed, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_ray_workers_give_the_scores_csv_and_files_of_one_process(split: Path, tmp_path: Path, cli_env):
+    """One test for the Ray paths: starting the local Ray is most of its time."""
+    path, val = split / "model.pt", f"{split}/shards/val"
+    settings = InferenceSettings("slide", crop=(64, 64), stride=(32, 32))
+    masks = {n: Output(str(tmp_path / f"masks{n}"), "masks") for n in (None, 2)}
+    try:
+        reports = [
+            evaluate_checkpoints([path, path], val, settings, combine="vote", out_dir=tmp_path / f"eval{n}",
+                                 keep=2, device="cpu", workers=n)
+            for n in (None, 2)
+        ]  # fmt: skip
+        predicted = [run_pass(job(split, out, data="test"), workers=n)[0] for n, out in masks.items()]
+        killing = KillAWorker()
+        survived, _ = merge(run_parts(job(split), 2, 0, killing), 2, 2)
+    finally:
+        ray.shutdown()
+    one, two = (r.evaluation for r in reports)
+    assert torch.equal(one.per_image, two.per_image) and one.ids == two.ids
+    csv = [(tmp_path / f"eval{n}/per_image.csv").read_bytes() for n in (None, 2)]
+    assert csv[0] == csv[1] and [p.name for p in reports[0].files] == [p.name for p in reports[1].files]
+    assert torch.equal(predicted[0].per_image, predicted[1].per_image)
+    written = [files(tmp_path / f"masks{n}") for n in (None, 2)]
+    assert written[0] == written[1] and len(written[1]) == IMAGES
+    assert killing.killed and torch.equal(survived.per_image, one.per_image)
+
+
+def official_miou(truths: list[np.ndarray], predictions: list[np.ndarray]) -> float:
+    """BDD100K's drivable rule as bdd100k/eval/seg.py computes it, written here from that code: background
+    (2) is the `ignored` class, 255 joins it; a histogram over the images; IoU per road class (NaN -> 0);
+    the mean over the road classes found in the ground truth."""
+    hist, found = np.zeros((3, 3)), set()
+    for truth, pred in zip(truths, predictions, strict=True):
+        truth = np.where(truth == 255, 2, truth).astype(int)
+        found |= set(np.unique(truth).tolist()) - {2}
+        counted = truth < 2
+        hist += np.bincount(3 * truth[counted] + pred[counted], minlength=9).reshape(3, 3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ious = np.diag(hist) / (hist.sum(1) + hist.sum(0) - np.diag(hist))
+    return float(np.mean(np.nan_to_num(ious[:-1])[sorted(found)]))
+
+
+def trial_run(uri: str, checkpoint: Path, val_miou: float, seed: int = 0) -> str:
+    """A finished trial run of experiment "scale" with `checkpoint` as its best and `val_miou` logged."""
+    exp = tracking.ensure_experiment("scale", uri)
+    parent = tracking.start_sweep_run(exp, "scale", {}, uri)
+    config = {**checkpoints.load(checkpoint)["config"], "train.seed": seed}
+    trial = tracking.start_trial_run(exp, parent, f"seed={seed}", config, uri)
+    tracking.log_metrics(trial, {"val_miou": val_miou}, step=0, uri=uri)
+    tracking.log_checkpoint(trial, checkpoint, uri)
+    tracking.end_run(trial, uri)
+    return trial
+
+
+def test_predict_writes_masks_and_rle_that_score_as_evaluate_did(
+    split: Path, tmp_path: Path, monkeypatch, capsys
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root: ./mlruns
+    trial = trial_run(uri, split / "model.pt", 0.5)
+    exp = tracking.ensure_experiment("scale", uri)
+
+    assert main(["evaluate", trial, "--data", f"{split}/shards/val", "--device", "cpu"]) == 0
+    c = MlflowClient(uri)
+    (evaluation,) = c.search_runs([exp], f"tags.`{tracking.KIND}` = 'evaluation'")
+    expected = evaluation.data.metrics["val_miou_official"]
+
+    # The unlabelled split: masks of every image, nothing to score.
+    assert main(["predict", trial, "--data", f"{split}/shards/test", "--out", str(tmp_path / "test")]) == 0
+    assert f"{IMAGES} predictions (masks) written to {tmp_path / 'test'}" in capsys.readouterr().out
+    ids = sorted(p.stem for p in (split / "raw/images/100k/test").iterdir())
+    assert sorted(p.stem for p in (tmp_path / "test").iterdir()) == ids
+    # The labelled split, as masks and as RLE: both score as evaluate did.
+    truths = [np.asarray(Image.open(split / f"raw/labels/drivable/masks/val/{i}.png")) for i in ids]
+    assert main(["predict", trial, "--data", f"{split}/shards/val", "--out", str(tmp_path / "val")]) == 0
+    masks = [np.asarray(Image.open(tmp_path / "val" / f"{i}.png")) for i in ids]
+    assert {m.dtype for m in masks} == {np.dtype(np.uint8)} and set(np.unique(masks)) == {0, 1, 2}
+    assert official_miou(truths, masks) == pytest.approx(expected, abs=1e-12)
+    unlabelled_masks = [np.asarray(Image.open(tmp_path / "test" / f"{i}.png")) for i in ids]
+    assert all(np.array_equal(a, b) for a, b in zip(masks, unlabelled_masks, strict=True))  # the same images
+
+    assert main(["predict", trial, "--data", f"{split}/shards/val", "--out", str(tmp_path / "rle"),
+                 "--format", "rle"]) == 0  # fmt: skip
+    frames = json.loads((tmp_path / "rle/predictions.json").read_text())["frames"]
+    assert [f["name"] for f in frames] == [f"{i}.jpg" for i in ids]
+    decoded = []
+    for frame in frames:
+        mask = np.full((64, 96), 2, np.uint8)  # background where no label covers
+        for label in frame["labels"]:
+            assert label["category"] == ("direct", "alternative")[int(label["id"])]
+            mask[
+                coco.decode({"size": label["rle"]["size"], "counts": label["rle"]["counts"].encode()}) == 1
+            ] = int(label["id"])
+        decoded.append(mask)
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, masks, strict=True))
+
+    predictions = c.search_runs([exp], f"tags.`{tracking.KIND}` = 'prediction'", order_by=["start_time"])
+    assert len(predictions) == 3
+    unlabelled, labelled, rle = predictions
+    assert unlabelled.data.metrics == {} and labelled.data.metrics["val_miou_official"] == expected
+    assert rle.data.params["format"] == "rle" and rle.data.params["source"] == trial
+    assert [a.path for a in c.list_artifacts(rle.info.run_id, "predictions")] == [
+        "predictions/predictions.json"
+    ]
+    assert len(c.list_artifacts(unlabelled.info.run_id, "predictions")) == IMAGES
+
+
+def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_predict_does(
+    split: Path, tmp_path: Path, monkeypatch, capsys
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root: ./mlruns
+    torch.manual_seed(1)
+    other = checkpoints.load(split / "model.pt")
+    other["model"] = checkpoints.model_for(specs.from_flat(other["config"]), pretrained=False).state_dict()
+    (tmp_path / "other").mkdir()
+    torch.save(other, tmp_path / "other/model.pt")
+    best, second = (
+        trial_run(uri, split / "model.pt", 0.6),
+        trial_run(uri, tmp_path / "other/model.pt", 0.5, seed=1),
+    )
+    assert main(["ensemble", "--top", "2", "--experiment", "scale", "--device", "cpu"]) == 0
+    assert "registered model 'scale' (best_trial v1, champion v" in capsys.readouterr().out
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("scale").experiment_id
+    (ensemble,) = c.search_runs([exp], f"tags.`{tracking.KIND}` = 'ensemble'")
+    aliases = {alias: str(v) for alias, v in c.get_registered_model("scale").aliases.items()}
+    better = ensemble.data.metrics["val_miou"] > ensemble.data.metrics["member0_val_miou"]
+    assert aliases == {"best_trial": "1", "ensemble": "2", "champion": "2" if better else "1"}
+    assert [c.get_model_version("scale", v).run_id for v in ("1", "2")] == [best, ensemble.info.run_id]
+    (output,) = c.get_run(ensemble.info.run_id).outputs.model_outputs  # the UI's Models column
+    logged = c.get_logged_model(output.model_id)
+    assert logged.experiment_id == exp and logged.status == LoggedModelStatus.READY
+    assert c.get_run(best).outputs.model_outputs  # the best trial's run shows its model too
+
+    ids = sorted(p.stem for p in (split / "raw/images/100k/val").iterdir())
+    images = np.stack([np.asarray(Image.open(split / f"raw/images/100k/val/{i}.jpg")) for i in ids])
+    for alias, run in (("ensemble", ensemble.info.run_id), ("best_trial", best)):
+        model = mlflow.pyfunc.load_model(f"models:/scale@{alias}")
+        predicted = np.concatenate([model.predict(images[i : i + 2]) for i in range(0, len(ids), 2)])
+        assert predicted.dtype == np.uint8 and predicted.shape == (len(ids), 64, 96)
+        out = tmp_path / alias
+        assert (
+            main(["predict", run, "--data", f"{split}/shards/val", "--out", str(out), "--device", "cpu"]) == 0
+        )
+        assert np.array_equal(predicted, np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in ids]))
+    assert second in ensemble.data.params["members"]
