@@ -11,67 +11,28 @@ bench/data.py's). images/s = batch x `--steps` / their time after `--warmup` ste
 FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one step (forward + backward), divided by the
 batch; it counts convolutions and matrix products at 2 FLOPs per multiply-add (norms, activations and
 interpolation are not counted, as usual for MFU), with a convolution's backward counted by
-`conv_backward_flops`. MFU = images/s x FLOPs per image / the peak of PEAK_BF16
-(an unknown GPU gets none). A batch that runs out of memory is halved until it fits.
+`orchestrator.compute.conv_backward_flops`. MFU = images/s x FLOPs per image / the peak of
+`orchestrator.compute.PEAK_BF16` (an unknown GPU gets none). A batch that runs out of memory is halved
+until it fits. On a GPU, a row per crop sets `orchestrator plan`'s estimate of the tensors' bytes beside
+torch.cuda.max_memory_allocated of the same steps (target: within 15%).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import time
-from collections.abc import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench import common  # noqa: E402
+from orchestrator.compute import GIB, count_flops, peak_flops, step_cost, tensor_bytes  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
 from orchestrator.train.step import accumulate_gradients  # noqa: E402
 
 BENCH = "gpu"
-
-# Peak dense (not 2:4 sparse) bf16 tensor FLOP/s by the words of torch.cuda.get_device_name; first match wins.
-PEAK_BF16: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H100", "PCIe"), 756e12),
-    (("H100", "NVL"), 835e12),
-    (("H100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    (("H200",), 989e12),
-    (("A100",), 312e12),
-    (("L4",), 121e12),
-)
-
-
-def peak_flops(device_name: str) -> float | None:
-    """The GPU's peak dense bf16 FLOP/s, None when PEAK_BF16 does not know it."""
-    words = set(re.split(r"[\s\-_]+", device_name.upper()))
-    return next((peak for keys, peak in PEAK_BF16 if {k.upper() for k in keys} <= words), None)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of the convolutions and matrix products that fn runs (forward and, if it runs one, backward)."""
-    with FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
-    ) as c:
-        fn()
-    return c.get_total_flops()
-
-
-def conv_backward_flops(
-    grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
-    output_mask, **kwargs
-) -> int:  # fmt: skip
-    """A convolution's input gradient and weight gradient each cost its forward's FLOPs.
-
-    torch's own formula (2.13) leaves the groups out of the weight gradient, counting a depthwise convolution
-    `groups` times over: DeepLabv3+'s separable ASPP (2048 groups) would dominate the count and the MFU."""
-    spatial = (x_shape if transposed else grad_out_shape)[2:]  # where the filter is applied
-    forward = 2 * x_shape[0] * math.prod(w_shape) * math.prod(spatial)  # w_shape holds channels / groups
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def synchronize(device: torch.device) -> None:
@@ -81,8 +42,9 @@ def synchronize(device: torch.device) -> None:
 
 def measure(
     crop: tuple[int, int], batch: int, args: argparse.Namespace, device: torch.device
-) -> tuple[float, float]:
-    """(images/s, FLOPs per image) of training steps at crop (width, height) and batch."""
+) -> tuple[float, float, int]:
+    """(images/s, FLOPs per image, the most bytes allocated on a GPU: 0 on the CPU) of training steps at
+    crop (width, height) and batch."""
     torch.manual_seed(0)
     model = build_model("resnet101", "deeplabv3plus", norm=args.norm)
     model = model.to(device, memory_format=torch.channels_last).train()
@@ -96,6 +58,8 @@ def measure(
         accumulate_gradients(model, [(images, masks)], device, "bf16")
         optimizer.step()
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     flops = count_flops(step) / batch  # also the first warm-up step
     for _ in range(args.warmup):
         step()
@@ -104,7 +68,26 @@ def measure(
     for _ in range(args.steps):
         step()
     synchronize(device)
-    return batch * args.steps / (time.perf_counter() - started), flops
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return batch * args.steps / (time.perf_counter() - started), flops, peak
+
+
+def estimate(crop: tuple[int, int], batch: int, norm: str) -> float:
+    """What `orchestrator plan` counts for the same step: the tensors' bytes (compute.tensor_bytes), from the
+    model's forward on the meta device in bfloat16."""
+    with torch.device("meta"):
+        model = build_model("resnet101", "deeplabv3plus", norm=norm).to(torch.bfloat16).train()
+    width, height = crop
+    one, two = (
+        step_cost(
+            model,
+            torch.empty(b, 3, height, width, device="meta", dtype=torch.bfloat16),
+            torch.empty(b, height, width, device="meta", dtype=torch.long),
+            flops=False,
+        )
+        for b in (1, 2)
+    )
+    return tensor_bytes(one, two, batch, optimizer_states=1, amp=True)
 
 
 def main() -> None:
@@ -132,7 +115,7 @@ def main() -> None:
         batch, rate = args.batch, None
         while batch and rate is None:
             try:
-                rate, flops = measure(crop, batch, args, device)
+                rate, flops, allocated = measure(crop, batch, args, device)
             except torch.OutOfMemoryError:
                 batch //= 2
             if device.type == "cuda":  # after the handler: its traceback held the failed step's tensors
@@ -144,6 +127,11 @@ def main() -> None:
         setup += f", {flops / 1e9:.1f} GFLOP/img" + ("" if peak else f" (no peak known for {name}: no MFU)")
         mfu = rate * flops / peak if peak else None
         rows.append(common.Row(BENCH, setup, rate, "img/s/GPU", mfu, "peak bf16 (MFU)" if peak else ""))
+        if allocated:  # target: within 15% either way
+            estimated = estimate(crop, batch, args.norm) / GIB
+            what = f"{text}, batch {batch}: `plan`'s tensor estimate"
+            ratio = estimated * GIB / allocated
+            rows.append(common.Row(BENCH, what, estimated, "GiB", ratio, "max allocated"))
     common.emit(
         rows,
         f"GPU throughput and MFU on {name}: {args.steps} steps after {args.warmup} warm-up, norm {args.norm}",

@@ -123,6 +123,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.set_defaults(func=_report)
 
+    cmd = sub.add_parser(
+        "plan", help="each grid point's GPU memory, FLOPs and GPU-hours, and the grid's cost, before it runs"
+    )
+    spec_args(cmd)
+    cmd.add_argument("--gpu", required=True, help="the cluster's GPU kind: a10g, l4, v100-32gb, a100-40gb, "
+                     "a100-80gb, h100, h200")  # fmt: skip
+    cmd.add_argument("--gpus", type=_positive, help="GPUs of the cluster (default: what the spec's "
+                     "max_concurrent_trials x workers_per_trial x gpus_per_worker use)")  # fmt: skip
+    cmd.add_argument("--price", type=float, help="USD per GPU-hour (default: the built-in on-demand price)")
+    cmd.add_argument("--train-images", type=_positive, help="training images per epoch (default: the "
+                     "spec's split's manifest, else BDD100K's 70,000)")  # fmt: skip
+    cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cmd.set_defaults(func=_plan)
+
     cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
     cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -426,6 +440,36 @@ def _spec(args: argparse.Namespace) -> int:
     if not args.spec:
         raise SpecError(["spec: give a spec file, or --schema, or --doc PATH"])
     print(specs.describe_grid(specs.load(args.spec, args.overrides)))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator import spec as specs
+
+    spec = specs.load(args.spec, args.overrides)  # before importing torch: a bad spec fails fast
+    from orchestrator.compute import GPUS
+    from orchestrator.plan import fmt_hours, plan
+
+    if args.gpu not in GPUS:
+        raise UsageError(f"--gpu {args.gpu!r}: allowed are {', '.join(GPUS)}")
+    result = plan(spec, args.gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=1))
+        return 0
+    width = max(len(p.key) for p in result.points)
+    print(f"{'grid point':<{width}}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'GPU-h':>7}")
+    for p in result.points:
+        fits, hours = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours)
+        print(f"{p.key:<{width}}  {p.memory_gib:7.1f}  {fits:>4}  {p.gflops_per_image:9.0f}  {hours:>7}")
+    total, unfit = result.total, sum(not p.fits for p in result.points)
+    gpu_hours, wall = fmt_hours(total["gpu_hours"]), fmt_hours(total["wall_hours"])
+    print(
+        f"\n{len(result.points)} trials on {args.gpu} ({result.memory_gib:g} GiB): {unfit} do not fit; "
+        f"{gpu_hours} GPU-hours, {wall} h on {result.gpus} GPUs, "
+        f"${total['cost_usd']:,.0f} at ${result.usd_per_hour:.2f}/GPU-h"
+    )
+    for note in result.notes:
+        print(f"  {note}")
     return 0
 
 

@@ -1,9 +1,8 @@
-"""The bench scripts' arithmetic, not their timings: FLOP counting (for MFU), GPU peaks, the result table,
-the sweep's split of CPU time by process."""
+"""The bench scripts' arithmetic, not their timings: the result table, the sweep's split of CPU time by
+process, the GPU bench's steps on the CPU (FLOP counting and GPU peaks: tests/test_compute.py)."""
 
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys
@@ -12,51 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from bench import common, gpu, sweep
-
-
-@pytest.mark.parametrize(
-    "conv",
-    [
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, bias=False),
-        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),  # depthwise, as DeepLabv3+'s separable ASPP
-        nn.Conv2d(16, 32, 1, groups=4, bias=False),
-        nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, groups=2, bias=False),
-    ],
-    ids=["plain", "strided-dilated", "depthwise", "grouped", "transposed"],
-)
-def test_conv_flops_are_two_per_multiply_add_and_backward_twice_forward(conv: nn.Conv2d) -> None:
-    x = torch.randn(2, conv.in_channels, 10, 12)
-    y = conv(x)
-    # Every output (input, for a transposed conv) position applies the filter: C_in / groups x k x k
-    # multiply-adds for each of C_out channels.
-    at = x if isinstance(conv, nn.ConvTranspose2d) else y
-    per_position = conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-    forward = 2 * x.shape[0] * per_position * math.prod(at.shape[2:])
-    assert gpu.count_flops(lambda: conv(x)) == forward
-    # Backward: the weight's gradient, and the input's when it needs one, each as large as the forward.
-    assert gpu.count_flops(lambda: conv(x).sum().backward()) == 2 * forward
-    x.requires_grad_(True)
-    assert gpu.count_flops(lambda: conv(x).sum().backward()) == 3 * forward
-
-
-@pytest.mark.parametrize(
-    ("name", "peak"),
-    [
-        ("NVIDIA H100 80GB HBM3", 989e12),
-        ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H200", 989e12),
-        ("NVIDIA A100-SXM4-80GB", 312e12),
-        ("NVIDIA L4", 121e12),
-        ("NVIDIA L40S", None),  # not an L4
-        ("Tesla T4", None),
-    ],
-)
-def test_peak_flops_by_device_name(name: str, peak: float | None) -> None:
-    assert gpu.peak_flops(name) == peak
+from orchestrator.compute import count_flops
 
 
 def test_table_rows_and_targets() -> None:
@@ -138,7 +95,7 @@ def test_the_gpu_bench_runs_its_steps_on_the_cpu(tmp_path: Path, monkeypatch: py
 
     model = build_model("resnet101", "deeplabv3plus", norm="bn")
     image = torch.randn(1, 3, 48, 64)
-    stem = gpu.count_flops(lambda: model.backbone.conv1(image))
-    expected = 3 * gpu.count_flops(lambda: model(image)) - stem
+    stem = count_flops(lambda: model.backbone.conv1(image))
+    expected = 3 * count_flops(lambda: model(image)) - stem
     figure = float(re.search(r"([\d.]+) GFLOP/img", row.setup)[1]) * 1e9
     assert figure == pytest.approx(expected, abs=0.05e9), row.setup  # printed to 0.1 GFLOP

@@ -87,6 +87,17 @@ def test_windows_cover_every_pixel_and_the_last_is_flush(size, crop, stride, row
     assert max(r.stop for r, _ in found) == size[0] and max(c.stop for _, c in found) == size[1]
 
 
+def test_amp_bf16_runs_the_model_in_bfloat16_and_averages_in_float32():
+    model, seen = nn.Conv2d(3, 3, 1), []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    images = torch.randn(2, 3, 8, 10)
+    full = predict_proba(model, images, InferenceSettings(flip=True))
+    half = predict_proba(model, images, InferenceSettings(flip=True, amp="bf16"))
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert half.dtype == full.dtype == torch.float32
+    assert torch.allclose(half, full, atol=2e-2) and not torch.equal(half, full)
+
+
 def test_slide_equals_whole_on_a_pointwise_model():
     model, x = Recording(pointwise(0)), batch()
     whole = predict_proba(model, x)

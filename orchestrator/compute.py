@@ -1,0 +1,124 @@
+"""What a training step costs, counted rather than timed, torch only: the FLOPs of its convolutions and
+matrix products, the bytes autograd keeps for the backward, and the GPU kinds that run it (memory, peak,
+price). `orchestrator plan` and bench/gpu.py count with it; on the meta device no memory is touched."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+GIB = 1 << 30
+FRAGMENTATION = 1.10  # the caching allocator's blocks beyond what the activations hold (uncalibrated)
+CONTEXT_GIB = 1.0  # CUDA context and library workspaces, per GPU
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # as torch.cuda.get_device_name words it
+    memory_gib: float  # what the driver reports in all (nvidia-smi's MiB / 1024), not the marketed GB
+    peak_bf16: float  # dense (not 2:4 sparse) bf16 tensor FLOP/s
+    usd_per_hour: float  # on-demand, one GPU, as of PRICES_AS_OF
+
+
+PRICES_AS_OF = "2026-12-03"  # approximate AWS us-east-1 on-demand list prices per GPU; pass --price for yours
+GPUS: dict[str, Gpu] = {
+    "a10g": Gpu("NVIDIA A10G", 22.5, 70e12, 1.01),  # g5.xlarge
+    "l4": Gpu("NVIDIA L4", 22.5, 121e12, 0.80),  # g6.xlarge
+    "v100-32gb": Gpu("Tesla V100-SXM2-32GB", 31.7, 125e12, 3.90),  # p3dn.24xlarge / 8; fp16 tensor peak
+    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 39.4, 312e12, 4.10),  # p4d.24xlarge / 8
+    "a100-80gb": Gpu("NVIDIA A100-SXM4-80GB", 79.2, 312e12, 5.12),  # p4de.24xlarge / 8
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 79.6, 989e12, 6.88),  # p5.48xlarge / 8
+    "h200": Gpu("NVIDIA H200", 140.4, 989e12, 7.91),  # p5en.48xlarge / 8
+}
+
+# Peak dense bf16 tensor FLOP/s by the words of torch.cuda.get_device_name; first match wins.
+PEAK_BF16: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    (("H200",), 989e12),
+    (("A100",), 312e12),
+    (("A10G",), 70e12),
+    (("L4",), 121e12),
+)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The GPU's peak dense bf16 FLOP/s, None when PEAK_BF16 does not know it."""
+    words = set(re.split(r"[\s\-_]+", device_name.upper()))
+    return next((peak for keys, peak in PEAK_BF16 if {k.upper() for k in keys} <= words), None)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the convolutions and matrix products that fn runs (forward and, if it runs one, backward)."""
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
+    ) as c:
+        fn()
+    return c.get_total_flops()
+
+
+def conv_backward_flops(
+    grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
+    output_mask, **kwargs
+) -> int:  # fmt: skip
+    """A convolution's input gradient and weight gradient each cost its forward's FLOPs.
+
+    torch's own formula (2.13) leaves the groups out of the weight gradient, counting a depthwise convolution
+    `groups` times over: DeepLabv3+'s separable ASPP (2048 groups) would dominate the count and the MFU."""
+    spatial = (x_shape if transposed else grad_out_shape)[2:]  # where the filter is applied
+    forward = 2 * x_shape[0] * math.prod(w_shape) * math.prod(spatial)  # w_shape holds channels / groups
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+@dataclass(frozen=True)
+class StepCost:
+    activation_bytes: int  # what autograd keeps for the backward: distinct storages, parameters left out
+    flops: int  # forward + backward
+    parameters: int  # elements
+
+
+def step_cost(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, flops: bool = True) -> StepCost:
+    """Run a training forward (cross-entropy loss) and, with `flops`, backward of `model` on a batch, on the
+    device they are on (meta: shapes only), counting the storages autograd saves and the FLOPs (0 without)."""
+    parameters = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in parameters:  # a view of a kept storage counts once: its storage
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    def step() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = nn.functional.cross_entropy(model(images), masks, ignore_index=255)
+        if flops:
+            loss.backward()
+
+    counted = count_flops(step) if flops else step()
+    return StepCost(sum(saved.values()), counted or 0, sum(p.numel() for p in model.parameters()))
+
+
+def tensor_bytes(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> float:
+    """Bytes of the tensors a training worker holds at its peak, from the step costs at batch 1 and 2 (the
+    activations are affine in the batch: per-image tensors plus per-channel statistics): fp32 weights,
+    gradients and `optimizer_states` copies (SGD with momentum 1, AdamW 2), autocast's bf16 weight copies
+    under `amp`, and the activations autograd keeps, at `batch`. Temporaries of the backward are not
+    counted."""
+    activations = one.activation_bytes + (batch - 1) * (two.activation_bytes - one.activation_bytes)
+    weights = one.parameters * (4 * (2 + optimizer_states) + (2 if amp else 0))
+    return weights + activations
+
+
+def worker_memory(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> float:
+    """`tensor_bytes` with the allowance: activations x FRAGMENTATION, plus CONTEXT_GIB."""
+    tensors = tensor_bytes(one, two, batch, optimizer_states, amp)
+    weights = tensor_bytes(one, two, 1, optimizer_states, amp) - one.activation_bytes
+    return weights + (tensors - weights) * FRAGMENTATION + CONTEXT_GIB * GIB

@@ -1,0 +1,153 @@
+"""`orchestrator plan`: what a spec's grid will cost before any of it runs, with torch on the meta device.
+
+Per grid point (trial): the peak GPU memory of a worker, whether it fits the GPU kind, the training FLOPs
+per image and the trial's GPU-hours; in total the GPU-hours, the wall-clock hours on the cluster's GPUs and
+dollars. How each figure is made:
+- memory = parameters + gradients + optimizer state (SGD momentum: one copy; AdamW: two) + bf16 weight
+  copies under AMP + the activations autograd keeps for the backward x FRAGMENTATION + CONTEXT_GIB per GPU
+  (CUDA context, cuDNN/cuBLAS workspaces): compute.worker_memory. The backward's temporaries are left to
+  the allowance, which no GPU has checked yet (bench/gpu.py prints the estimate beside
+  torch.cuda.max_memory_allocated). The activations are counted (compute.step_cost) by running the
+  real model's forward on meta tensors at batch 1 and 2 (they are affine in the batch: per-image tensors
+  plus per-channel statistics); under AMP the model runs in bfloat16 on the meta device (meta tensors have no
+  autocast), an approximation of autocast's mix.
+- FLOPs per image: convolutions and matrix products of a forward and backward (compute.count_flops).
+- GPU-hours: the images the trial trains on (epochs x the train split's samples, or steps_per_epoch x batch x
+  workers) x FLOPs per image / (the GPU kind's bf16 peak x MFU); validation is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from orchestrator import compute
+from orchestrator.checkpoints import model_for
+from orchestrator.compute import GIB, GPUS, Gpu
+from orchestrator.spec import Spec, Trial, expand
+
+MFU = 0.35  # model FLOPs utilization assumed when nothing was measured
+BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's split cannot be read
+
+
+@dataclass(frozen=True)
+class Point:
+    key: str
+    memory_gib: float
+    fits: bool
+    batch_per_gpu: int
+    gflops_per_image: float
+    images: int  # trained on, all epochs
+    gpu_hours: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu: str
+    memory_gib: float
+    gpus: int  # in the cluster: trials run max_concurrent_trials at a time, each on workers x GPUs
+    usd_per_hour: float
+    points: list[Point]
+    notes: list[str]
+
+    @property
+    def total(self) -> dict[str, float]:
+        gpu_hours = sum(p.gpu_hours for p in self.points)
+        return {
+            "gpu_hours": gpu_hours,
+            "wall_hours": gpu_hours / self.gpus,
+            "cost_usd": gpu_hours * self.usd_per_hour,
+        }
+
+    def as_json(self) -> dict:
+        return {"gpu": self.gpu, "points": [asdict(p) for p in self.points], "total": self.total}
+
+
+def plan(
+    spec: Spec,
+    gpu: str,
+    *,
+    gpus: int | None = None,
+    price: float | None = None,
+    train_images: int | None = None,
+) -> Plan:
+    """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of compute.GPUS)."""
+    kind: Gpu = GPUS[gpu]
+    trials = expand(spec)
+    notes = [f"throughput: an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak (none measured)"]
+    images, where = _train_images(spec, train_images)
+    notes.append(f"training images per epoch: {where}")
+    costs: dict = {}  # models and their step costs, by model and crop
+    points = [_point(t, kind, images, costs) for t in trials]
+    r = spec.resources
+    slots = gpus or math.ceil(r.max_concurrent_trials * r.workers_per_trial * max(r.gpus_per_worker, 1))
+    return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
+
+
+def _point(trial: Trial, gpu: Gpu, images: int, costs: dict) -> Point:
+    s, t = trial.spec, trial.spec.train
+    workers = s.resources.workers_per_trial
+    memory, flops, trained = 0.0, 0.0, 0
+    for epoch in range(t.epochs):
+        stage = t.stage(epoch)
+        batch, crop = stage.batch_per_gpu, tuple(stage.crop)
+        one, two = _costs(s, crop, costs)
+        states = 2 if t.optimizer == "adamw" else 1
+        memory = max(memory, compute.worker_memory(one, two, batch, states, t.amp != "off"))
+        per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
+        trained += per_epoch
+        flops += per_epoch * one.flops
+    gib = memory / GIB
+    return Point(
+        key=trial.key,
+        memory_gib=gib,
+        fits=gib <= gpu.memory_gib,
+        batch_per_gpu=t.batch_per_gpu,
+        gflops_per_image=one.flops / 1e9,
+        images=trained,
+        gpu_hours=flops / (gpu.peak_bf16 * MFU) / 3600,
+    )
+
+
+def _costs(spec: Spec, crop: tuple[int, int], costs: dict) -> tuple[compute.StepCost, compute.StepCost]:
+    """The step costs at batch 1 (with FLOPs) and 2 of this model at this crop (width, height), counted once;
+    each model is built once (on the meta device) for all its crops."""
+    m, amp = spec.model, spec.train.amp != "off"
+    model_key = (m.backbone, m.head, m.output_stride, m.multi_grid, spec.norm, amp)
+    dtype = torch.bfloat16 if amp else torch.float32
+    if model_key not in costs:
+        with torch.device("meta"):
+            costs[model_key] = model_for(spec, pretrained=False).to(dtype).train()
+    if (model_key, crop) not in costs:
+        width, height = crop
+        costs[model_key, crop] = tuple(
+            compute.step_cost(
+                costs[model_key],
+                torch.empty(batch, 3, height, width, device="meta", dtype=dtype),
+                torch.empty(batch, height, width, device="meta", dtype=torch.long),
+                flops=batch == 1,
+            )
+            for batch in (1, 2)
+        )
+    return costs[model_key, crop]
+
+
+def _train_images(spec: Spec, given: int | None) -> tuple[int, str]:
+    if given is not None:
+        return given, f"{given} (--train-images)"
+    from orchestrator.data.shards import read_manifest
+
+    try:
+        count = read_manifest(spec.data.train, spec.data.storage_options)["num_samples"]
+    except Exception as e:  # an unreachable bucket is not a reason to refuse a plan
+        return (
+            BDD100K_TRAIN,
+            f"{BDD100K_TRAIN} (BDD100K's; {spec.data.train} unreadable here: {type(e).__name__})",
+        )
+    return count, f"{count} ({spec.data.train})"
+
+
+def fmt_hours(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2f}"
