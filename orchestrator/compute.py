@@ -106,19 +106,25 @@ def step_cost(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, flops
     return StepCost(sum(saved.values()), counted or 0, sum(p.numel() for p in model.parameters()))
 
 
-def tensor_bytes(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> float:
-    """Bytes of the tensors a training worker holds at its peak, from the step costs at batch 1 and 2 (the
-    activations are affine in the batch: per-image tensors plus per-channel statistics): fp32 weights,
-    gradients and `optimizer_states` copies (SGD with momentum 1, AdamW 2), autocast's bf16 weight copies
-    under `amp`, and the activations autograd keeps, at `batch`. Temporaries of the backward are not
-    counted."""
-    activations = one.activation_bytes + (batch - 1) * (two.activation_bytes - one.activation_bytes)
-    weights = one.parameters * (4 * (2 + optimizer_states) + (2 if amp else 0))
-    return weights + activations
+def weight_bytes(cost: StepCost, optimizer_states: int, amp: bool) -> int:
+    """fp32 weights, gradients and `optimizer_states` copies (SGD with momentum 1, AdamW 2), and autocast's
+    bf16 weight copies under `amp`."""
+    return cost.parameters * (4 * (2 + optimizer_states) + (2 if amp else 0))
+
+
+def activation_bytes(one: StepCost, two: StepCost, batch: int) -> int:
+    """What autograd keeps at `batch`, from the counts at batch 1 and 2: the activations are affine in the
+    batch (per-image tensors plus per-channel statistics)."""
+    return one.activation_bytes + (batch - 1) * (two.activation_bytes - one.activation_bytes)
+
+
+def tensor_bytes(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> int:
+    """Bytes of the tensors a training worker holds at its peak: `weight_bytes` and `activation_bytes`.
+    Temporaries of the backward are not counted."""
+    return weight_bytes(one, optimizer_states, amp) + activation_bytes(one, two, batch)
 
 
 def worker_memory(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> float:
     """`tensor_bytes` with the allowance: activations x FRAGMENTATION, plus CONTEXT_GIB."""
-    tensors = tensor_bytes(one, two, batch, optimizer_states, amp)
-    weights = tensor_bytes(one, two, 1, optimizer_states, amp) - one.activation_bytes
-    return weights + (tensors - weights) * FRAGMENTATION + CONTEXT_GIB * GIB
+    activations = activation_bytes(one, two, batch) * FRAGMENTATION
+    return weight_bytes(one, optimizer_states, amp) + activations + CONTEXT_GIB * GIB

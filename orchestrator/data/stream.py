@@ -298,7 +298,7 @@ def make_loader(
     device: torch.device | None = None,
     augment_on_device: bool = False,
     repeats: Mapping[str, int] | None = None,
-    samples: tuple[int, int] | None = None,
+    part: tuple[int, int] | None = None,
     need_labels: bool = True,
     storage_options: dict | None = None,
 ) -> Loader:
@@ -311,7 +311,8 @@ def make_loader(
     (ranges differ by at most one sample), the last batch may be partial. start_batch resumes an epoch.
     repeats: training copies per sample id (0 drops a sample; ids not named are read once), from
     `data.resample.sample_repeats`; the split then works on the copies as it does on the samples.
-    samples: validation of the split's samples [start, stop) instead of this rank's range.
+    part: validation of part (index, parts) of the split's whole batches (part_samples) instead of this
+    rank's range.
     need_labels=False reads a split packed from its images alone, every mask all IGNORE_INDEX.
     """
     if not 0 <= rank < world_size:
@@ -331,9 +332,10 @@ def make_loader(
         entries = enumerate(zip(manifest["shards"], orders, strict=True))
         shards = [Piece(i, entry["name"], 0, len(order), order) for i, (entry, order) in entries]
     total = sum(p.stop for p in shards)
-    start, stop = bounds(total, world_size, rank) if samples is None or train else samples
-    if not 0 <= start <= stop <= total:
-        raise ValueError(f"samples [{start}, {stop}) are outside the split's {total}")
+    if part is None or train:
+        start, stop = bounds(total, world_size, rank)
+    else:
+        start, stop = part_samples(total, batch_size, part)
     if train:
         shards = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
         num_batches = total // world_size // batch_size
@@ -456,7 +458,6 @@ def evaluation_loader(
     part (index, parts) of its batches. Parts split whole batches, so each batch holds the images one
     process would batch together and the parts' results concatenate to that process's exactly.
     Images stay uint8 [B,3,H,W] (masks int64): each model normalizes them with its own mean/std."""
-    total = read_manifest(url, storage_options)["num_samples"]
     loader = make_loader(
         url,
         batch_size=batch_size,
@@ -466,7 +467,7 @@ def evaluation_loader(
         crop=None,
         epoch=0,
         seed=0,
-        samples=part_samples(total, batch_size, part),
+        part=part,
         need_labels=need_labels,
         storage_options=storage_options,
     )

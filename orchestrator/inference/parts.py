@@ -193,7 +193,8 @@ def run_pass(
     job: Pass, *, workers: int | None = None, gpus_per_worker: float | None = None
 ) -> tuple[Evaluation, list[dict]]:
     """The whole pass: in this process (workers None), or cut over `workers` Ray workers."""
-    with Progress(job.images(), "predict" if job.output else "evaluate", "image", log) as progress:
+    manifest = read_manifest(job.data, job.storage_options)
+    with Progress(manifest["num_samples"], "predict" if job.output else "evaluate", "image", log) as progress:
         if workers is None:
             parts = [job.run(job.load(), progress=progress)]
         else:
@@ -201,9 +202,5 @@ def run_pass(
 
             parts = run_parts(job, workers, gpus_per_worker, progress)
     evaluation, frames = merge(parts, len(job.states), job.keep)
-    evaluation.ids = (
-        None
-        if shard_ids(manifest := read_manifest(job.data, job.storage_options)) is None
-        else sample_ids(manifest)
-    )
+    evaluation.ids = None if shard_ids(manifest) is None else sample_ids(manifest)
     return evaluation, frames
