@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from orchestrator.torch_private import storage_id
+
 GIB = 1 << 30
 FRAGMENTATION = 1.10  # the caching allocator's blocks beyond what the activations hold (uncalibrated)
 CONTEXT_GIB = 1.0  # CUDA context and library workspaces, per GPU
@@ -87,13 +89,12 @@ class StepCost:
 def step_cost(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, flops: bool = True) -> StepCost:
     """Run a training forward (cross-entropy loss) and, with `flops`, backward of `model` on a batch, on the
     device they are on (meta: shapes only), counting the storages autograd saves and the FLOPs (0 without)."""
-    parameters = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    parameters = {storage_id(t) for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in parameters:  # a view of a kept storage counts once: its storage
-            saved[storage._cdata] = storage.nbytes()
+        if storage_id(t) not in parameters:  # a view of a kept storage counts once: its storage
+            saved[storage_id(t)] = t.untyped_storage().nbytes()
         return t
 
     def step() -> None:

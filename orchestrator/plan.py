@@ -19,7 +19,7 @@ dollars. How each figure is made:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -27,6 +27,7 @@ from orchestrator import compute
 from orchestrator.checkpoints import model_for
 from orchestrator.compute import GIB, GPUS, Gpu
 from orchestrator.spec import Spec, Trial, expand
+from orchestrator.torch_private import MetaShapes
 
 MFU = 0.35  # model FLOPs utilization assumed when nothing was measured
 BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's split cannot be read
@@ -79,21 +80,21 @@ def plan(
     notes = [f"throughput: an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak (none measured)"]
     images, where = _train_images(spec, train_images)
     notes.append(f"training images per epoch: {where}")
-    costs: dict = {}  # models and their step costs, by model and crop
+    costs = StepCosts()
     points = [_point(t, kind, images, costs) for t in trials]
     r = spec.resources
     slots = gpus or math.ceil(r.max_concurrent_trials * r.workers_per_trial * max(r.gpus_per_worker, 1))
     return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
 
 
-def _point(trial: Trial, gpu: Gpu, images: int, costs: dict) -> Point:
+def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts) -> Point:
     s, t = trial.spec, trial.spec.train
     workers = s.resources.workers_per_trial
     memory, flops, trained = 0.0, 0.0, 0
     for epoch in range(t.epochs):
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
-        one, two = _costs(s, crop, costs)
+        one, two = costs(s, crop)
         states = 2 if t.optimizer == "adamw" else 1
         memory = max(memory, compute.worker_memory(one, two, batch, states, t.amp != "off"))
         per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
@@ -111,27 +112,43 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: dict) -> Point:
     )
 
 
-def _costs(spec: Spec, crop: tuple[int, int], costs: dict) -> tuple[compute.StepCost, compute.StepCost]:
-    """The step costs at batch 1 (with FLOPs) and 2 of this model at this crop (width, height), counted once;
-    each model is built once (on the meta device) for all its crops."""
-    m, amp = spec.model, spec.train.amp != "off"
-    model_key = (m.backbone, m.head, m.output_stride, m.multi_grid, spec.norm, amp)
-    dtype = torch.bfloat16 if amp else torch.float32
-    if model_key not in costs:
-        with torch.device("meta"):
-            costs[model_key] = model_for(spec, pretrained=False).to(dtype).train()
-    if (model_key, crop) not in costs:
-        width, height = crop
-        costs[model_key, crop] = tuple(
-            compute.step_cost(
-                costs[model_key],
-                torch.empty(batch, 3, height, width, device="meta", dtype=dtype),
-                torch.empty(batch, height, width, device="meta", dtype=torch.long),
-                flops=batch == 1,
-            )
-            for batch in (1, 2)
-        )
-    return costs[model_key, crop]
+class StepCosts:
+    """Step costs on the meta device, counted once per model and crop (width, height): at batch 1 and 2 (the
+    activations are affine in the batch), FLOPs once per architecture and crop (norms and AMP add no
+    convolutions or matrix products). Each model is built once for all its crops; ops of the same shapes run
+    their meta kernels once (torch_private.MetaShapes)."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, torch.nn.Module] = {}
+        self._costs: dict[tuple, tuple[compute.StepCost, compute.StepCost]] = {}
+        self._flops: dict[tuple, int] = {}
+        self._shapes = MetaShapes()
+
+    def __call__(self, spec: Spec, crop: tuple[int, int]) -> tuple[compute.StepCost, compute.StepCost]:
+        m, amp = spec.model, spec.train.amp != "off"
+        architecture = (m.backbone, m.head, m.output_stride, m.multi_grid)
+        model_key = (*architecture, spec.norm, amp)
+        dtype = torch.bfloat16 if amp else torch.float32
+        if model_key not in self._models:
+            with torch.device("meta"):
+                self._models[model_key] = model_for(spec, pretrained=False).to(dtype).train()
+        if (model_key, crop) not in self._costs:
+            width, height = crop
+            count_flops = (architecture, crop) not in self._flops
+            with self._shapes:
+                one, two = (
+                    compute.step_cost(
+                        self._models[model_key],
+                        torch.empty(batch, 3, height, width, device="meta", dtype=dtype),
+                        torch.empty(batch, height, width, device="meta", dtype=torch.long),
+                        flops=batch == 1 and count_flops,
+                    )
+                    for batch in (1, 2)
+                )
+            if count_flops:
+                self._flops[architecture, crop] = one.flops
+            self._costs[model_key, crop] = replace(one, flops=self._flops[architecture, crop]), two
+        return self._costs[model_key, crop]
 
 
 def _train_images(spec: Spec, given: int | None) -> tuple[int, str]:

@@ -105,3 +105,19 @@ def test_a_storage_autograd_keeps_twice_counts_once() -> None:
     # nll_loss's total weight (a 0-d float).
     logits = 2 * 3 * 4 * 5
     assert cost.activation_bytes == 4 * images.numel() + 4 * logits * 2 + 8 * masks.numel() + 4
+
+
+def test_norms_and_bfloat16_add_no_flops() -> None:
+    """What lets `orchestrator plan` count FLOPs once per architecture: every kind of norm layer, weight
+    standardization and the dtype leave the convolutions and matrix products as they are."""
+    from orchestrator.models.build import build_model
+
+    counts = set()
+    for norm, dtype in [("bn", torch.float32), ("bn", torch.bfloat16), ("gn:c16+ws", torch.float32),
+                        ("evalnorm:rule", torch.float32), ("ibn-a", torch.float32), ("in", torch.float32),
+                        ("ln", torch.float32), ("frozenbn", torch.float32)]:  # fmt: skip
+        with torch.device("meta"):
+            model = build_model("resnet18", "deeplabv3plus", norm=norm).to(dtype).train()
+        images, masks = torch.empty(1, 3, 48, 64, dtype=dtype), torch.empty(1, 48, 64, dtype=torch.long)
+        counts.add(step_cost(model, images.to("meta"), masks.to("meta")).flops)
+    assert len(counts) == 1

@@ -72,3 +72,21 @@ def test_a_points_memory_is_its_weights_states_and_activations_at_its_batch(caps
 
 def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
+
+
+def test_flops_are_counted_once_per_architecture_and_crop_for_every_norm(capsys) -> None:
+    """The plan counts FLOPs once per backbone, head, output stride and crop (norms and AMP add none):
+    each point's figure is its own model's count."""
+    overrides = ["grid.model.output_stride=[8,16]", "grid.norm=[bn,gn:g8+ws]", "grid.train.batch_per_gpu=[1]"]
+    overrides += ["grid.train.amp=[off,bf16]", "train.crop=[64,48]"]
+    assert main(["plan", SMOKE, "--gpu", "a10g", "--json", *sets(overrides)]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    for point, trial in zip(points, specs.expand(specs.load(SMOKE, overrides)), strict=True):
+        with torch.device("meta"):
+            model = model_for(trial.spec, pretrained=False).train()
+        images, masks = (
+            torch.empty(1, 3, 48, 64, device="meta"),
+            torch.empty(1, 48, 64, dtype=torch.long, device="meta"),
+        )
+        assert point["gflops_per_image"] * 1e9 == step_cost(model, images, masks).flops
+    assert len({p["gflops_per_image"] for p in points}) == 2  # output stride 8 costs more than 16

@@ -119,10 +119,11 @@ def classifier(in_channels: int, num_classes: int) -> nn.Conv2d:
 def init_conv_weights(module: nn.Module) -> None:
     """Kaiming-normal (fan_out, as torchvision's ResNet) for every conv, zero conv biases.
 
-    Norm layers keep their own init (weight 1, bias 0).
+    Norm layers keep their own init (weight 1, bias 0). Meta tensors (`orchestrator plan`) hold no values to
+    draw, and drawing them still runs torch's Python reference of normal_, conv by conv.
     """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
