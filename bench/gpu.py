@@ -12,7 +12,7 @@ FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one step (forward
 batch; it counts convolutions and matrix products at 2 FLOPs per multiply-add (norms, activations and
 interpolation are not counted, as usual for MFU), with a convolution's backward counted by
 `orchestrator.compute.conv_backward_flops`. MFU = images/s x FLOPs per image / the peak of
-`orchestrator.compute.PEAK_BF16` (an unknown GPU gets none). A batch that runs out of memory is halved
+`orchestrator.gpus.PEAK_BF16` (an unknown GPU gets none). A batch that runs out of memory is halved
 until it fits. On a GPU, a row per crop sets `orchestrator plan`'s estimate of the tensors' bytes beside
 torch.cuda.max_memory_allocated of the same steps (target: within 15%).
 """
@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from orchestrator.compute import GIB, count_flops, peak_flops, step_cost, tensor_bytes  # noqa: E402
+from orchestrator.compute import GIB, count_flops, step_cost, tensor_bytes  # noqa: E402
+from orchestrator.gpus import peak_flops  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
 from orchestrator.train.step import accumulate_gradients  # noqa: E402
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from orchestrator.data.layout import LABEL_FORMATS
 from orchestrator.errors import UsageError
+from orchestrator.gpus import GPUS
 from orchestrator.spec import SpecError, redact_overrides
 
 
@@ -58,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
             "from their last checkpoints, in the same MLflow runs",
         )
 
+    def fit_args(cmd: argparse.ArgumentParser, skip: bool = True) -> None:
+        cmd.add_argument(
+            "--gpu",
+            help=f"the GPUs' kind ({', '.join(GPUS)}): grid points that would not fit its memory are refused "
+            "before any starts, batch_per_gpu auto is chosen for it (default: the joined cluster's kind)",
+        )
+        if skip:
+            cmd.add_argument(
+                "--skip-unfit",
+                action="store_true",
+                help="run the grid points that fit the GPUs, list the others",
+            )
+
     def spec_args(cmd: argparse.ArgumentParser, optional: bool = False) -> None:
         if optional:
             cmd.add_argument("spec", nargs="?", help="sweep spec YAML (see jobs/), or -- COMMAND ARGS...")
@@ -75,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("sweep", help="run the spec's grid as Ray Tune trials of Ray Train workers")
     spec_args(cmd)
     resume_arg(cmd)
+    fit_args(cmd)
     cmd.add_argument(
         "-v",
         "--verbose",
@@ -86,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
     spec_args(cmd)
+    fit_args(cmd, skip=False)
     cmd.set_defaults(func=_train)
 
     cmd = sub.add_parser(
@@ -107,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also forward this environment variable to the job, e.g. a credential (repeatable)",
     )
     resume_arg(cmd)
+    fit_args(cmd)
     cmd.set_defaults(func=_submit)
 
     cmd = sub.add_parser(
@@ -127,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         "plan", help="each grid point's GPU memory, FLOPs and GPU-hours, and the grid's cost, before it runs"
     )
     spec_args(cmd)
-    cmd.add_argument("--gpu", required=True, help="the cluster's GPU kind: a10g, l4, v100-32gb, a100-40gb, "
-                     "a100-80gb, h100, h200")  # fmt: skip
+    cmd.add_argument("--gpu", help=f"the GPUs' kind: {', '.join(GPUS)} (default: the kind of the cluster "
+                     "at RAY_ADDRESS)")  # fmt: skip
     cmd.add_argument("--gpus", type=_positive, help="GPUs of the cluster (default: what the spec's "
                      "max_concurrent_trials x workers_per_trial x gpus_per_worker use)")  # fmt: skip
     cmd.add_argument("--price", type=float, help="USD per GPU-hour (default: the built-in on-demand price)")
@@ -339,7 +356,14 @@ def _sweep(args: argparse.Namespace) -> int:
         log_file = _log_file(spec)
         logs.to_file(log_file)  # after importing Ray and MLflow, whose console handlers it quiets
         print(f"{spec.name}: {len(specs.expand(spec))} trials; logs in {log_file} (-v: here)", flush=True)
-    outcomes = run_sweep(spec, resume=args.resume, command=args.command, quiet=not args.verbose)
+    outcomes = run_sweep(
+        spec,
+        resume=args.resume,
+        command=args.command,
+        quiet=not args.verbose,
+        gpu=_gpu_arg(args.gpu),
+        skip_unfit=args.skip_unfit,
+    )
     _print_outcomes(spec.experiment, outcomes)
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
@@ -357,7 +381,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = specs.load(args.spec, args.overrides)  # before importing Ray: a bad spec fails fast
     from orchestrator.execution.sweep import run_single
 
-    outcome = run_single(spec, command=args.command)
+    outcome = run_single(spec, command=args.command, gpu=_gpu_arg(args.gpu))
     _print_outcomes(spec.experiment, [outcome])
     return 1 if outcome.status == "FAILED" else 0
 
@@ -369,10 +393,17 @@ def _submit(args: argparse.Namespace) -> int:
     from orchestrator.submit import entrypoint, submit
 
     if args.job:
-        if args.spec or args.overrides or args.resume or args.job[0] not in SUBMITTABLE:
+        if (
+            args.spec
+            or args.overrides
+            or args.resume
+            or args.gpu
+            or args.skip_unfit
+            or args.job[0] not in SUBMITTABLE
+        ):
             raise UsageError(
                 f"submit -- {shlex.join(args.job)}: after -- comes one of {', '.join(SUBMITTABLE)} with its "
-                "arguments, and no spec, --set or --resume before it"
+                "arguments, and no spec, --set, --resume, --gpu or --skip-unfit before it"
             )
         _parser().parse_args(args.job)  # a bad command fails here (exit 2), before anything is uploaded
         command = shlex.join(["orchestrator", *args.job])
@@ -382,7 +413,9 @@ def _submit(args: argparse.Namespace) -> int:
         from orchestrator import spec as specs
 
         specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
-        command = entrypoint(args.spec, args.overrides, args.working_dir, args.resume)
+        command = entrypoint(
+            args.spec, args.overrides, args.working_dir, args.resume, _gpu_arg(args.gpu), args.skip_unfit
+        )
     return submit(command, args.address, args.working_dir, args.extra_env)
 
 
@@ -443,28 +476,52 @@ def _spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_arg(gpu: str | None) -> str | None:
+    if gpu is not None and gpu not in GPUS:
+        raise UsageError(f"--gpu {gpu!r}: allowed are {', '.join(GPUS)}")
+    return gpu
+
+
+def _cluster_gpu() -> str:
+    """The GPU kind of the cluster at RAY_ADDRESS, for a plan without --gpu."""
+    if not os.environ.get("RAY_ADDRESS"):
+        raise UsageError(
+            f"--gpu: name the GPUs' kind ({', '.join(GPUS)}), or set RAY_ADDRESS to read it from a cluster"
+        )
+    from orchestrator.execution import cluster
+
+    cluster.init_ray()
+    kind = cluster.gpu_kind(cluster.alive_nodes())
+    if kind is None:
+        raise UsageError(
+            f"--gpu: the cluster at {os.environ['RAY_ADDRESS']} has no GPU of a known kind (yet): name one"
+        )
+    return kind
+
+
 def _plan(args: argparse.Namespace) -> int:
     from orchestrator import spec as specs
 
     spec = specs.load(args.spec, args.overrides)  # before importing torch: a bad spec fails fast
-    from orchestrator.compute import GPUS
+    gpu = _gpu_arg(args.gpu) or _cluster_gpu()
     from orchestrator.plan import fmt_hours, plan
 
-    if args.gpu not in GPUS:
-        raise UsageError(f"--gpu {args.gpu!r}: allowed are {', '.join(GPUS)}")
-    result = plan(spec, args.gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)
+    result = plan(spec, gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)
     if args.json:
         print(json.dumps(result.as_json(), indent=1))
         return 0
     width = max(len(p.key) for p in result.points)
-    print(f"{'grid point':<{width}}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'GPU-h':>7}")
+    print(
+        f"{'grid point':<{width}}  {'batch':>5}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'GPU-h':>7}"
+    )
     for p in result.points:
-        fits, hours = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours)
-        print(f"{p.key:<{width}}  {p.memory_gib:7.1f}  {fits:>4}  {p.gflops_per_image:9.0f}  {hours:>7}")
+        fits, hours, gflops = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours), p.gflops_per_image
+        batch, gib = p.batch_per_gpu, p.memory_gib
+        print(f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {hours:>7}")
     total, unfit = result.total, sum(not p.fits for p in result.points)
     gpu_hours, wall = fmt_hours(total["gpu_hours"]), fmt_hours(total["wall_hours"])
     print(
-        f"\n{len(result.points)} trials on {args.gpu} ({result.memory_gib:g} GiB): {unfit} do not fit; "
+        f"\n{len(result.points)} trials on {gpu} ({result.memory_gib:g} GiB): {unfit} do not fit; "
         f"{gpu_hours} GPU-hours, {wall} h on {result.gpus} GPUs, "
         f"${total['cost_usd']:,.0f} at ${result.usd_per_hour:.2f}/GPU-h"
     )

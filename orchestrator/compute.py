@@ -1,11 +1,10 @@
 """What a training step costs, counted rather than timed, torch only: the FLOPs of its convolutions and
-matrix products, the bytes autograd keeps for the backward, and the GPU kinds that run it (memory, peak,
-price). `orchestrator plan` and bench/gpu.py count with it; on the meta device no memory is touched."""
+matrix products and the bytes autograd keeps for the backward (the GPUs that run it: gpus.py).
+`orchestrator plan` and bench/gpu.py count with it; on the meta device no memory is touched."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,43 +17,6 @@ from orchestrator.torch_private import storage_id
 GIB = 1 << 30
 FRAGMENTATION = 1.10  # the caching allocator's blocks beyond what the activations hold (uncalibrated)
 CONTEXT_GIB = 1.0  # CUDA context and library workspaces, per GPU
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str  # as torch.cuda.get_device_name words it
-    memory_gib: float  # what the driver reports in all (nvidia-smi's MiB / 1024), not the marketed GB
-    peak_bf16: float  # dense (not 2:4 sparse) bf16 tensor FLOP/s
-    usd_per_hour: float  # on-demand, one GPU, as of PRICES_AS_OF
-
-
-PRICES_AS_OF = "2026-12-03"  # approximate AWS us-east-1 on-demand list prices per GPU; pass --price for yours
-GPUS: dict[str, Gpu] = {
-    "a10g": Gpu("NVIDIA A10G", 22.5, 70e12, 1.01),  # g5.xlarge
-    "l4": Gpu("NVIDIA L4", 22.5, 121e12, 0.80),  # g6.xlarge
-    "v100-32gb": Gpu("Tesla V100-SXM2-32GB", 31.7, 125e12, 3.90),  # p3dn.24xlarge / 8; fp16 tensor peak
-    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 39.4, 312e12, 4.10),  # p4d.24xlarge / 8
-    "a100-80gb": Gpu("NVIDIA A100-SXM4-80GB", 79.2, 312e12, 5.12),  # p4de.24xlarge / 8
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 79.6, 989e12, 6.88),  # p5.48xlarge / 8
-    "h200": Gpu("NVIDIA H200", 140.4, 989e12, 7.91),  # p5en.48xlarge / 8
-}
-
-# Peak dense bf16 tensor FLOP/s by the words of torch.cuda.get_device_name; first match wins.
-PEAK_BF16: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H100", "PCIe"), 756e12),
-    (("H100", "NVL"), 835e12),
-    (("H100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    (("H200",), 989e12),
-    (("A100",), 312e12),
-    (("A10G",), 70e12),
-    (("L4",), 121e12),
-)
-
-
-def peak_flops(device_name: str) -> float | None:
-    """The GPU's peak dense bf16 FLOP/s, None when PEAK_BF16 does not know it."""
-    words = set(re.split(r"[\s\-_]+", device_name.upper()))
-    return next((peak for keys, peak in PEAK_BF16 if {k.upper() for k in keys} <= words), None)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -123,6 +85,16 @@ def tensor_bytes(one: StepCost, two: StepCost, batch: int, optimizer_states: int
     """Bytes of the tensors a training worker holds at its peak: `weight_bytes` and `activation_bytes`.
     Temporaries of the backward are not counted."""
     return weight_bytes(one, optimizer_states, amp) + activation_bytes(one, two, batch)
+
+
+def largest_batch(one: StepCost, two: StepCost, memory: float, optimizer_states: int, amp: bool) -> int:
+    """The largest batch whose `worker_memory` is at most `memory` bytes; 0 when not even 1 fits."""
+    at_one = worker_memory(one, two, 1, optimizer_states, amp)
+    per_image = worker_memory(one, two, 2, optimizer_states, amp) - at_one
+    batch = max(0, 1 + math.floor((memory - at_one) / per_image))
+    while batch and worker_memory(one, two, batch, optimizer_states, amp) > memory:  # float rounding
+        batch -= 1
+    return batch
 
 
 def worker_memory(one: StepCost, two: StepCost, batch: int, optimizer_states: int, amp: bool) -> float:

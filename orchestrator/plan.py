@@ -18,6 +18,7 @@ dollars. How each figure is made:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -25,9 +26,12 @@ import torch
 
 from orchestrator import compute
 from orchestrator.checkpoints import model_for
-from orchestrator.compute import GIB, GPUS, Gpu
-from orchestrator.spec import Spec, Trial, expand
+from orchestrator.compute import GIB
+from orchestrator.gpus import GPUS, Gpu
+from orchestrator.spec import Spec, SpecError, TrainSpec, Trial, expand
 from orchestrator.torch_private import MetaShapes
+
+log = logging.getLogger(__name__)
 
 MFU = 0.35  # model FLOPs utilization assumed when nothing was measured
 BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's split cannot be read
@@ -74,7 +78,7 @@ def plan(
     price: float | None = None,
     train_images: int | None = None,
 ) -> Plan:
-    """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of compute.GPUS)."""
+    """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of gpus.GPUS)."""
     kind: Gpu = GPUS[gpu]
     trials = expand(spec)
     notes = [f"throughput: an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak (none measured)"]
@@ -87,7 +91,47 @@ def plan(
     return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
 
 
+def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[Trial]:
+    """The trials to run on GPUs of kind `gpu` (a key of gpus.GPUS), `auto` batches chosen. Grid points
+    that do not fit refuse the lot (SpecError, a line each with its estimate and the GPU's memory), or, with
+    `skip_unfit`, are logged and left out."""
+    kind, costs = GPUS[gpu], StepCosts()
+    fitted, unfit = [], []
+    for trial in trials:
+        trial = _with_auto_batch(trial, kind, costs)
+        point = _point(trial, kind, 0, costs)
+        if point.fits:
+            fitted.append(trial)
+        else:
+            unfit.append(f"  {point.key}: {point.memory_gib:.1f} GiB at {point.batch_per_gpu} per GPU")
+    if unfit and not skip_unfit:
+        raise SpecError([
+            f"{len(unfit)} of {len(trials)} grid points do not fit {gpu} ({kind.memory_gib} GiB per GPU) by "
+            "`orchestrator plan`'s estimate: lower their batch or crop, use a larger GPU (--gpu), or run "
+            "the others with --skip-unfit",
+            *unfit,
+        ])  # fmt: skip
+    if unfit:
+        log.warning("skipped, not fitting %s (%s GiB per GPU):\n%s", gpu, kind.memory_gib, "\n".join(unfit))
+    return fitted
+
+
+def _with_auto_batch(trial: Trial, gpu: Gpu, costs: StepCosts) -> Trial:
+    """`trial` at the largest batch per GPU that fits `gpu` where its batch is `auto` (1 when none does)."""
+    t = trial.spec.train
+    if t.batch_per_gpu != "auto":
+        return trial
+    one, two = costs(trial.spec, tuple(t.crop))
+    batch = compute.largest_batch(one, two, gpu.memory_gib * GIB, _optimizer_states(t), t.amp != "off")
+    return trial.with_batch(max(batch, 1))
+
+
+def _optimizer_states(t: TrainSpec) -> int:
+    return 2 if t.optimizer == "adamw" else 1
+
+
 def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts) -> Point:
+    trial = _with_auto_batch(trial, gpu, costs)
     s, t = trial.spec, trial.spec.train
     workers = s.resources.workers_per_trial
     memory, flops, trained = 0.0, 0.0, 0
@@ -95,8 +139,7 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts) -> Point:
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
         one, two = costs(s, crop)
-        states = 2 if t.optimizer == "adamw" else 1
-        memory = max(memory, compute.worker_memory(one, two, batch, states, t.amp != "off"))
+        memory = max(memory, compute.worker_memory(one, two, batch, _optimizer_states(t), t.amp != "off"))
         per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
         trained += per_epoch
         flops += per_epoch * one.flops

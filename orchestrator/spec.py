@@ -25,6 +25,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -212,9 +214,27 @@ def _check_crop(v: tuple[int, int]) -> tuple[int, int]:
     return v
 
 
+def _batch_or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> int | str:
+    """One error for a bad batch, not one per member of the union (and no batch of True)."""
+    try:
+        batch = handler(value)
+    except ValidationError:
+        batch = 0
+    if isinstance(value, bool) or batch != "auto" and not (isinstance(batch, int) and batch >= 1):
+        raise ValueError("allowed are whole numbers >= 1 and auto")
+    return batch
+
+
+BatchPerGpu = Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], WrapValidator(_batch_or_auto)]
+
+
 class TrainSpec(_Section):
     epochs: int = Field(50, ge=1, description="epochs of the run (all stages together)")
-    batch_per_gpu: int = Field(2, ge=1, description="images per worker per forward: the normalization batch")
+    batch_per_gpu: BatchPerGpu = Field(
+        2,
+        description="images per worker per forward: the normalization batch; auto: the largest that fits "
+        "the GPU's memory by `orchestrator plan`'s estimate (the sweep's --gpu, else the cluster's GPU kind)",
+    )
     accumulate: int = Field(
         1,
         ge=1,
@@ -329,6 +349,14 @@ class TrainSpec(_Section):
     @classmethod
     def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
         return _check_crop(v)
+
+    @model_validator(mode="after")
+    def _auto_batch_without_stages(self) -> TrainSpec:
+        if self.batch_per_gpu == "auto" and self.stages:
+            raise ValueError(
+                "train.batch_per_gpu: auto does not go with train.stages: each stage names its batch"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stages_cover_the_epochs(self) -> TrainSpec:
@@ -491,6 +519,13 @@ class Trial:
         """This trial less `data.storage_options` (where s3fs credentials can go): what Tune's config holds,
         which Tune prints and saves on storage. `with_storage_options` puts them back."""
         return self.with_storage_options({})
+
+    def with_batch(self, batch: int) -> Trial:
+        """This trial at `batch` images per GPU (what `train.batch_per_gpu: auto` chose); its key keeps
+        `auto`."""
+        train = self.spec.train.model_copy(update={"batch_per_gpu": batch})
+        config = {**self.config, "train.batch_per_gpu": batch}
+        return Trial(self.key, config, self.spec.model_copy(update={"train": train}))
 
     def with_storage_options(self, options: dict[str, Any]) -> Trial:
         config = {**self.config, "data.storage_options": options}

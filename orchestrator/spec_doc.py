@@ -56,6 +56,8 @@ def _type(prop: dict[str, Any]) -> str:
         return "stage"
     if "enum" in prop:
         return " or ".join(_value(v) for v in prop["enum"])
+    if "const" in prop:
+        return _value(prop["const"])
     kind = prop.get("type", "any")
     if kind == "array" and "prefixItems" in prop:
         text = "[" + ", ".join(_type(item) for item in prop["prefixItems"]) + "]"

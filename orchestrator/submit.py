@@ -37,13 +37,21 @@ def job_address(address: str | None) -> str:
     )
 
 
-def entrypoint(spec: str, overrides: Sequence[str], working_dir: str, resume: bool = False) -> str:
-    """The job's shell command; the spec as a path inside the uploaded working directory."""
+def entrypoint(
+    spec: str,
+    overrides: Sequence[str],
+    working_dir: str,
+    resume: bool = False,
+    gpu: str | None = None,
+    skip_unfit: bool = False,
+) -> str:
+    """The job's shell command, `orchestrator sweep` with these arguments; the spec as a path inside the
+    uploaded working directory."""
     path, root = Path(spec).resolve(), Path(working_dir).resolve()
     if not path.is_relative_to(root):
         raise UsageError(f"{spec} is outside the working directory {root}: the job would not have it")
     sets = (a for o in overrides for a in ("--set", o))
-    flags = ["--resume"] if resume else []
+    flags = ["--resume"] * resume + ["--gpu", gpu] * bool(gpu) + ["--skip-unfit"] * skip_unfit
     return shlex.join(["orchestrator", "sweep", path.relative_to(root).as_posix(), *sets, *flags])
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.compute import count_flops, peak_flops, step_cost
+from orchestrator.compute import count_flops, step_cost
+from orchestrator.gpus import peak_flops
 
 
 @pytest.mark.parametrize(

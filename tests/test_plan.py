@@ -11,7 +11,8 @@ import torch
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.cli import main
-from orchestrator.compute import CONTEXT_GIB, FRAGMENTATION, GIB, GPUS, step_cost
+from orchestrator.compute import CONTEXT_GIB, FRAGMENTATION, GIB, step_cost
+from orchestrator.gpus import GPUS
 from orchestrator.plan import MFU
 
 SMOKE = "jobs/smoke.yaml"
@@ -35,13 +36,13 @@ def test_the_json_plan_adds_up(capsys) -> None:
 
     assert main([*argv, "--price", "2", "--gpus", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["grid", "point", "GiB/GPU", "fits", "GFLOP/img", "GPU-h"]
+    assert out[0].split() == ["grid", "point", "batch", "GiB/GPU", "fits", "GFLOP/img", "GPU-h"]
     assert out[6].startswith("4 trials on l4 (22.5 GiB): 0 do not fit;") and "on 4 GPUs" in out[6]
     assert out[6].endswith("at $2.00/GPU-h")
 
     assert main(["plan", SMOKE, "--gpu", "a100"]) == 1
     assert (
-        "--gpu 'a100': allowed are a10g, l4, v100-32gb, a100-40gb, a100-80gb, h100, h200"
+        "--gpu 'a100': allowed are v100-16gb, a10g, l4, v100-32gb, a100-40gb, a100-80gb, h100, h200"
         in capsys.readouterr().err
     )
 
@@ -90,3 +91,70 @@ def test_flops_are_counted_once_per_architecture_and_crop_for_every_norm(capsys)
         )
         assert point["gflops_per_image"] * 1e9 == step_cost(model, images, masks).flops
     assert len({p["gflops_per_image"] for p in points}) == 2  # output stride 8 costs more than 16
+
+
+def test_auto_picks_the_largest_batch_whose_estimate_fits(capsys) -> None:
+    """The batch `auto` chose fits the GPU and one image more does not, each counted as a fixed batch."""
+    base = ["grid.norm=[gn:g8]", "train.crop=[512,512]", "train.amp=bf16"]
+
+    def point(batch: str) -> dict:
+        assert (
+            main(
+                [
+                    "plan",
+                    SMOKE,
+                    "--gpu",
+                    "l4",
+                    "--json",
+                    *sets([*base, f"grid.train.batch_per_gpu=[{batch}]"]),
+                ]
+            )
+            == 0
+        )
+        (p,) = json.loads(capsys.readouterr().out)["points"]
+        return p
+
+    auto = point("auto")
+    assert auto["fits"] and auto["batch_per_gpu"] > 8
+    assert point(str(auto["batch_per_gpu"])) == {
+        **auto,
+        "key": "norm=gn:g8,train.batch_per_gpu=" + str(auto["batch_per_gpu"]),
+    }
+    assert not point(str(auto["batch_per_gpu"] + 1))["fits"]
+
+
+def test_largest_batch_agrees_with_the_memory_it_maximizes() -> None:
+    from orchestrator.compute import StepCost, largest_batch, worker_memory
+
+    one, two = StepCost(3 * GIB, 10, 25_000_000), StepCost(5 * GIB, 10, 25_000_000)
+    for memory_gib in (0.5, 4.0, 4.4, 4.5, 22.5, 79.6):
+        memory = memory_gib * GIB
+        fitting = [b for b in range(1, 100) if worker_memory(one, two, b, 1, False) <= memory]
+        assert largest_batch(one, two, memory, 1, False) == max(fitting, default=0)
+
+
+def test_a_grid_with_points_that_do_not_fit_is_refused_point_by_point_unless_skipped(caplog) -> None:
+    from orchestrator.plan import fit_trials
+
+    overrides = ["train.crop=[256,256]", "grid.train.batch_per_gpu=[2,auto,100000]", "grid.norm=[bn,gn:g8]"]
+    trials = specs.expand(specs.load(SMOKE, overrides))
+    with pytest.raises(specs.SpecError) as refused:
+        fit_trials(trials, "a10g")
+    first, *lines = refused.value.lines
+    assert (
+        first.startswith("2 of 6 grid points do not fit a10g (22.5 GiB per GPU)") and "--skip-unfit" in first
+    )
+    assert [line.rsplit(": ", 1)[0].strip() for line in lines] == [
+        "norm=bn,train.batch_per_gpu=100000",
+        "norm=gn:g8,train.batch_per_gpu=100000",
+    ]
+    assert all(line.endswith("GiB at 100000 per GPU") for line in lines)
+    assert float(lines[0].rsplit(": ", 1)[1].split()[0]) > 22.5
+
+    kept = fit_trials(trials, "a10g", skip_unfit=True)
+    assert [t.key for t in kept] == [t.key for t in trials if "100000" not in t.key]
+    assert "train.batch_per_gpu=100000" in caplog.text
+    auto = [t for t in kept if t.key.endswith("=auto")]
+    assert len(auto) == 2 and all(
+        t.spec.train.batch_per_gpu == t.config["train.batch_per_gpu"] > 2 for t in auto
+    )

@@ -359,3 +359,23 @@ def test_a_spec_file_reads_yaml_1_2_booleans(tmp_path):
     spec = specs.load(tmp_path / "spec.yaml", ["storage_shared=true", "grid.train.amp=[off, bf16]"])
     assert spec.train.amp == "off" and spec.resources.wait_for_nodes is True and spec.storage_shared is True
     assert [t.spec.train.amp for t in specs.expand(spec)] == ["off", "bf16"]
+
+
+@pytest.mark.parametrize("bad", [0, "two", 2.5, True])
+def test_a_batch_per_gpu_is_a_whole_number_or_auto(tmp_path, bad):
+    assert errors_of(tmp_path, {**MINIMAL, "train": {"batch_per_gpu": bad}}) == [
+        f"train.batch_per_gpu: allowed are whole numbers >= 1 and auto (got {bad!r})"
+    ]
+    assert (
+        specs.load(write(tmp_path, {**MINIMAL, "train": {"batch_per_gpu": "auto"}})).train.batch_per_gpu
+        == "auto"
+    )
+    stages = [{"epochs": 1, "crop": [64, 64], "batch_per_gpu": 4, "lr": 0.1}]
+    (line,) = errors_of(
+        tmp_path, {**MINIMAL, "train": {"batch_per_gpu": "auto", "epochs": 1, "stages": stages}}
+    )
+    assert line.startswith("train: train.batch_per_gpu: auto does not go with train.stages")
+    schema = specs.json_schema()
+    jsonschema.validate({**MINIMAL, "train": {"batch_per_gpu": "auto"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**MINIMAL, "train": {"batch_per_gpu": 0}}, schema)

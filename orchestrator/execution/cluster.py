@@ -1,5 +1,6 @@
-"""The Ray a sweep runs on: joining the cluster (or starting a local Ray), what a trial's driver holds, and
-what the cluster can never run as asked (grid points it cannot place; storage or MLflow on one disk)."""
+"""The Ray a sweep runs on: joining the cluster (or starting a local Ray), what a trial's driver holds, the
+kind of its GPUs, and what the cluster can never run as asked (grid points it cannot place; storage or
+MLflow on one disk)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 import ray
 
 from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME, send_worker_output
+from orchestrator.gpus import GPUS, kind_of
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def check_cluster(spec: Spec, trials: list[Trial], tracking_uri: str) -> None:
     """Refuse, once joined and before MLflow is contacted or a trial starts, a sweep the cluster can never
     run as asked: checkpoints or MLflow runs that would land on one node's disk of many, and grid points no
     set of the current nodes can place (every point is checked: the grid may vary resources)."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    nodes = alive_nodes()
     problems = _unshared(spec, tracking_uri, len(nodes)) if len(nodes) > 1 else []
     autoscaling = os.environ.get("RAY_ADDRESS") and spec.resources.wait_for_nodes
     for trial in trials:
@@ -81,6 +83,22 @@ def check_cluster(spec: Spec, trials: list[Trial], tracking_uri: str) -> None:
         )
     if problems:
         raise SpecError(problems)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The Ray resources of each node alive in the joined cluster."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def gpu_kind(nodes: list[dict[str, float]]) -> str | None:
+    """The gpus.GPUS kind of these nodes' GPUs, by the accelerator_type Ray gives a GPU node; where kinds
+    differ, the one with the least memory (a trial may land on any). None when no node has a GPU of a kind
+    GPUS knows (an autoscaling cluster may have none yet)."""
+    types = {key.split(":", 1)[1] for node in nodes for key in node if key.startswith("accelerator_type:")}
+    kinds = {kind_of(t) for t in types}
+    if None in kinds:
+        log.warning("GPU kinds %s: not all known to orchestrator/gpus.py; pass --gpu", sorted(types))
+    return min(kinds - {None}, key=lambda kind: GPUS[kind].memory_gib, default=None)
 
 
 def unplaceable(r: ResourcesSpec, nodes: list[dict[str, float]]) -> list[str]:

@@ -27,7 +27,8 @@ from orchestrator.errors import UsageError
 from orchestrator.execution import cluster
 from orchestrator.execution.progress import SweepProgress
 from orchestrator.execution.tune_report import EpochReportCallback
-from orchestrator.spec import Spec, Trial, expand, flatten, public_params, redact
+from orchestrator.gpus import GPUS
+from orchestrator.spec import Spec, SpecError, Trial, expand, flatten, public_params, redact
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,25 @@ class TrialOutcome:
 
 
 def run_sweep(
-    spec: Spec, resume: bool = False, command: str | None = None, quiet: bool = False
+    spec: Spec,
+    resume: bool = False,
+    command: str | None = None,
+    quiet: bool = False,
+    gpu: str | None = None,
+    skip_unfit: bool = False,
 ) -> list[TrialOutcome]:
-    """Run every grid point of the spec as a Tune trial; returns one outcome per point.
+    """Run every grid point of the spec as a Tune trial; returns one outcome per point run.
 
     resume: restore the spec's Tune experiment (after its driver died): finished trials stay finished,
     the others continue from their last checkpoints, under the same MLflow runs.
     command: the command line, kept as a tag of the sweep run it starts (a resumed run keeps its own).
     quiet: the console shows the trials' progress (progress.SweepProgress) instead of Tune's status tables,
-    and the workers' output goes to Python logging (logger orchestrator.workers) instead of the console."""
+    and the workers' output goes to Python logging (logger orchestrator.workers) instead of the console.
+    gpu, skip_unfit: see `fit`."""
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
-    trials = expand(spec)
     cluster.init_ray(worker_output_to_log=quiet)
+    trials = fit(expand(spec), gpu, skip_unfit)
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     if resume and not tune.Tuner.can_restore(tune_path):
@@ -119,12 +126,12 @@ def run_sweep(
     return outcomes
 
 
-def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
+def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -> TrialOutcome:
     """One trial (the spec's base point, grid ignored) through the same driver, without Tune; `command`
-    is tagged on its sweep run."""
+    is tagged on its sweep run; gpu: see `fit`."""
     uri = tracking.tracking_uri()
-    trials = expand(spec.model_copy(update={"grid": {}}))
     cluster.init_ray()
+    trials = fit(expand(spec.model_copy(update={"grid": {}})), gpu)
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)
@@ -137,6 +144,25 @@ def run_single(spec: Spec, command: str | None = None) -> TrialOutcome:
         return TrialOutcome("base", "FAILED", {}, _reason(e))
     tracking.end_run(parent, uri)
     return TrialOutcome("base", "FINISHED", result)
+
+
+def fit(trials: list[Trial], gpu: str | None, skip_unfit: bool = False) -> list[Trial]:
+    """The trials to run, checked against the memory of GPUs of kind `gpu` (a key of gpus.GPUS), else, for
+    trials on GPUs, of the joined cluster's kind, by `orchestrator plan`'s estimate: `auto` batches chosen,
+    points that cannot fit refused (SpecError) or, with skip_unfit, left out. Without a kind, nothing is
+    checked, and an `auto` batch is refused."""
+    if gpu is None and any(t.spec.resources.gpus_per_worker for t in trials):
+        gpu = cluster.gpu_kind(cluster.alive_nodes())
+    if gpu is None:
+        if any(t.spec.train.batch_per_gpu == "auto" for t in trials):
+            raise SpecError([
+                "train.batch_per_gpu: auto is the largest batch that fits the GPUs, and their kind is not "
+                f"known: pass --gpu ({', '.join(GPUS)}), or run on a cluster with GPU nodes"
+            ])  # fmt: skip
+        return trials
+    from orchestrator.plan import fit_trials  # torch, for the meta device: only with a kind to plan for
+
+    return fit_trials(trials, gpu, skip_unfit)
 
 
 def run_trial(

@@ -157,6 +157,8 @@ def test_entrypoint_is_the_sweep_command_with_the_spec_relative_to_the_working_d
     command = entrypoint(str(tmp_path / "jobs" / "a b.yaml"), ["grid.norm=[bn, gn:g8]"], ".")
     assert command == "orchestrator sweep 'jobs/a b.yaml' --set 'grid.norm=[bn, gn:g8]'"
     assert entrypoint("jobs/a b.yaml", [], ".", resume=True) == "orchestrator sweep 'jobs/a b.yaml' --resume"
+    fitted = entrypoint("jobs/a b.yaml", [], ".", gpu="a10g", skip_unfit=True)
+    assert fitted == "orchestrator sweep 'jobs/a b.yaml' --gpu a10g --skip-unfit"
     with pytest.raises(UsageError, match="outside the working directory"):
         entrypoint(str(ROOT / "jobs/smoke.yaml"), [], ".")
 

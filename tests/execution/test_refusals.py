@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.execution.cluster import node_local, unplaceable
+from orchestrator.execution.cluster import gpu_kind, node_local, unplaceable
 from orchestrator.spec import ResourcesSpec as R
 
 CLI = [sys.executable, "-m", "orchestrator"]
@@ -53,6 +53,18 @@ def test_strict_spread_needs_a_node_for_each_worker() -> None:
     assert reasons == ["3 nodes for placement strict_spread (2 nodes can hold a worker)"]
     reasons = unplaceable(R(workers_per_trial=2, gpus_per_worker=1, placement="strict_spread"), nodes)
     assert reasons == ["2 nodes for placement strict_spread (1 node can hold a worker)"]
+
+
+def test_the_clusters_gpu_kind_is_read_from_rays_accelerator_types(caplog) -> None:
+    def node(kind: str) -> dict[str, float]:
+        return {"CPU": 8.0, "GPU": 1.0, f"accelerator_type:{kind}": 1.0}
+
+    assert gpu_kind([NODE_4CPU]) is None
+    assert gpu_kind([NODE_4CPU, node("H100")]) == "h100"
+    assert gpu_kind([node("H100"), node("A10G")]) == "a10g"  # a trial may land on the smaller
+    assert gpu_kind([node("A100")]) == "a100-40gb"  # Ray names both sizes A100: the smaller
+    assert gpu_kind([node("T4")]) is None and "T4" in caplog.text
+    assert gpu_kind([node("T4"), node("L4")]) == "l4"
 
 
 @pytest.mark.parametrize(
@@ -110,7 +122,8 @@ def two_nodes() -> Iterator[str]:
         env.setenv("RAY_TMPDIR", ray_tmp)
         env.delenv("RAY_ADDRESS", raising=False)
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        cluster.add_node(num_cpus=1)
+        # A GPU in name only (Ray counts it; nothing runs on it): the sweep reads the cluster's GPU kind.
+        cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1})
         cluster.wait_for_nodes()
         yield cluster.address
         cluster.shutdown()
@@ -152,3 +165,43 @@ def test_a_sweep_on_many_nodes_refuses_before_mlflow_or_a_trial(
     assert error.format(tmp=tmp_path) in proc.stderr
     assert contacts == []
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("gpus", "batches", "errors"),
+    [
+        (
+            1,
+            [2, 4096],
+            [
+                "error: 1 of 2 grid points do not fit a10g (22.5 GiB per GPU) by `orchestrator plan`",
+                "error:   train.batch_per_gpu=4096: ",
+            ],
+        ),
+        (0, [2, "auto"], ["error: train.batch_per_gpu: auto is the largest batch that fits the GPUs"]),
+    ],
+    ids=["unfit-on-the-clusters-gpus", "auto-without-gpus"],
+)
+def test_points_that_cannot_fit_the_clusters_gpus_are_refused_before_mlflow_or_a_trial(
+    two_nodes: str, tripwire, tmp_path: Path, gpus, batches, errors
+) -> None:
+    """The GPU kind comes from the joined cluster (its A10G node); no --gpu is given."""
+    mlflow, contacts = tripwire
+    spec = {
+        "name": "refused",
+        "data": {"train": "shards/train", "val": "shards/val"},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": gpus},
+        "storage_shared": True,
+        "storage": str(tmp_path / "runs"),
+        "grid": {"train.batch_per_gpu": batches},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": two_nodes, "MLFLOW_TRACKING_URI": mlflow}
+    proc = subprocess.run(
+        [*CLI, "sweep", "spec.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for error in errors:
+        assert error in proc.stderr
+    assert contacts == []
