@@ -504,6 +504,9 @@ def _plan(args: argparse.Namespace) -> int:
 
     spec = specs.load(args.spec, args.overrides)  # before importing torch: a bad spec fails fast
     gpu = _gpu_arg(args.gpu) or _cluster_gpu()
+    # The throughput of finished trials comes from MLflow: one try, not minutes of retries of a server down.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from orchestrator.plan import fmt_hours, plan
 
     result = plan(spec, gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)
@@ -511,13 +514,13 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_json(), indent=1))
         return 0
     width = max(len(p.key) for p in result.points)
-    print(
-        f"{'grid point':<{width}}  {'batch':>5}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'GPU-h':>7}"
-    )
+    head = f"{'batch':>5}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'img/s/GPU':>10}  {'GPU-h':>7}"
+    print(f"{'grid point':<{width}}  {head}")
     for p in result.points:
         fits, hours, gflops = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours), p.gflops_per_image
+        rate = f"{p.images_per_s_per_gpu:.1f}{'*' if p.measured else ' '}"
         batch, gib = p.batch_per_gpu, p.memory_gib
-        print(f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {hours:>7}")
+        print(f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {rate:>10}  {hours:>7}")
     total, unfit = result.total, sum(not p.fits for p in result.points)
     gpu_hours, wall = fmt_hours(total["gpu_hours"]), fmt_hours(total["wall_hours"])
     print(

@@ -13,13 +13,18 @@ dollars. How each figure is made:
   autocast), an approximation of autocast's mix.
 - FLOPs per image: convolutions and matrix products of a forward and backward (compute.count_flops).
 - GPU-hours: the images the trial trains on (epochs x the train split's samples, or steps_per_epoch x batch x
-  workers) x FLOPs per image / (the GPU kind's bf16 peak x MFU); validation is not counted.
+  workers) / the images per second of one GPU: measured, where the spec's MLflow experiment holds finished
+  trials of the point's backbone, norm and crop on this GPU kind (measured_throughput), else the GPU kind's
+  bf16 peak x MFU / FLOPs per image; validation is not counted.
+The sweep plans first too (fit_trials): `batch_per_gpu: auto` is chosen, points that cannot fit refused.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -44,6 +49,8 @@ class Point:
     fits: bool
     batch_per_gpu: int
     gflops_per_image: float
+    images_per_s_per_gpu: float  # training throughput of one GPU
+    measured: bool  # throughput from finished trials in MLflow, not the assumed MFU
     images: int  # trained on, all epochs
     gpu_hours: float
 
@@ -81,11 +88,19 @@ def plan(
     """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of gpus.GPUS)."""
     kind: Gpu = GPUS[gpu]
     trials = expand(spec)
-    notes = [f"throughput: an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak (none measured)"]
+    measured, source = measured_throughput(spec.experiment, kind)
     images, where = _train_images(spec, train_images)
-    notes.append(f"training images per epoch: {where}")
     costs = StepCosts()
-    points = [_point(t, kind, images, costs) for t in trials]
+    points = [_point(t, kind, images, costs, measured) for t in trials]
+    assumed = f"an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak"
+    if any(p.measured for p in points):
+        count = sum(p.measured for p in points)
+        notes = [
+            f"throughput (*): measured for {count} of {len(points)} points, {source}; the others {assumed}"
+        ]
+    else:
+        notes = [f"throughput: {assumed} (none measured: {source})"]
+    notes.append(f"training images per epoch: {where}")
     r = spec.resources
     slots = gpus or math.ceil(r.max_concurrent_trials * r.workers_per_trial * max(r.gpus_per_worker, 1))
     return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
@@ -99,7 +114,7 @@ def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[
     fitted, unfit = [], []
     for trial in trials:
         trial = _with_auto_batch(trial, kind, costs)
-        point = _point(trial, kind, 0, costs)
+        point = _point(trial, kind, 0, costs, {})
         if point.fits:
             fitted.append(trial)
         else:
@@ -130,19 +145,22 @@ def _optimizer_states(t: TrainSpec) -> int:
     return 2 if t.optimizer == "adamw" else 1
 
 
-def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts) -> Point:
+def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Measured) -> Point:
     trial = _with_auto_batch(trial, gpu, costs)
     s, t = trial.spec, trial.spec.train
     workers = s.resources.workers_per_trial
-    memory, flops, trained = 0.0, 0.0, 0
+    memory, seconds, trained, all_measured = 0.0, 0.0, 0, True
     for epoch in range(t.epochs):
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
         one, two = costs(s, crop)
         memory = max(memory, compute.worker_memory(one, two, batch, _optimizer_states(t), t.amp != "off"))
         per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
+        rate = measured.get((s.model.backbone, s.norm, crop))
+        all_measured &= rate is not None
+        rate = rate or gpu.peak_bf16 * MFU / one.flops
         trained += per_epoch
-        flops += per_epoch * one.flops
+        seconds += per_epoch / rate
     gib = memory / GIB
     return Point(
         key=trial.key,
@@ -150,8 +168,39 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts) -> Point:
         fits=gib <= gpu.memory_gib,
         batch_per_gpu=t.batch_per_gpu,
         gflops_per_image=one.flops / 1e9,
+        images_per_s_per_gpu=rate,
+        measured=all_measured,
         images=trained,
-        gpu_hours=flops / (gpu.peak_bf16 * MFU) / 3600,
+        gpu_hours=seconds / 3600,
+    )
+
+
+Measured = dict[tuple[str, str, tuple[int, int]], float]  # (backbone, norm, crop) -> images/s per GPU
+
+
+def measured_throughput(experiment: str, gpu: Gpu) -> tuple[Measured, str]:
+    """Training images/s per GPU of the experiment's finished trials on GPUs of this kind (tagged with its
+    name as torch gives it), by backbone, norm and crop: over runs, the mean of each run's last logged
+    `images_per_s` over its GPUs. And where they come from, in words."""
+    from orchestrator import tracking
+
+    try:
+        runs = tracking.finished_trial_runs(experiment)
+    except Exception as e:  # an MLflow that cannot answer is no reason to refuse a plan
+        return {}, f"MLflow at {tracking.tracking_uri()} did not answer: {type(e).__name__}"
+    rates: dict[tuple, list[float]] = defaultdict(list)
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        gpus = float(params.get("resources.workers_per_trial", 0)) * float(
+            params.get("resources.gpus_per_worker", 0)
+        )
+        if run.data.tags.get(tracking.DEVICE) != gpu.name or "images_per_s" not in metrics or not gpus:
+            continue
+        crop = tuple(int(v) for v in re.findall(r"\d+", params.get("train.crop", "")))  # "[720, 720]"
+        rates[params.get("model.backbone"), params.get("norm"), crop].append(metrics["images_per_s"] / gpus)
+    trials = sum(len(r) for r in rates.values())
+    return {k: sum(r) / len(r) for k, r in rates.items()}, (
+        f"{trials} finished trials on {gpu.name} in MLflow experiment {experiment!r}"
     )
 
 

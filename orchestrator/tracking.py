@@ -30,6 +30,7 @@ TRIAL_KEY = "orchestrator.trial_key"
 FAILURE = "orchestrator.failure"  # why a run failed, one line
 RESUME_PATH = "orchestrator.tune_path"  # the Tune experiment a sweep run can be resumed from
 COMMAND = "orchestrator.command"  # the orchestrator command line that made a run (sweep, ensemble, ...)
+DEVICE = "orchestrator.device"  # what a trial trained on, as torch names it ("NVIDIA A10G"), or cpu
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
@@ -183,6 +184,22 @@ def end_run(run_id: str, uri: str, failed: bool = False, reason: str | None = No
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+_FINISHED_TRIALS = f"tags.`{KIND}` = 'trial' and attributes.status = 'FINISHED'"
+
+
+def finished_trial_runs(experiment: str, uri: str | None = None) -> list[Run]:
+    """The finished trial runs of `experiment`: none where the experiment, or the SQLite store, does not
+    exist (and none is created)."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=_FINISHED_TRIALS, max_results=10_000)
+
+
 def top_trial_runs(
     experiment: str, metric: str, k: int, uri: str | None = None, filter_string: str | None = None
 ) -> list[tuple[Run, float]]:
@@ -195,10 +212,9 @@ def top_trial_runs(
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {uri or tracking_uri()}")
-    conditions = [f"tags.`{KIND}` = 'trial'", "attributes.status = 'FINISHED'"]
     runs = c.search_runs(
         [exp.experiment_id],
-        filter_string=" and ".join(conditions + ([f"({filter_string})"] if filter_string else [])),
+        filter_string=_FINISHED_TRIALS + (f" and ({filter_string})" if filter_string else ""),
         max_results=10_000,
     )
     scored = [(run, best) for run in runs if (best := best_value(run.info.run_id, metric, uri)) is not None]

@@ -4,6 +4,7 @@ extrapolated from 1 and 2 equals counting at the batch), FLOPs to GPU-hours to d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_the_json_plan_adds_up(capsys) -> None:
 
     assert main([*argv, "--price", "2", "--gpus", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["grid", "point", "batch", "GiB/GPU", "fits", "GFLOP/img", "GPU-h"]
+    assert out[0].split() == ["grid", "point", "batch", "GiB/GPU", "fits", "GFLOP/img", "img/s/GPU", "GPU-h"]
     assert out[6].startswith("4 trials on l4 (22.5 GiB): 0 do not fit;") and "on 4 GPUs" in out[6]
     assert out[6].endswith("at $2.00/GPU-h")
 
@@ -157,4 +158,54 @@ def test_a_grid_with_points_that_do_not_fit_is_refused_point_by_point_unless_ski
     auto = [t for t in kept if t.key.endswith("=auto")]
     assert len(auto) == 2 and all(
         t.spec.train.batch_per_gpu == t.config["train.batch_per_gpu"] > 2 for t in auto
+    )
+
+
+def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Of the experiment's trial runs, the finished ones tagged with the kind's torch name, at the point's
+    backbone, norm and crop, set its images/s per GPU: the mean of their last images_per_s over their GPUs.
+    Other points keep the assumed MFU."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("smoke")
+
+    def trial(device: str, images_per_s: float, status: str = "FINISHED", crop: str = "[128, 128]") -> None:
+        run = client.create_run(
+            experiment, tags={tracking.KIND: "trial", tracking.DEVICE: device}
+        ).info.run_id
+        params = {"model.backbone": "resnet18", "norm": "bn", "train.crop": crop}
+        params |= {"resources.workers_per_trial": 2, "resources.gpus_per_worker": 1}
+        for key, value in params.items():
+            client.log_param(run, key, value)
+        client.log_metric(run, "images_per_s", images_per_s)
+        client.set_terminated(run, status)
+
+    trial("NVIDIA L4", 40.0)
+    trial("NVIDIA L4", 60.0)  # with the one above: 25 images/s per GPU
+    trial("NVIDIA A10G", 1000.0)  # another kind
+    trial("NVIDIA L4", 1000.0, status="FAILED")
+    trial("NVIDIA L4", 1000.0, crop="[256, 256]")  # another crop
+    smoke = str(Path(__file__).resolve().parents[1] / SMOKE)
+    argv = ["plan", smoke, "--gpu", "l4", "--train-images", "100", "--set", "train.steps_per_epoch=null"]
+    assert main([*argv, "--json"]) == 0
+    points = {p["key"]: p for p in json.loads(capsys.readouterr().out)["points"]}
+    for key in ("norm=bn,train.batch_per_gpu=1", "norm=bn,train.batch_per_gpu=2"):
+        assert points[key]["measured"] and points[key]["images_per_s_per_gpu"] == 25
+        assert points[key]["gpu_hours"] == pytest.approx(300 / 25 / 3600)
+    gn = points["norm=gn:g8,train.batch_per_gpu=1"]
+    assert not gn["measured"]
+    assert gn["images_per_s_per_gpu"] == pytest.approx(
+        GPUS["l4"].peak_bf16 * MFU / (gn["gflops_per_image"] * 1e9)
+    )
+    assert main(argv) == 0
+    assert "measured for 2 of 4 points, 3 finished trials on NVIDIA L4 in MLflow experiment 'smoke'" in (
+        capsys.readouterr().out
     )

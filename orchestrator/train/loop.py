@@ -59,6 +59,12 @@ class Worker:
             raise ValueError("train.sample_weights_from is set: pass the driver's plan as repeats")
 
     @cached_property
+    def device_name(self) -> str:
+        """The device's kind as torch names it ("NVIDIA A10G"), or cpu: `orchestrator plan` reads the
+        throughput of finished trials by it."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+
+    @cached_property
     def mean_std(self) -> MeanStd:
         """The input normalization: the training split's RGB statistics or ImageNet's."""
         return input_mean_std(self.spec)
@@ -390,7 +396,8 @@ def _log_epoch(
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
     epoch = report["epoch"]
     # The nodes tag goes with every epoch: a restarted worker group may be placed on other nodes.
-    if not tracking.log_epoch(run_id, report, int(epoch), uri, tags={"orchestrator.nodes": w.nodes}):
+    tags = {"orchestrator.nodes": w.nodes, tracking.DEVICE: w.device_name}
+    if not tracking.log_epoch(run_id, report, int(epoch), uri, tags=tags):
         return  # logged by an earlier attempt of this trial
     if improved:
         with tempfile.TemporaryDirectory() as best_dir:

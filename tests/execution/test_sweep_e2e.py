@@ -80,6 +80,7 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
         assert trial.info.status == "FINISHED"
         assert trial.data.params["model.backbone"] == "resnet18"
         assert trial.data.params["train.batch_per_gpu"] == "2"
+        assert trial.data.tags["orchestrator.device"] == "cpu"  # on CUDA torch's name: plan's throughput key
         for metric in ("train_loss", "val_miou", "val_iou_direct", "images_per_s"):
             history = client.get_metric_history(trial.info.run_id, metric)
             assert [m.step for m in history] == [1, 2], metric
