@@ -205,3 +205,24 @@ def test_points_that_cannot_fit_the_clusters_gpus_are_refused_before_mlflow_or_a
     for error in errors:
         assert error in proc.stderr
     assert contacts == []
+
+
+@pytest.mark.slow
+def test_plan_without_gpu_reads_the_kind_of_the_cluster_at_ray_address(
+    two_nodes: str, tmp_path: Path
+) -> None:
+    spec = {
+        "name": "planned",
+        "data": {"train": "shards/train", "val": "shards/val"},
+        "train": {"crop": [64, 64]},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": two_nodes, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    argv = [*CLI, "plan", "spec.yaml", "--train-images", "10"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 trials on a10g (22.5 GiB): 0 do not fit" in proc.stdout
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "error: --gpu: name the GPUs' kind (v100-16gb, a10g," in proc.stderr
