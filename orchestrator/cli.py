@@ -488,8 +488,10 @@ def _cluster_gpu() -> str:
         raise UsageError(
             f"--gpu: name the GPUs' kind ({', '.join(GPUS)}), or set RAY_ADDRESS to read it from a cluster"
         )
+    from orchestrator import logs
     from orchestrator.execution import cluster
 
+    logs.quiet_console("ray")
     cluster.init_ray()
     kind = cluster.gpu_kind(cluster.alive_nodes())
     if kind is None:

@@ -23,11 +23,16 @@ def to_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name, level in CONSOLE_LEVELS.items():
-        logger = logging.getLogger(name)
-        for console in logger.handlers:
-            console.setLevel(max(console.level, level))
-        logger.addHandler(_Forward(handler))
+    for name in CONSOLE_LEVELS:
+        quiet_console(name)
+        logging.getLogger(name).addHandler(_Forward(handler))
+
+
+def quiet_console(name: str) -> None:
+    """The console handlers of logger `name` (a key of CONSOLE_LEVELS) keep only its CONSOLE_LEVELS level and
+    up: Ray's start lines and token notice are not a command's output. Call after importing the library."""
+    for console in logging.getLogger(name).handlers:
+        console.setLevel(max(console.level, CONSOLE_LEVELS[name]))
 
 
 class _Forward(logging.Handler):

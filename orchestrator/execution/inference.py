@@ -10,10 +10,10 @@ import logging
 import ray
 from ray.util import ActorPool
 
+from orchestrator import logs
 from orchestrator.errors import UsageError
 from orchestrator.execution.cluster import init_ray
 from orchestrator.inference.parts import Part, Pass
-from orchestrator.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,12 @@ class _Worker:
         return self.job.run(self.members, part)
 
 
-def run_parts(job: Pass, workers: int, gpus_per_worker: float | None, progress: Progress) -> list[Part]:
+def run_parts(job: Pass, workers: int, gpus_per_worker: float | None, progress: logs.Progress) -> list[Part]:
     """The pass's parts, in order, from `workers` Ray workers of `gpus_per_worker` GPUs each (default:
     one where the cluster has GPUs and the device is not cpu, else none)."""
     if workers < 1:
         raise UsageError(f"workers {workers}: want 1 or more Ray workers")
+    logs.quiet_console("ray")
     init_ray()
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if gpus_per_worker is None:

@@ -287,6 +287,7 @@ def test_an_ensemble_submitted_runs_on_the_clusters_ray_workers(local_cluster, t
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "orchestrator ensemble --top 1 --experiment cluster-ensemble --workers 2" in proc.stderr
     assert "4 images on 2 Ray worker(s) of 0 GPU(s)" in proc.stdout and "SUCCEEDED" in proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stdout  # Ray's console lines: quieted
     (ensemble,) = MlflowClient(uri).search_runs([exp], "tags.`orchestrator.kind` = 'ensemble'")
     assert ensemble.data.params["members"] == trial and "val_miou_official" in ensemble.data.metrics
     assert_no_secrets(local_cluster, proc.stdout, proc.stderr)

@@ -222,6 +222,7 @@ def test_plan_without_gpu_reads_the_kind_of_the_cluster_at_ray_address(
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 trials on a10g (22.5 GiB): 0 do not fit" in proc.stdout
+    assert "Connecting to existing Ray cluster" not in proc.stderr  # Ray's console lines: quieted
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
