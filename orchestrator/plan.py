@@ -109,7 +109,7 @@ def plan(
 def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[Trial]:
     """The trials to run on GPUs of kind `gpu` (a key of gpus.GPUS), `auto` batches chosen. Grid points
     that do not fit refuse the lot (SpecError, a line each with its estimate and the GPU's memory), or, with
-    `skip_unfit`, are logged and left out."""
+    `skip_unfit`, are logged and left out (unless none fits)."""
     kind, costs = GPUS[gpu], StepCosts()
     fitted, unfit = [], []
     for trial in trials:
@@ -119,11 +119,11 @@ def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[
             fitted.append(trial)
         else:
             unfit.append(f"  {point.key}: {point.memory_gib:.1f} GiB at {point.batch_per_gpu} per GPU")
-    if unfit and not skip_unfit:
+    if unfit and not (skip_unfit and fitted):
+        others = " or run the others with --skip-unfit" if fitted else " (none does)"
         raise SpecError([
             f"{len(unfit)} of {len(trials)} grid points do not fit {gpu} ({kind.memory_gib} GiB per GPU) by "
-            "`orchestrator plan`'s estimate: lower their batch or crop, use a larger GPU (--gpu), or run "
-            "the others with --skip-unfit",
+            f"`orchestrator plan`'s estimate: lower their batch or crop, use a larger GPU (--gpu),{others}",
             *unfit,
         ])  # fmt: skip
     if unfit:

@@ -155,6 +155,8 @@ def test_a_grid_with_points_that_do_not_fit_is_refused_point_by_point_unless_ski
     kept = fit_trials(trials, "a10g", skip_unfit=True)
     assert [t.key for t in kept] == [t.key for t in trials if "100000" not in t.key]
     assert "train.batch_per_gpu=100000" in caplog.text
+    with pytest.raises(specs.SpecError, match=r"^2 of 2 grid points do not fit .*\(--gpu\), \(none does\)"):
+        fit_trials([t for t in trials if "100000" in t.key], "a10g", skip_unfit=True)  # nothing left to run
     auto = [t for t in kept if t.key.endswith("=auto")]
     assert len(auto) == 2 and all(
         t.spec.train.batch_per_gpu == t.config["train.batch_per_gpu"] > 2 for t in auto
