@@ -68,7 +68,8 @@ class MetaShapes(TorchDispatchMode):
             return func(*args, **kwargs)
         if known is False:
             out = func(*args, **kwargs)
-            self._outputs[key] = _replayable(out)
+            inputs = {storage_id(x) for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)}
+            self._outputs[key] = _replayable(out, inputs)
             self.ran += 1
             return out
         if known is None:
@@ -113,12 +114,14 @@ def _fresh(x: Any) -> Any:
     return x
 
 
-def _replayable(out: Any) -> tuple[Any, list] | None:
-    """The tree of `out` and a description of its leaves, None when a replay would differ: a storage shared
-    by two outputs, an offset into one, or more bytes than the shape and strides need."""
+def _replayable(out: Any, inputs: set[int]) -> tuple[Any, list] | None:
+    """The tree of `out` and a description of its leaves, None when a replay would differ: an input's storage
+    (a view its schema does not declare, as _unsafe_view), a storage shared by two outputs, an offset into
+    one, or more bytes than the shape and strides need."""
     leaves, tree = tree_flatten(out)
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    if len({storage_id(t) for t in tensors}) < len(tensors):
+    storages = {storage_id(t) for t in tensors}
+    if len(storages) < len(tensors) or storages & inputs:
         return None
     for t in tensors:
         if (

@@ -12,7 +12,7 @@ import torch
 from orchestrator.compute import step_cost
 from orchestrator.errors import UsageError
 from orchestrator.models.build import build_model
-from orchestrator.torch_private import MetaShapes, _replayable, check_torch_version, storage_id
+from orchestrator.torch_private import MetaShapes, _pure, _replayable, check_torch_version, storage_id
 
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 # A private module or attribute of torch: `torch.x._y`, `from torch._x`, `._cdata`, `._schema`.
@@ -62,8 +62,27 @@ def test_replaying_shapes_counts_what_running_the_meta_kernels_counts() -> None:
 
 
 def test_outputs_a_replay_could_not_reproduce_are_not_remembered() -> None:
-    x = torch.empty(4, 5, device="meta")
-    assert _replayable((x, torch.empty(3, device="meta"))) is not None
-    assert _replayable(x[1:]) is None  # an offset into a storage
-    assert _replayable(x[:, :2]) is None  # a storage larger than the shape needs
-    assert _replayable((x, x.view(20))) is None  # two outputs, one storage
+    x, y = torch.empty(4, 5, device="meta"), torch.empty(4, 5, device="meta")
+    assert _replayable((x, torch.empty(3, device="meta")), {storage_id(y)}) is not None
+    assert _replayable(x[1:], set()) is None  # an offset into a storage
+    assert _replayable(x[:, :2], set()) is None  # a storage larger than the shape needs
+    assert _replayable((x, x.view(20)), set()) is None  # two outputs, one storage
+    view = torch.ops.aten._unsafe_view(y, [20])  # a view, undeclared in its schema
+    assert not _pure(torch.ops.aten.view.default) and _pure(torch.ops.aten._unsafe_view.default)
+    assert _replayable(view, {storage_id(y)}) is None
+
+
+def test_every_backbone_and_head_counts_the_same_with_replayed_shapes() -> None:
+    """Each model the plan can meet, at a small crop, batch 2, through one MetaShapes and without."""
+    from orchestrator.models.catalog import BACKBONES
+
+    shapes, models = MetaShapes(), [(name, None) for name in BACKBONES]
+    models += [("resnet18", "deeplabv3"), ("resnet18", "fcn")]
+    for backbone, head in models:
+        with torch.device("meta"):
+            model = build_model(backbone, head, norm="gn:g8+ws").train()
+        case = (model, torch.empty(2, 3, 64, 96, device="meta"), torch.empty(2, 64, 96, device="meta").long())
+        with shapes:
+            step_cost(*case, flops=False)
+            replayed = step_cost(*case, flops=False)  # every op met before
+        assert replayed == step_cost(*case, flops=False), (backbone, head)
