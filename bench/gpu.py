@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from orchestrator.compute import GIB, count_flops, step_cost, tensor_bytes  # noqa: E402
+from orchestrator.compute import CUDA_AUTOCAST, GIB, count_flops, step_cost, tensor_bytes  # noqa: E402
 from orchestrator.gpus import peak_flops  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
 from orchestrator.train.step import accumulate_gradients  # noqa: E402
@@ -75,20 +75,21 @@ def measure(
 
 def estimate(crop: tuple[int, int], batch: int, norm: str) -> float:
     """What `orchestrator plan` counts for the same step: the tensors' bytes (compute.tensor_bytes), from the
-    model's forward on the meta device in bfloat16."""
+    model's forward on the meta device under CUDA autocast's casts to bfloat16."""
     with torch.device("meta"):
-        model = build_model("resnet101", "deeplabv3plus", norm=norm).to(torch.bfloat16).train()
+        model = build_model("resnet101", "deeplabv3plus", norm=norm).train()
     width, height = crop
     one, two = (
         step_cost(
             model,
-            torch.empty(b, 3, height, width, device="meta", dtype=torch.bfloat16),
+            torch.empty(b, 3, height, width, device="meta"),
             torch.empty(b, height, width, device="meta", dtype=torch.long),
             flops=False,
+            autocast=CUDA_AUTOCAST,
         )
         for b in (1, 2)
     )
-    return tensor_bytes(one, two, batch, optimizer_states=1, amp=True)
+    return tensor_bytes(one, two, batch, optimizer_states=1)
 
 
 def main() -> None:

@@ -3,14 +3,14 @@
 Per grid point (trial): the peak GPU memory of a worker, whether it fits the GPU kind, the training FLOPs
 per image and the trial's GPU-hours; in total the GPU-hours, the wall-clock hours on the cluster's GPUs and
 dollars. How each figure is made:
-- memory = parameters + gradients + optimizer state (SGD momentum: one copy; AdamW: two) + bf16 weight
-  copies under AMP + the activations autograd keeps for the backward x FRAGMENTATION + CONTEXT_GIB per GPU
-  (CUDA context, cuDNN/cuBLAS workspaces): compute.worker_memory. The backward's temporaries are left to
-  the allowance, which no GPU has checked yet (bench/gpu.py prints the estimate beside
-  torch.cuda.max_memory_allocated). The activations are counted (compute.step_cost) by running the
-  real model's forward on meta tensors at batch 1 and 2 (they are affine in the batch: per-image tensors
-  plus per-channel statistics); under AMP the model runs in bfloat16 on the meta device (meta tensors have no
-  autocast), an approximation of autocast's mix.
+- memory = parameters + gradients + optimizer state (SGD momentum: one copy; AdamW: two) + the
+  activations autograd keeps for the backward x FRAGMENTATION + CONTEXT_GIB per GPU (CUDA context,
+  cuDNN/cuBLAS workspaces): compute.worker_memory. The backward's temporaries are left to the allowance,
+  which no GPU has checked yet (bench/gpu.py prints the estimate beside torch.cuda.max_memory_allocated).
+  The activations are counted (compute.step_cost) by running the real model's forward on meta tensors at
+  batch 1 and 2 (they are affine in the batch: per-image tensors plus per-channel statistics); under AMP
+  with CUDA autocast's casts (compute.Autocast: meta tensors have no autocast of their own), its bf16 weight
+  copies and the float32 of GN, LN, upsampling and the loss among them.
 - FLOPs per image: convolutions and matrix products of a forward and backward (compute.count_flops).
 - GPU-hours: the images the trial trains on (epochs x the train split's samples, or steps_per_epoch x batch x
   workers) / the images per second of one GPU: measured, where the spec's MLflow experiment holds finished
@@ -137,7 +137,7 @@ def _with_auto_batch(trial: Trial, gpu: Gpu, costs: StepCosts) -> Trial:
     if t.batch_per_gpu != "auto":
         return trial
     one, two = costs(trial.spec, tuple(t.crop))
-    batch = compute.largest_batch(one, two, gpu.memory_gib * GIB, _optimizer_states(t), t.amp != "off")
+    batch = compute.largest_batch(one, two, gpu.memory_gib * GIB, _optimizer_states(t))
     return trial.with_batch(max(batch, 1))
 
 
@@ -154,7 +154,7 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Meas
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
         one, two = costs(s, crop)
-        memory = max(memory, compute.worker_memory(one, two, batch, _optimizer_states(t), t.amp != "off"))
+        memory = max(memory, compute.worker_memory(one, two, batch, _optimizer_states(t)))
         per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
         rate = measured.get((s.model.backbone, s.norm, crop))
         all_measured &= rate is not None
@@ -219,28 +219,29 @@ class StepCosts:
     def __call__(self, spec: Spec, crop: tuple[int, int]) -> tuple[compute.StepCost, compute.StepCost]:
         m, amp = spec.model, spec.train.amp != "off"
         architecture = (m.backbone, m.head, m.output_stride, m.multi_grid)
-        model_key = (*architecture, spec.norm, amp)
-        dtype = torch.bfloat16 if amp else torch.float32
+        model_key = (*architecture, spec.norm)
         if model_key not in self._models:
             with torch.device("meta"):
-                self._models[model_key] = model_for(spec, pretrained=False).to(dtype).train()
-        if (model_key, crop) not in self._costs:
+                self._models[model_key] = model_for(spec, pretrained=False).train()
+        key = (model_key, amp, crop)
+        if key not in self._costs:
             width, height = crop
             count_flops = (architecture, crop) not in self._flops
             with self._shapes:
                 one, two = (
                     compute.step_cost(
                         self._models[model_key],
-                        torch.empty(batch, 3, height, width, device="meta", dtype=dtype),
+                        torch.empty(batch, 3, height, width, device="meta"),
                         torch.empty(batch, height, width, device="meta", dtype=torch.long),
                         flops=batch == 1 and count_flops,
+                        autocast=compute.CUDA_AUTOCAST if amp else None,
                     )
                     for batch in (1, 2)
                 )
             if count_flops:
                 self._flops[architecture, crop] = one.flops
-            self._costs[model_key, crop] = replace(one, flops=self._flops[architecture, crop]), two
-        return self._costs[model_key, crop]
+            self._costs[key] = replace(one, flops=self._flops[architecture, crop]), two
+        return self._costs[key]
 
 
 def _train_images(spec: Spec, given: int | None) -> tuple[int, str]:

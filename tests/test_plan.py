@@ -12,7 +12,7 @@ import torch
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.cli import main
-from orchestrator.compute import CONTEXT_GIB, FRAGMENTATION, GIB, step_cost
+from orchestrator.compute import CONTEXT_GIB, CUDA_AUTOCAST, FRAGMENTATION, GIB, step_cost
 from orchestrator.gpus import GPUS
 from orchestrator.plan import MFU
 
@@ -49,22 +49,25 @@ def test_the_json_plan_adds_up(capsys) -> None:
 
 
 def test_a_points_memory_is_its_weights_states_and_activations_at_its_batch(capsys) -> None:
-    """Batch 5 is extrapolated from counts at 1 and 2; here it is counted at 5 and added up independently."""
+    """Batch 5 is extrapolated from counts at 1 and 2; here it is counted at 5 and added up independently,
+    without AMP and under bf16 AMP (CUDA autocast's casts: GN in float32)."""
     overrides = ["grid.norm=[gn:g8]", "grid.train.batch_per_gpu=[5]", "train.crop=[96,64]"]
-    overrides.append("train.optimizer=adamw")
+    overrides += ["train.optimizer=adamw", "grid.train.amp=[off,bf16]"]
     assert main(["plan", SMOKE, "--gpu", "a10g", "--json", *sets(overrides)]) == 0
-    (point,) = json.loads(capsys.readouterr().out)["points"]
-    (trial,) = specs.expand(specs.load(SMOKE, overrides))
+    points = json.loads(capsys.readouterr().out)["points"]
+    trial = specs.expand(specs.load(SMOKE, overrides))[0]
     with torch.device("meta"):
         model = model_for(trial.spec, pretrained=False).train()
     images, masks = (
         torch.empty(5, 3, 64, 96, device="meta"),
         torch.empty(5, 64, 96, dtype=torch.long, device="meta"),
     )
-    cost = step_cost(model, images, masks)
     weights = sum(p.numel() for p in model.parameters()) * 4 * 4  # weights, gradients, AdamW's two moments
-    expected = (weights + cost.activation_bytes * FRAGMENTATION) / GIB + CONTEXT_GIB
-    assert point["memory_gib"] == pytest.approx(expected, rel=1e-12) and point["batch_per_gpu"] == 5
+    for point, autocast in zip(points, (None, CUDA_AUTOCAST), strict=True):
+        cost = step_cost(model, images, masks, autocast=autocast)
+        expected = (weights + cost.activation_bytes * FRAGMENTATION) / GIB + CONTEXT_GIB
+        assert point["memory_gib"] == pytest.approx(expected, rel=1e-12) and point["batch_per_gpu"] == 5
+    assert points[1]["memory_gib"] > points[0]["memory_gib"]  # GN's float32 copies outweigh bf16 elsewhere
 
     huge = ["grid.norm=[gn:g8]", "grid.train.batch_per_gpu=[4096]", "train.crop=[96,64]"]
     assert main(["plan", SMOKE, "--gpu", "a10g", "--json", *sets(huge)]) == 0
@@ -130,8 +133,8 @@ def test_largest_batch_agrees_with_the_memory_it_maximizes() -> None:
     one, two = StepCost(3 * GIB, 10, 25_000_000), StepCost(5 * GIB, 10, 25_000_000)
     for memory_gib in (0.5, 4.0, 4.4, 4.5, 22.5, 79.6):
         memory = memory_gib * GIB
-        fitting = [b for b in range(1, 100) if worker_memory(one, two, b, 1, False) <= memory]
-        assert largest_batch(one, two, memory, 1, False) == max(fitting, default=0)
+        fitting = [b for b in range(1, 100) if worker_memory(one, two, b, 1) <= memory]
+        assert largest_batch(one, two, memory, 1) == max(fitting, default=0)
 
 
 def test_a_grid_with_points_that_do_not_fit_is_refused_point_by_point_unless_skipped(caplog) -> None:
