@@ -21,7 +21,6 @@ The sweep plans first too (fit_trials): `batch_per_gpu: auto` is chosen, points 
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections import defaultdict
@@ -35,8 +34,6 @@ from orchestrator.compute import GIB
 from orchestrator.gpus import GPUS, Gpu
 from orchestrator.spec import Spec, SpecError, TrainSpec, Trial, expand
 from orchestrator.torch_private import MetaShapes
-
-log = logging.getLogger(__name__)
 
 MFU = 0.35  # model FLOPs utilization assumed when nothing was measured
 BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's split cannot be read
@@ -106,10 +103,10 @@ def plan(
     return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
 
 
-def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[Trial]:
-    """The trials to run on GPUs of kind `gpu` (a key of gpus.GPUS), `auto` batches chosen. Grid points
-    that do not fit refuse the lot (SpecError, a line each with its estimate and the GPU's memory), or, with
-    `skip_unfit`, are logged and left out (unless none fits)."""
+def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> tuple[list[Trial], list[str]]:
+    """The trials to run on GPUs of kind `gpu` (a key of gpus.GPUS), `auto` batches chosen, and a line for
+    each grid point left out. Points that do not fit refuse the lot (SpecError, a line each with its estimate
+    and the GPU's memory), or, with `skip_unfit`, are left out (unless none fits)."""
     kind, costs = GPUS[gpu], StepCosts()
     fitted, unfit = [], []
     for trial in trials:
@@ -126,9 +123,7 @@ def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> list[
             f"`orchestrator plan`'s estimate: lower their batch or crop, use a larger GPU (--gpu),{others}",
             *unfit,
         ])  # fmt: skip
-    if unfit:
-        log.warning("skipped, not fitting %s (%s GiB per GPU):\n%s", gpu, kind.memory_gib, "\n".join(unfit))
-    return fitted
+    return fitted, unfit
 
 
 def _with_auto_batch(trial: Trial, gpu: Gpu, costs: StepCosts) -> Trial:

@@ -162,7 +162,12 @@ def fit(trials: list[Trial], gpu: str | None, skip_unfit: bool = False) -> list[
         return trials
     from orchestrator.plan import fit_trials  # torch, for the meta device: only with a kind to plan for
 
-    return fit_trials(trials, gpu, skip_unfit)
+    fitted, skipped = fit_trials(trials, gpu, skip_unfit)
+    if skipped:
+        log.warning(
+            "skipped, not fitting %s (%s GiB per GPU):\n%s", gpu, GPUS[gpu].memory_gib, "\n".join(skipped)
+        )
+    return fitted
 
 
 def run_trial(
