@@ -14,7 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from orchestrator.torch_private import storage_id
+from orchestrator.torch_private import map_tensors, storage_id, tensors_in
 
 GIB = 1 << 30
 FRAGMENTATION = 1.10  # the caching allocator's blocks beyond what the activations hold (uncalibrated)
@@ -106,39 +106,19 @@ class Autocast(TorchFunctionMode):
         elif name in self.policy.fp32:
             to = torch.float32
         elif name in self.policy.promote:
-            floats = [t.dtype for t in _tensors((args, kwargs)) if t.dtype in (torch.float32, self.dtype)]
+            floats = [t.dtype for t in tensors_in((args, kwargs)) if t.dtype in (torch.float32, self.dtype)]
             to = max(floats, key=lambda d: d.itemsize, default=None)
         else:
             return func(*args, **kwargs)
-        args, kwargs = self._cast((args, kwargs), to)
+        args, kwargs = map_tensors(lambda t: self._cast(t, to), (args, kwargs))
         return func(*args, **kwargs)
 
-    def _cast(self, value, to: torch.dtype | None):
-        if isinstance(value, torch.Tensor):
-            if (
-                to is None
-                or value.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-                or value.dtype == to
-            ):
-                return value
-            if to != self.dtype or not (value.is_leaf and value.requires_grad):
-                return value.to(to)
-            return self._weights.setdefault(id(value), value.to(to))
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._cast(v, to) for v in value)
-        if isinstance(value, dict):
-            return {k: self._cast(v, to) for k, v in value.items()}
-        return value
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    def _cast(self, t: torch.Tensor, to: torch.dtype | None) -> torch.Tensor:
+        if to is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or t.dtype == to:
+            return t
+        if to != self.dtype or not (t.is_leaf and t.requires_grad):
+            return t.to(to)
+        return self._weights.setdefault(id(t), t.to(to))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ The sweep plans first too (fit_trials): `batch_per_gpu: auto` is chosen, points 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 
@@ -191,8 +190,8 @@ def measured_throughput(experiment: str, gpu: Gpu) -> tuple[Measured, str]:
         )
         if run.data.tags.get(tracking.DEVICE) != gpu.name or "images_per_s" not in metrics or not gpus:
             continue
-        crop = tuple(int(v) for v in re.findall(r"\d+", params.get("train.crop", "")))  # "[720, 720]"
-        rates[params.get("model.backbone"), params.get("norm"), crop].append(metrics["images_per_s"] / gpus)
+        key = (params.get("model.backbone"), params.get("norm"), tracking.crop_param(params))
+        rates[key].append(metrics["images_per_s"] / gpus)
     trials = sum(len(r) for r in rates.values())
     return {k: sum(r) / len(r) for k, r in rates.items()}, (
         f"{trials} finished trials on {gpu.name} in MLflow experiment {experiment!r}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -514,7 +513,7 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         backbone=params.get("model.backbone", "?"),
         norm=params.get("norm", "?"),
         batch_per_gpu=_int(params.get("train.batch_per_gpu", "")),
-        crop=tuple(int(v) for v in re.findall(r"\d+", params.get("train.crop", ""))),  # "[720, 720]"
+        crop=tracking.crop_param(params),
         best_val_miou=_best(run, METRIC, uri),
         best_official=_best(run, OFFICIAL, uri),
         last_epoch=None if epoch is None else int(epoch),

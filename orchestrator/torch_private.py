@@ -4,6 +4,7 @@ against the installed one on import: a torch upgrade fails here, naming the rang
 What is taken, and why:
 - `UntypedStorage._cdata`: a storage's identity. Meta tensors have no data pointer, and compute.step_cost
   counts each storage autograd keeps once, however many views of it are saved.
+- `torch.utils._pytree`: the tensors in an op's nested arguments (MetaShapes, compute.Autocast).
 - `TorchDispatchMode` (torch.utils._python_dispatch) and `OpOverload._schema`: `MetaShapes` remembers the
   output shapes of ops on the meta device. Some meta kernels are Python decompositions (batch norm's, in
   2.13, runs dozens of reference ops), and `orchestrator plan` runs the same layers at the same shapes
@@ -12,11 +13,12 @@ What is taken, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from orchestrator.errors import UsageError
 
@@ -36,6 +38,16 @@ def check_torch_version(version: str = torch.__version__) -> None:
 
 
 check_torch_version()
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a nest of lists, tuples and dicts (an op's arguments)."""
+    return [x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor)]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """`value` with each tensor in its nest of lists, tuples and dicts replaced by fn(tensor)."""
+    return tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, value)
 
 
 def storage_id(t: torch.Tensor) -> int:
@@ -68,7 +80,7 @@ class MetaShapes(TorchDispatchMode):
             return func(*args, **kwargs)
         if known is False:
             out = func(*args, **kwargs)
-            inputs = {storage_id(x) for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)}
+            inputs = {storage_id(x) for x in tensors_in((args, kwargs))}
             self._outputs[key] = _replayable(out, inputs)
             self.ran += 1
             return out
@@ -119,7 +131,7 @@ def _replayable(out: Any, inputs: set[int]) -> tuple[Any, list] | None:
     (a view its schema does not declare, as _unsafe_view), a storage shared by two outputs, an offset into
     one, or more bytes than the shape and strides need."""
     leaves, tree = tree_flatten(out)
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    tensors = tensors_in(leaves)
     storages = {storage_id(t) for t in tensors}
     if len(storages) < len(tensors) or storages & inputs:
         return None

@@ -184,6 +184,11 @@ def end_run(run_id: str, uri: str, failed: bool = False, reason: str | None = No
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def crop_param(params: dict[str, str]) -> tuple[int, ...]:
+    """A trial run's `train.crop` param ("[720, 720]") as numbers; () without one."""
+    return tuple(int(v) for v in re.findall(r"\d+", params.get("train.crop", "")))
+
+
 _FINISHED_TRIALS = f"tags.`{KIND}` = 'trial' and attributes.status = 'FINISHED'"
 
 
