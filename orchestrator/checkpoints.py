@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from orchestrator.data.transforms import IMAGENET, MeanStd
+from orchestrator.errors import UsageError, cut
 from orchestrator.models.build import build_model
 from orchestrator.spec import Spec, from_flat
 
@@ -42,7 +43,22 @@ def save(path: str | Path, model: nn.Module, config: dict[str, Any], mean_std: M
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """What `save` wrote; UsageError for a file that is something else (weights alone, not torch's, a
+    pickle of other objects, which weights_only never runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch says "not a zip", "invalid load key", "unsupported global", ...
+        cause = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0]}"
+        raise UsageError(f"{path}: not a checkpoint of this tool ({cut(cause, 160)})") from None
+    if not (isinstance(state, dict) and {"model", "config"} <= state.keys()):
+        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise UsageError(
+            f"{path}: not a checkpoint of this tool: it holds {cut(str(keys), 160)}, not the model and the "
+            "trial config a trial saves (weights alone go to model.pretrained)"
+        )
+    return state
 
 
 @dataclass

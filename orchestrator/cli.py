@@ -9,47 +9,124 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
+from orchestrator import errors
 from orchestrator.data.layout import LABEL_FORMATS
-from orchestrator.errors import UsageError
+from orchestrator.errors import Unavailable, UsageError
 from orchestrator.gpus import GPUS
-from orchestrator.spec import SpecError, redact_overrides
+from orchestrator.masking import redact, redact_arg, redact_argv
+from orchestrator.spec import SpecError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit code follows orchestrator/errors.py's contract (0, 1, 2, 70, 130)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     job = []
     if argv[:1] == ["submit"] and "--" in argv:  # `submit [options] -- ensemble ...`: that command as the job
         argv, job = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except BadArguments as e:
+        return _refuse(e, [*argv, *job])
+    except SystemExit as e:  # --help
+        return e.code
     args.job = job
     # Tagged on the runs it makes (a report prints it), credentials in --set masked.
-    args.command = shlex.join(["orchestrator", *redact_overrides(argv)])
+    args.command = shlex.join(["orchestrator", *redact_argv(argv)])
     # Checkpoint downloads take a second; MLflow's bars for them would bury the one-line errors below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except SpecError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except (LookupError, UsageError) as e:  # nothing to act on, or not like this: say why, no traceback
-        if isinstance(e, (KeyError, IndexError)):
-            raise  # a bug, not a lookup of ours: keep the traceback
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
+    except BadArguments as e:  # submit's check of the command after --
+        return _refuse(e, [*argv, *job])
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    except Exception as e:
+        code, lines = _explain(e)
+        if args.verbose:
+            traceback.print_exc()
+        for line in lines:
+            print(f"error: {_masked(line, [*argv, *job])}", file=sys.stderr)
+        return code
+
+
+MAX_ERROR_LINES = 30
+MAX_LINE_CHARS = (
+    1000  # values in a line are cut to errors.MAX_VALUE_CHARS where it is made; this bounds the rest
+)
+
+
+def _explain(e: Exception) -> tuple[int, list[str]]:
+    """(exit code, lines) of a failure, by orchestrator/errors.py's contract."""
+    if isinstance(e, SpecError):
+        return errors.EXIT_USAGE, e.lines
+    if isinstance(e, (KeyError, IndexError)):  # lookups of ours fail as LookupError; these are bugs
+        code = errors.EXIT_INTERNAL
+    elif isinstance(e, (UsageError, LookupError)):  # not like this, or nothing to act on
+        code = errors.EXIT_USAGE
+    elif isinstance(e, (Unavailable, OSError)):  # the environment: a service, a file, the network
+        code = errors.EXIT_UNAVAILABLE
+    else:
+        code = errors.EXIT_INTERNAL
+    ours = isinstance(e, (UsageError, Unavailable, LookupError)) and code != errors.EXIT_INTERNAL
+    text = str(e.args[0]) if ours and e.args else f"{type(e).__name__}: {e}"
+    lines = [errors.cut(redact(line), MAX_LINE_CHARS) for line in text.splitlines() or [text]]
+    if not ours:
+        lines = lines[:1]
+    if code == errors.EXIT_INTERNAL:
+        lines[0] = f"internal error, a bug: {lines[0]} (-v prints the traceback)"
+    if len(lines) > MAX_ERROR_LINES:
+        lines[MAX_ERROR_LINES - 1 :] = [f"... {len(lines) - MAX_ERROR_LINES + 1} more lines"]
+    return code, lines
+
+
+class BadArguments(Exception):
+    """What argparse says of arguments it cannot take."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose flags are never abbreviated (`--se` is no `--set`, and would dodge its masking) and
+    whose complaints main prints (_refuse), instead of a usage text and an exit."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise BadArguments(f"{self.prog}: {message} (-h: usage)")
+
+
+def _refuse(e: BadArguments, argv: list[str]) -> int:
+    """argparse's complaint in one line, exit 2."""
+    print(f"error: {errors.cut(_masked(str(e), argv), MAX_LINE_CHARS)}", file=sys.stderr)
+    return errors.EXIT_USAGE
+
+
+def _masked(line: str, argv: list[str]) -> str:
+    """An error line with every argument that holds a credential (masking.redact_arg) masked where the
+    line quotes it, as given or as its repr."""
+    for arg in argv:
+        masked = redact_arg(arg)
+        if masked != arg:
+            line = line.replace(repr(arg)[1:-1], masked).replace(arg, masked)
+    return line
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    p = _Parser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="print the traceback of a failure")
 
     def resume_arg(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument(
@@ -95,17 +172,20 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose",
         action="store_true",
         help="print Ray's, Tune's and the workers' logs here, with Tune's status tables (default: to a log "
-        "file beside the run, the console showing a row per trial)",
+        "file beside the run, the console showing a row per trial), and the traceback of a failure",
     )
     cmd.set_defaults(func=_sweep)
 
-    cmd = sub.add_parser("train", help="run one trial (the spec without its grid), same code path, no Tune")
+    cmd = sub.add_parser(
+        "train", parents=[verbose], help="run one trial (the spec without its grid), same code path, no Tune"
+    )
     spec_args(cmd)
     fit_args(cmd, skip=False)
     cmd.set_defaults(func=_train)
 
     cmd = sub.add_parser(
         "submit",
+        parents=[verbose],
         help="`orchestrator sweep SPEC` (or, after --, an ensemble, evaluate or predict command) as a Ray "
         "job on a cluster: stream its logs, exit as it did",
     )
@@ -128,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser(
         "report",
+        parents=[verbose],
         help="the study's figure (mIoU vs batch per GPU, a line per norm, seeds averaged, facets backbone x "
         "crop) and document (wall time, ensemble gain, commands, tables), logged to the sweep's MLflow run",
     )
@@ -141,20 +222,26 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_report)
 
     cmd = sub.add_parser(
-        "plan", help="each grid point's GPU memory, FLOPs and GPU-hours, and the grid's cost, before it runs"
+        "plan",
+        parents=[verbose],
+        help="each grid point's GPU memory, FLOPs and GPU-hours, and the grid's cost, before it runs",
     )
     spec_args(cmd)
     cmd.add_argument("--gpu", help=f"the GPUs' kind: {', '.join(GPUS)} (default: the kind of the cluster "
                      "at RAY_ADDRESS)")  # fmt: skip
     cmd.add_argument("--gpus", type=_positive, help="GPUs of the cluster (default: what the spec's "
                      "max_concurrent_trials x workers_per_trial x gpus_per_worker use)")  # fmt: skip
-    cmd.add_argument("--price", type=float, help="USD per GPU-hour (default: the built-in on-demand price)")
+    cmd.add_argument("--price", type=_price, help="USD per GPU-hour (default: the built-in on-demand price)")
     cmd.add_argument("--train-images", type=_positive, help="training images per epoch (default: the "
                      "spec's split's manifest, else BDD100K's 70,000)")  # fmt: skip
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     cmd.set_defaults(func=_plan)
 
-    cmd = sub.add_parser("spec", help="validate a spec and print its expanded grid, or print the JSON Schema")
+    cmd = sub.add_parser(
+        "spec",
+        parents=[verbose],
+        help="validate a spec and print its expanded grid, or print the JSON Schema",
+    )
     cmd.add_argument("spec", nargs="?", help="sweep spec YAML")
     cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cmd.add_argument("--schema", action="store_true", help="print the spec's JSON Schema")
@@ -165,15 +252,19 @@ def _parser() -> argparse.ArgumentParser:
         required=True
     )
     cmd = data.add_parser(
-        "synth", help="write procedural road scenes in the BDD100K layout to any fsspec URL"
+        "synth",
+        parents=[verbose],
+        help="write procedural road scenes in the BDD100K layout to any fsspec URL",
     )
     cmd.add_argument("dst")
-    cmd.add_argument("--train", type=int, default=64)
-    cmd.add_argument("--val", type=int, default=16)
+    cmd.add_argument("--train", type=_count, default=64)
+    cmd.add_argument("--val", type=_count, default=16)
     cmd.add_argument("--size", type=_size, default=(1280, 720), help="WIDTHxHEIGHT (default 1280x720)")
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--seed", type=_count, default=0)
     cmd.set_defaults(func=_synth)
-    cmd = data.add_parser("pack", help="pack a BDD100K layout into tar shards + manifest at any fsspec URL")
+    cmd = data.add_parser(
+        "pack", parents=[verbose], help="pack a BDD100K layout into tar shards + manifest at any fsspec URL"
+    )
     cmd.add_argument("src")
     cmd.add_argument("dst")
     cmd.add_argument("--shard-size", type=_positive, default=64, help="samples per shard")
@@ -196,7 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.set_defaults(func=_pack)
     cmd = data.add_parser(
-        "verify", help="re-read packed shards: checksums, sizes, sample counts, pairs that decode and match"
+        "verify",
+        parents=[verbose],
+        help="re-read packed shards: checksums, sizes, sample counts, pairs that decode and match",
     )
     cmd.add_argument("url", help="a packed split folder, or the packed root holding one per split")
     cmd.set_defaults(func=_verify)
@@ -234,7 +327,9 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     cmd = sub.add_parser(
-        "evaluate", help="score one model (an MLflow run's best checkpoint, or a checkpoint file/URI)"
+        "evaluate",
+        parents=[verbose],
+        help="score one model (an MLflow run's best checkpoint, or a checkpoint file/URI)",
     )
     cmd.add_argument("model", help="MLflow run id, or a checkpoint path/URI (model.pt)")
     inference_args(cmd)
@@ -242,7 +337,9 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: evaluation); a run's evaluation goes to the run's experiment")  # fmt: skip
     cmd.set_defaults(func=_evaluate)
 
-    cmd = sub.add_parser("ensemble", help="ensemble the best trials of an experiment and log it to MLflow")
+    cmd = sub.add_parser(
+        "ensemble", parents=[verbose], help="ensemble the best trials of an experiment and log it to MLflow"
+    )
     cmd.add_argument("--top", type=_positive, default=3)
     cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
     cmd.add_argument("--metric", default="val_miou", help="metric to rank trials by (higher is better)")
@@ -263,7 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_ensemble)
 
     cmd = sub.add_parser(
-        "predict", help="write a trial's or an ensemble's predictions of a split as BDD100K masks or RLE JSON"
+        "predict",
+        parents=[verbose],
+        help="write a trial's or an ensemble's predictions of a split as BDD100K masks or RLE JSON",
     )
     cmd.add_argument("run_id", help="MLflow run id of a trial, or of an ensemble (its members)")
     cmd.add_argument(
@@ -280,41 +379,51 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = sub.add_parser(
         "evalnorm-calibrate",
+        parents=[verbose],
         help="estimate EvalNorm alpha/beta for a trained BN run (other weights frozen); score; log to MLflow",
     )
     cmd.add_argument("run_id", help="MLflow run id of a finished bn/syncbn trial")
-    cmd.add_argument("--steps", type=int, default=200, help="optimization steps on training batches")
-    cmd.add_argument("--lr", type=float, default=0.1)
+    cmd.add_argument("--steps", type=_positive, default=200, help="optimization steps on training batches")
+    cmd.add_argument("--lr", type=_rate, default=0.1)
     cmd.add_argument(
-        "--batch-size", type=int, help="normalization batch (default: the trial's batch_per_gpu)"
+        "--batch-size", type=_positive, help="normalization batch (default: the trial's batch_per_gpu)"
     )
     cmd.set_defaults(func=_calibrate)
     return p
 
 
 def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
-    return w, h
+    w, _, h = text.lower().partition("x")
+    if not (w.isdecimal() and h.isdecimal() and int(w) >= 1 and int(h) >= 1):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {errors.shown(text)}")
+    return int(w), int(h)
 
 
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected factors such as 0.75,1,1.25, got {text!r}") from None
-
-
-def _fraction(text: str) -> float:
+def _real(text: str, expected: str, ok: Callable[[float], bool]) -> float:
+    """A finite number that `ok` accepts, else argparse's one-line error saying what was `expected`."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0 such as 1 or 0.5, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {errors.shown(text)}")
     return value
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    return tuple(_real(v, "factors > 0 such as 0.75,1,1.25", lambda f: f > 0) for v in text.split(","))
+
+
+def _fraction(text: str) -> float:
+    return _real(text, "a number of GPUs >= 0 such as 1 or 0.5", lambda v: v >= 0)
+
+
+def _price(text: str) -> float:
+    return _real(text, "US dollars per GPU-hour >= 0 such as 1.01", lambda v: v >= 0)
+
+
+def _rate(text: str) -> float:
+    return _real(text, "a learning rate > 0 such as 0.1", lambda v: v > 0)
 
 
 def _settings(args: argparse.Namespace):
@@ -340,7 +449,13 @@ def _names(text: str) -> list[str]:
 
 def _positive(text: str) -> int:
     if not text.isdecimal() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {errors.shown(text)}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {errors.shown(text)}")
     return int(text)
 
 
@@ -412,6 +527,13 @@ def _submit(args: argparse.Namespace) -> int:
     else:
         from orchestrator import spec as specs
 
+        secret = [redact_arg(o) for o in args.overrides if redact_arg(o) != o]
+        if secret:
+            raise UsageError(
+                f"submit --set {secret[0]}: a credential on the job's command line is stored with the job "
+                "and shown by `ray job list` and the dashboard; give it in the spec file (uploaded with the "
+                "working directory) or the cluster's environment (--env NAME)"
+            )
         specs.load(args.spec, args.overrides)  # a bad spec fails here, before anything is uploaded
         command = entrypoint(
             args.spec, args.overrides, args.working_dir, args.resume, _gpu_arg(args.gpu), args.skip_unfit
@@ -442,7 +564,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _print_outcomes(experiment: str, outcomes: list) -> None:
     from orchestrator import tracking
-    from orchestrator.spec import redact
 
     width = max(len(o.key) for o in outcomes)
     print(f"\n{'trial':<{width}}  {'status':<8}  {'val_miou':>8}  {'best':>8}  {'loss':>7}  {'img/s':>7}")
@@ -572,7 +693,7 @@ def _verify(args: argparse.Namespace) -> int:
         f"{args.url}: {report.samples} samples in {report.shards} shards, {len(report.problems)} problem(s)"
     )
     if report.problems:
-        raise UsageError(summary)
+        raise Unavailable(summary)
     print(summary)
     return 0
 

@@ -26,7 +26,7 @@ from mlflow.entities import Run
 
 from orchestrator import tracking
 from orchestrator.errors import UsageError
-from orchestrator.spec import redact
+from orchestrator.masking import redact
 
 ARTIFACT_DIR = "report"
 METRIC = "val_miou"

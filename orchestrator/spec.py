@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
+import math
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
@@ -31,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.errors import UsageError, cut, shown
+from orchestrator.masking import is_secret, masked, redact, redact_arg
 from orchestrator.models.catalog import (
     BACKBONES,
     HEADS,
@@ -41,47 +44,35 @@ from orchestrator.models.catalog import (
     output_strides,
     parse_norm,
 )
+from orchestrator.spec_yaml import read_yaml
 from orchestrator.train.loss_spec import LOSS_GRAMMAR, LOSS_PATTERN, parse_loss
 
-# Flat keys whose values are never logged or shown: they may carry credentials.
-SECRET_KEYS = ("data.storage_options",)
 MAX_POINT_ERRORS = 10  # lines about invalid grid combinations before the rest are counted
+MAX_TRIALS_ENV = "ORCHESTRATOR_MAX_TRIALS"  # a grid of more trials is refused before it is expanded
+MAX_TRIALS = 10_000
 
 
 def absolute_url(url: str) -> str:
     """URLs with a scheme stay as they are; a plain local path becomes absolute, because Ray
     workers run in other working directories than the command that read the spec."""
+    if not url.strip():
+        raise ValueError("empty; give a path or a URL (or null where the field may be unset)")
     return url if "://" in url else str(Path(url).expanduser().resolve())
 
 
 Url = Annotated[str, AfterValidator(absolute_url)]
+# Numbers are numbers: true is no 1, and 2.0 no count of epochs (pydantic's lax mode takes both). A float
+# field takes an integer; model_config refuses inf and nan.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """A spec that cannot run; `lines` has one problem per line: field, value, what is allowed."""
 
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
         self.lines = lines
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.2's booleans, `true` and `false` only. PyYAML reads YAML 1.1, where on/off/yes/no/y/n are
-    booleans too: `amp: off` and `--set train.amp=off` arrived as False."""
-
-
-_SpecLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def read_yaml(text: str) -> Any:
-    """A spec file's or a `--set` value's YAML."""
-    return yaml.load(text, Loader=_SpecLoader)
 
 
 def _takes_text(annotation: Any) -> tuple[bool, bool]:
@@ -102,7 +93,7 @@ def _takes_text(annotation: Any) -> tuple[bool, bool]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,7 +119,7 @@ class DataSpec(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url); never logged"
     )
-    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
+    loader_workers: Int = Field(2, ge=0, description="DataLoader worker processes per training worker")
     normalize: Literal["dataset", "imagenet"] = Field(
         "dataset",
         description="input mean/std: the training split's own (from its manifest, as the BDD100K report "
@@ -152,7 +143,7 @@ class ModelSpec(_Section):
     output_stride: Literal[8, 16] | None = Field(
         None, description="default: the backbone's own (16; 8 for DRN and ENet)"
     )
-    multi_grid: tuple[int, ...] | None = Field(
+    multi_grid: tuple[Int, ...] | None = Field(
         None, description="unit rates of the last stage's blocks (DeepLabv3, e.g. [1, 2, 4]); ResNets only"
     )
     pretrained: Url | None = Field(
@@ -197,10 +188,10 @@ class StageSpec(_Section):
     """One stage of progressive scaling (training-procedures paper, Table II): small crops with large
     batches and LR first, the full crop last."""
 
-    epochs: int = Field(ge=1)
-    crop: tuple[int, int] = Field(description="[width, height]")
-    batch_per_gpu: int = Field(ge=1)
-    lr: float = Field(gt=0, description="the base LR of the stage; the schedule runs over the whole run")
+    epochs: Int = Field(ge=1)
+    crop: tuple[Int, Int] = Field(description="[width, height]")
+    batch_per_gpu: Int = Field(ge=1)
+    lr: Float = Field(gt=0, description="the base LR of the stage; the schedule runs over the whole run")
 
     @field_validator("crop")
     @classmethod
@@ -229,25 +220,25 @@ BatchPerGpu = Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], WrapValid
 
 
 class TrainSpec(_Section):
-    epochs: int = Field(50, ge=1, description="epochs of the run (all stages together)")
+    epochs: Int = Field(50, ge=1, description="epochs of the run (all stages together)")
     batch_per_gpu: BatchPerGpu = Field(
         2,
         description="images per worker per forward: the normalization batch; auto: the largest that fits "
         "the GPU's memory by `orchestrator plan`'s estimate (the sweep's --gpu, else the cluster's GPU kind)",
     )
-    accumulate: int = Field(
+    accumulate: Int = Field(
         1,
         ge=1,
         description="micro-batches per optimizer step: the gradient batch is accumulate x batch_per_gpu",
     )
-    precise_bn_batches: int = Field(
+    precise_bn_batches: Int = Field(
         0, ge=0, description="recompute BN population statistics on this many batches before each evaluation"
     )
-    crop: tuple[int, int] = Field((720, 720), description="training crop as [width, height]")
-    scale: tuple[float, float] = Field((0.5, 2.0), description="random scale range before the crop")
-    blur_p: float = Field(0.5, ge=0, le=1, description="probability of a random Gaussian blur")
-    blur_sigma: float = Field(1.0, gt=0, description="the blur's sigma is drawn uniformly in (0, blur_sigma]")
-    steps_per_epoch: int | None = Field(
+    crop: tuple[Int, Int] = Field((720, 720), description="training crop as [width, height]")
+    scale: tuple[Float, Float] = Field((0.5, 2.0), description="random scale range before the crop")
+    blur_p: Float = Field(0.5, ge=0, le=1, description="probability of a random Gaussian blur")
+    blur_sigma: Float = Field(1.0, gt=0, description="the blur's sigma is drawn uniformly in (0, blur_sigma]")
+    steps_per_epoch: Int | None = Field(
         None, ge=1, description="cap on optimizer steps per epoch (smoke runs)"
     )
     stages: list[StageSpec] | None = Field(
@@ -255,22 +246,22 @@ class TrainSpec(_Section):
         description="progressive scaling: consecutive stages of (epochs, crop, batch_per_gpu, lr) whose "
         "epochs add up to train.epochs; they replace crop, batch_per_gpu and lr epoch by epoch",
     )
-    checkpoint_every: int = Field(
+    checkpoint_every: Int = Field(
         0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
     )
-    lr: float = Field(
+    lr: Float = Field(
         0.02, gt=0, description="the backbone's base learning rate (the head's: x head_lr_mult)"
     )
-    lr_reference_batch: int | None = Field(
+    lr_reference_batch: Int | None = Field(
         None,
         ge=1,
         description="linear scaling rule (as the GN and EvalNorm papers): lr and each stage's lr are meant "
         "for this many images per optimizer step over all workers, and scale with the actual number",
     )
-    head_lr_mult: float = Field(
+    head_lr_mult: Float = Field(
         10.0, gt=0, description="learning-rate multiplier of the head (ASPP, decoder)"
     )
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1 (one_cycle cycles it)")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1 (one_cycle cycles it)")
     optimizer: Literal["sgd", "adamw"] = Field(
         "sgd", description="sgd: heavy-ball momentum; adamw: betas (momentum, 0.999), decoupled weight decay"
     )
@@ -278,13 +269,13 @@ class TrainSpec(_Section):
         "poly",
         description="poly: lr x (1 - t)^0.9 after warmup_steps; one_cycle: lr is the peak (Smith)",
     )
-    warmup_steps: int = Field(0, ge=0, description="poly: linear warmup over this many optimizer steps")
-    weight_decay: float = Field(5e-4, ge=0, description="L2 (SGD) or decoupled (AdamW) weight decay")
+    warmup_steps: Int = Field(0, ge=0, description="poly: linear warmup over this many optimizer steps")
+    weight_decay: Float = Field(5e-4, ge=0, description="L2 (SGD) or decoupled (AdamW) weight decay")
     decay_norm_and_bias: bool = Field(False, description="also apply weight decay to norm weights and biases")
     loss: str = Field(
         "ce", description=f"loss spec string: {LOSS_GRAMMAR}", json_schema_extra={"pattern": LOSS_PATTERN}
     )
-    mixup_alpha: float = Field(
+    mixup_alpha: Float = Field(
         0.0, ge=0, description="mixup: images mixed with lam ~ Beta(alpha, alpha), soft labels (0: off)"
     )
     sample_weights_from: str | None = Field(
@@ -297,13 +288,13 @@ class TrainSpec(_Section):
     sample_score: Literal["miou", "miou_official"] = Field(
         "miou", description="the per-image score of sample_weights_from that repeat_below and drop_below read"
     )
-    repeat_below: float | None = Field(
+    repeat_below: Float | None = Field(
         None, gt=0, le=1, description="images scoring below this are read repeat_times times per epoch"
     )
-    repeat_times: int = Field(
+    repeat_times: Int = Field(
         2, ge=1, description="copies per epoch of an image scoring below repeat_below (1: a grid's baseline)"
     )
-    drop_below: float | None = Field(
+    drop_below: Float | None = Field(
         None, gt=0, le=1, description="images scoring below this are left out (suspected wrong labels)"
     )
     amp: Literal["off", "bf16", "fp16"] = Field(
@@ -311,7 +302,7 @@ class TrainSpec(_Section):
         description="mixed precision: bf16 (CPU and GPU) or fp16 (with a gradient scaler); norms keep their "
         "statistics in fp32",
     )
-    seed: int = Field(
+    seed: Int = Field(
         0, description="seeds weights, augmentation, mixup and dropout: a CPU run is bit-identical"
     )
 
@@ -384,13 +375,13 @@ class TrainSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    workers_per_trial: int = Field(2, ge=1, description="Ray Train workers (DDP ranks) per trial")
-    gpus_per_worker: float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
-    cpus_per_worker: float = Field(
+    workers_per_trial: Int = Field(2, ge=1, description="Ray Train workers (DDP ranks) per trial")
+    gpus_per_worker: Float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
+    cpus_per_worker: Float = Field(
         1, gt=0, description="CPUs each worker holds (its DataLoader processes run on them)"
     )
-    max_concurrent_trials: int = Field(1, ge=1, description="trials Tune runs at once")
-    max_failures: int = Field(
+    max_concurrent_trials: Int = Field(1, ge=1, description="trials Tune runs at once")
+    max_failures: Int = Field(
         2,
         ge=-1,
         description="restarts of a trial from its last checkpoint after a worker or node dies (-1: no limit)",
@@ -455,7 +446,7 @@ class Spec(_Section):
 
 def _one_of(field: str, value: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
-        raise ValueError(f"unknown {field} {value!r}; allowed: {', '.join(allowed)}")
+        raise ValueError(f"unknown {field} {shown(value)}; allowed: {', '.join(allowed)}")
     return value
 
 
@@ -564,31 +555,10 @@ def trial_key(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
 
 
 def public_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial config minus values that may hold credentials, and with any password written into a
-    URL masked: what MLflow, checkpoints and tables show. Credentials belong in the environment."""
-    return {k: redact(v) for k, v in config.items() if k not in SECRET_KEYS}
-
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact_overrides(argv: Iterable[str]) -> list[str]:
-    """A command line with the value of every `--set` of a key in SECRET_KEYS (or below one) masked: what a
-    run's command tag keeps."""
-    argv = list(argv)
-    redacted = list(argv)
-    for i, arg in enumerate(argv):
-        flag, eq, item = arg.partition("=") if arg.startswith("--set=") else ("", "", arg)
-        key, sep, _ = item.partition("=")
-        secret = any(key == k or key.startswith(f"{k}.") for k in SECRET_KEYS)
-        if secret and sep and (eq or (i and argv[i - 1] == "--set")):
-            redacted[i] = f"{flag}{eq}{key}=***"
-    return redacted
-
-
-def redact(value: Any) -> Any:
-    """scheme://user:password@host/... -> scheme://***@host/...; other values unchanged."""
-    return _USERINFO.sub("***@", value) if isinstance(value, str) else value
+    """The trial config less its secret keys, secrets inside other values and passwords written into URLs
+    masked (orchestrator/masking.py): what MLflow, checkpoints and tables show. Credentials belong in the
+    environment."""
+    return {k: masked(k, v) for k, v in config.items() if not is_secret(k)}
 
 
 def _compact(value: Any) -> str:
@@ -598,7 +568,7 @@ def _compact(value: Any) -> str:
         return ":".join(_compact(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return ("|" if any(isinstance(v, dict) for v in value) else "x").join(_compact(v) for v in value)
-    return str(value)
+    return str(redact(value))
 
 
 # ---------------------------------------------------------------- loading and validation
@@ -608,11 +578,13 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     """Read, override and validate a spec file; raise SpecError with one line per problem."""
     path = Path(path)
     try:
-        raw = read_yaml(path.read_text())
-    except FileNotFoundError:
+        raw = read_yaml(path.read_text(), str(path))
+    except (FileNotFoundError, IsADirectoryError):
         raise SpecError([f"{path}: no such file"]) from None
-    except yaml.YAMLError as e:
-        raise SpecError([f"{path}: not valid YAML: {e}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([f"{path}: cannot be read as text: {e}"]) from None
+    except UsageError as e:
+        raise SpecError([str(e)]) from None
     if not isinstance(raw, dict):
         raise SpecError([f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"])
     raw = apply_overrides(raw, overrides)
@@ -627,10 +599,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     errors = []
     for item in overrides:
         key, sep, text = item.partition("=")
+        where = f"--set {cut(redact_arg(item))}"
         if not sep or not key:
-            errors.append(f"--set {item!r}: expected key=value, e.g. --set train.epochs=2")
+            errors.append(f"--set {shown(item)}: expected key=value, e.g. --set train.epochs=2")
             continue
-        value = read_yaml(text) if text else None
+        if not text.strip():
+            errors.append(f"{where}: no value; write null to unset a field")
+            continue
+        try:
+            value = read_yaml(text, where)
+        except UsageError as e:
+            errors.append(str(e))
+            continue
         if key.startswith("grid."):
             raw.setdefault("grid", {})[key[len("grid.") :]] = value
             continue
@@ -653,19 +633,26 @@ def validate(raw: dict[str, Any]) -> Spec:
         raise SpecError(_describe(e, prefix="")) from None
     if "grid" in raw and not spec.grid:
         errors.append("grid: empty; list values for at least one key, or remove `grid` to run one trial")
-    allowed = grid_keys()
-    base = flatten(spec)
+    size = _grid_size_problem(spec.grid)
+    if size:  # before any value is validated: a long axis would take minutes
+        raise SpecError([*errors, size])
+    allowed, base = grid_keys(), flatten(spec)
     for key, values in spec.grid.items():
         if key not in allowed:
-            errors.append(f"grid.{key}: unknown key; allowed: {', '.join(allowed)}")
-            continue
-        if not values:
+            errors.append(f"grid.{cut(key)}: unknown key; allowed: {', '.join(allowed)}")
+        elif is_secret(key):
+            errors.append(
+                f"grid.{key}: credentials are no grid axis (a trial's key shows in run names, the console "
+                f"and Tune's files); set {key} once, outside the grid"
+            )
+        elif not values:
             errors.append(f"grid.{key}: empty list; give at least one value")
-        for i, value in enumerate(values):
-            try:
-                from_flat({**base, key: value})
-            except ValidationError as e:
-                errors += _describe(e, prefix=f"grid.{key}[{i}] -> ", only=key)
+        else:
+            for i, value in enumerate(values):
+                try:
+                    from_flat({**base, key: value})
+                except ValidationError as e:
+                    errors += _describe(e, prefix=f"grid.{key}[{i}] -> ", only=key)
     if not errors:  # each value is valid alone: now every combination the grid makes
         for config in _points(spec):
             try:
@@ -677,6 +664,19 @@ def validate(raw: dict[str, Any]) -> Spec:
     if errors:
         raise SpecError(errors)
     return spec
+
+
+def _grid_size_problem(grid: dict[str, list[Any]]) -> str | None:
+    """Why the grid has too many trials (more than ORCHESTRATOR_MAX_TRIALS, default MAX_TRIALS), from its
+    axes' lengths alone: a grid of many axes would not fit in memory once expanded."""
+    text = os.environ.get(MAX_TRIALS_ENV, str(MAX_TRIALS))
+    if not text.isdecimal() or int(text) < 1:
+        return f"{MAX_TRIALS_ENV}={shown(text)}: expected a whole number >= 1"
+    limit, trials = int(text), math.prod(len(values) for values in grid.values())
+    if trials <= limit:
+        return None
+    axes = " x ".join(f"{len(values):,} {cut(key, 40)}" for key, values in grid.items())
+    return f"grid: {axes} make {trials:,} trials, more than {limit:,} ({MAX_TRIALS_ENV} raises the limit)"
 
 
 def _describe(error: ValidationError, prefix: str, only: str | None = None) -> list[str]:
@@ -691,10 +691,11 @@ def _describe(error: ValidationError, prefix: str, only: str | None = None) -> l
             continue
         if err["type"] == "extra_forbidden":
             msg = f"unknown key; allowed: {', '.join(_fields_at(err['loc'][:-1]))}"
+            loc = ".".join([*map(str, err["loc"][:-1]), cut(str(err["loc"][-1]))])
         elif err["type"] == "missing":
             msg = "required, missing"
-        shown = err["type"] != "missing" and not isinstance(err["input"], dict)  # not a whole section
-        value = f" (got {err['input']!r})" if shown else ""
+        shown_ = err["type"] != "missing" and not isinstance(err["input"], dict)  # not a whole section
+        value = f" (got {shown(masked(loc, err['input']))})" if shown_ else ""
         lines.append(f"{prefix}{loc}: {msg}{value}")
     return lines
 

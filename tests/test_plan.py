@@ -41,7 +41,7 @@ def test_the_json_plan_adds_up(capsys) -> None:
     assert out[6].startswith("4 trials on l4 (22.5 GiB): 0 do not fit;") and "on 4 GPUs" in out[6]
     assert out[6].endswith("at $2.00/GPU-h")
 
-    assert main(["plan", SMOKE, "--gpu", "a100"]) == 1
+    assert main(["plan", SMOKE, "--gpu", "a100"]) == 2
     assert (
         "--gpu 'a100': allowed are v100-16gb, a10g, l4, v100-32gb, a100-40gb, a100-80gb, h100, h200"
         in capsys.readouterr().err

@@ -28,7 +28,8 @@ from orchestrator.execution import cluster
 from orchestrator.execution.progress import SweepProgress
 from orchestrator.execution.tune_report import EpochReportCallback
 from orchestrator.gpus import GPUS
-from orchestrator.spec import Spec, SpecError, Trial, expand, flatten, public_params, redact
+from orchestrator.masking import redact
+from orchestrator.spec import Spec, SpecError, Trial, expand, flatten, public_params
 
 log = logging.getLogger(__name__)
 

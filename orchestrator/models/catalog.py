@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from orchestrator.errors import shown
+
 HEADS = ("deeplabv3plus", "deeplabv3", "fcn", "enet")  # build.HEAD_BUILDERS holds their code
 OUTPUT_STRIDES = (8, 16)
 
@@ -251,7 +253,7 @@ def parse_norm(spec: str | NormSpec) -> NormSpec:
         return spec
     match = re.fullmatch(NORM_PATTERN, spec) if isinstance(spec, str) else None
     if not match:
-        raise ValueError(f"unknown norm {spec!r}; allowed: {NORM_GRAMMAR}")
+        raise ValueError(f"unknown norm {shown(spec)}; allowed: {NORM_GRAMMAR}")
     plain, evalnorm, rule, grouped, unit, n, ws = match.groups()
     if grouped:
         grouping = {"groups": int(n)} if unit == "g" else {"channels_per_group": int(n)}

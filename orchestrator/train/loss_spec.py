@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from orchestrator.errors import shown
+
 LOSS_GRAMMAR = (
     "terms joined by +, each [weight*]name: ce, bce (balanced CE, weights from the training manifest), "
     "focal:g<gamma>, ohem:t<loss threshold>,p<minimum kept fraction in (0, 1]>, dice; "
@@ -102,7 +104,7 @@ def parse_loss(spec: str | LossSpec) -> LossSpec:
     if isinstance(spec, LossSpec):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"a loss is a string, not {spec!r}; allowed: {LOSS_GRAMMAR}")
+        raise ValueError(f"a loss is a string, not {shown(spec)}; allowed: {LOSS_GRAMMAR}")
     return LossSpec(tuple(_parse_term(term, spec) for term in spec.split("+")))
 
 
@@ -121,19 +123,19 @@ def _parse_term(term: str, spec: str) -> LossTerm:
 
 def _term_error(term: str, spec: str) -> str:
     """What is wrong with a term that does not match: empty, its weight, an unknown name, or its arguments."""
-    where = f"in loss {spec!r}"
+    where = f"in loss {shown(spec)}"
     if not term:
         return f"empty term {where}; join terms with a single +, allowed: {LOSS_GRAMMAR}"
     weight, star, body = term.rpartition("*")
     if star and not re.fullmatch(_POSITIVE, weight):
         return (
-            f"term {term!r} {where}: weight {weight!r} must be a positive decimal number before * "
+            f"term {shown(term)} {where}: weight {shown(weight)} must be a positive decimal number before * "
             "(e.g. 0.5*dice)"
         )
     name = body.partition(":")[0]
     if name not in _USAGE:
-        return f"term {term!r} {where}: unknown loss {name!r}; allowed: {LOSS_GRAMMAR}"
-    return f"term {term!r} {where}: {name} is written {_USAGE[name]}"
+        return f"term {shown(term)} {where}: unknown loss {shown(name)}; allowed: {LOSS_GRAMMAR}"
+    return f"term {shown(term)} {where}: {name} is written {_USAGE[name]}"
 
 
 def _decimal(x: float | None) -> str:

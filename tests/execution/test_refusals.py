@@ -225,5 +225,5 @@ def test_plan_without_gpu_reads_the_kind_of_the_cluster_at_ray_address(
     assert "Connecting to existing Ray cluster" not in proc.stderr  # Ray's console lines: quieted
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "error: --gpu: name the GPUs' kind (v100-16gb, a10g," in proc.stderr

@@ -96,7 +96,7 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
         }
 
     proc = subprocess.run(CLI + ["ensemble", "--top", "3"], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 1  # fails clearly, before any download
+    assert proc.returncode == 2  # fails clearly, before any download
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --top 3: experiment 'e2e' has 2 finished trial configuration(s) with metric 'val_miou' and a "
         "checkpoint (runs of the same params count once)"

@@ -164,7 +164,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(workdir) -> N
 def test_resume_without_a_sweep_to_resume_says_so(workdir) -> None:
     cwd, env = workdir
     code, out = finish(start(["sweep", "spec.yaml", "--resume"], cwd, env))
-    assert code == 1 and "nothing to resume" in out
+    assert code == 2 and "nothing to resume" in out
 
 
 def test_a_trial_whose_loss_turns_nan_fails_alone(workdir) -> None:

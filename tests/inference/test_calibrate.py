@@ -92,7 +92,7 @@ def test_calibration_changes_only_alpha_beta_and_logs_a_run(tmp_path, mlflow_sto
 
 def test_calibrating_a_gn_run_is_refused_in_one_line(tmp_path, mlflow_store, capsys):
     source = trained_trial(tmp_path, "gn:g8")
-    assert main(["evalnorm-calibrate", source, "--steps", "2"]) == 1
+    assert main(["evalnorm-calibrate", source, "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"error: run {source} uses norm 'gn:g8'; EvalNorm calibrates batch-normalized models: "
