@@ -27,6 +27,7 @@ def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
         norm=spec.norm,
         output_stride=spec.model.output_stride,
         pretrained=spec.model.pretrained_uri if pretrained else None,
+        pretrained_strict=spec.model.pretrained_strict,
         multi_grid=spec.model.multi_grid,
         storage_options=spec.data.storage_options,
     )

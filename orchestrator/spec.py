@@ -151,6 +151,12 @@ class ModelSpec(_Section):
         description="URI of backbone weights in the backbone's key layout (torchvision/timm); "
         "`{backbone}` in it is replaced by the backbone's name, so one template serves a grid of backbones",
     )
+    pretrained_strict: bool = Field(
+        True,
+        description="refuse a pretrained file that would leave a tensor of the backbone as initialized (one "
+        "it lacks or has in another shape); false: load what fits, and the trial's log and its MLflow run "
+        "(tag orchestrator.pretrained_left_out) name the rest",
+    )
 
     @model_validator(mode="after")
     def _multi_grid_on_resnets(self) -> ModelSpec:

@@ -31,6 +31,7 @@ FAILURE = "orchestrator.failure"  # why a run failed, one line
 RESUME_PATH = "orchestrator.tune_path"  # the Tune experiment a sweep run can be resumed from
 COMMAND = "orchestrator.command"  # the orchestrator command line that made a run (sweep, ensemble, ...)
 DEVICE = "orchestrator.device"  # what a trial trained on, as torch names it ("NVIDIA A10G"), or cpu
+PRETRAINED_LEFT_OUT = "orchestrator.pretrained_left_out"  # backbone tensors model.pretrained did not give
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"

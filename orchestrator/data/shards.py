@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import multiprocessing
 import os
 import posixpath
 import signal
+import sys
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -48,6 +50,7 @@ FORMAT = "orchestrator-shards/1"
 MANIFEST = "manifest.json"
 MAX_LISTED = 20  # problems spelled out in one error; the rest are counted
 SIDECARS = ".pack"  # per split: the sidecars of finished shards, while a pack is incomplete
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ def _mapper(workers: int) -> Iterator[Callable[..., Iterator]]:
         yield map
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
     try:
         yield pool.map
     finally:
@@ -319,8 +322,26 @@ def _mapper(workers: int) -> Iterator[Callable[..., Iterator]]:
         pool.shutdown(cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
+def _init_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent acts
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """On Linux, have the kernel SIGKILL this process when its parent `parent` dies, however it dies.
+
+    An orphaned pool process would wait for tasks forever: it holds both ends of the task queue's pipe, so
+    no end-of-file ever comes. SIGKILL, as nothing in a worker needs cleaning up: a shard cut short has no
+    sidecar, and a resumed pack redoes it. The signal follows the thread that started the process, which
+    for a pool is the one calling map (pack's), and it outlives the pool.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pack_shard(job: _Shard) -> _Packed:

@@ -8,7 +8,7 @@ features}` with the record's channels. A backbone with its own head (ENet) is a 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,12 +39,15 @@ def backbone_constructor(name: str) -> Callable[..., nn.Module]:
 
 
 class SegmentationModel(nn.Module):
-    """Images [B, 3, H, W] -> logits [B, num_classes, H, W]. `.backbone` and `.head` get separate LRs."""
+    """Images [B, 3, H, W] -> logits [B, num_classes, H, W]. `.backbone` and `.head` get separate LRs.
+    `.pretrained_left_out`: the backbone's tensors its pretrained file left as initialized (see
+    `load_pretrained`), for the trial's record."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, pretrained_left_out: Sequence[str] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pretrained_left_out = list(pretrained_left_out)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.head(self.backbone(x))
@@ -59,13 +62,15 @@ def build_model(
     norm: str = "bn",
     output_stride: int | None = None,
     pretrained: str | None = None,
+    pretrained_strict: bool = True,
     storage_options: dict | None = None,
     multi_grid: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Build a segmentation model with `.backbone` and `.head`. `head` and `output_stride` default to the
     backbone's own (catalog.default_head / catalog.output_strides). `pretrained` is a URI of a backbone
     state_dict in the backbone's key layout (torchvision's for ResNets, timm's for ResNet-D and Xception,
-    fyu/drn's for DRN, mapillary's for WiderResNet38). `multi_grid`: unit rates of the last stage's blocks
+    fyu/drn's for DRN, mapillary's for WiderResNet38); `pretrained_strict`: refuse one that would leave some
+    of the backbone as initialized (`load_pretrained`). `multi_grid`: unit rates of the last stage's blocks
     (DeepLabv3), for the backbones that take it (the ResNets)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
@@ -86,8 +91,9 @@ def build_model(
         return build(num_classes, norm=norm_spec)
     options = {} if multi_grid is None else {"multi_grid": multi_grid}
     net = build(norm=norm_spec, output_stride=output_stride, **options)
-    if pretrained:
-        load_pretrained(net, pretrained, storage_options)
+    left_out = (
+        load_pretrained(net, pretrained, storage_options, strict=pretrained_strict) if pretrained else []
+    )
     low, out = record.channels
     head_net = HEAD_BUILDERS[head](low, out, num_classes, norm=norm_spec, output_stride=output_stride)
-    return SegmentationModel(net, head_net)
+    return SegmentationModel(net, head_net, left_out)

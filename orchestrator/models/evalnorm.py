@@ -31,6 +31,10 @@ class EvalNorm2d(nn.BatchNorm2d):
     sigmoid's slope near 0 (0.007 at alpha 0.007) would all but freeze it.
     """
 
+    # The extra state starts afresh by design, so the BN file a pretrained backbone comes from need not
+    # give it (models.pretrained).
+    NOT_PRETRAINED = ("raw_alpha", "raw_beta", "train_batch_size")
+
     def __init__(self, num_features: int, rule: bool = False, **bn_kwargs) -> None:
         super().__init__(num_features, **bn_kwargs)
         if not self.track_running_stats:

@@ -28,6 +28,7 @@ from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
 from orchestrator.models.evalnorm import evalnorm_parameters
+from orchestrator.models.pretrained import listed
 from orchestrator.spec import Spec, public_params
 from orchestrator.train import schedules
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
@@ -147,6 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(w.spec.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = distribute(checkpoints.model_for(w.spec), w.device)
     net = unwrap(model)
+    # Only model.pretrained_strict: false leaves something out; ENet, a whole model, takes no pretrained file.
+    if w.rank == 0 and w.spec.model.pretrained_uri and net.pretrained_left_out:
+        _tag_pretrained_left_out(config, net.pretrained_left_out)
     optimizer = make_optimizer(w.spec, net)
 
     scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
@@ -376,6 +380,15 @@ def _report(
         ray.train.report(report or {"epoch": position["epoch"], "step": position["step"]}, checkpoint=ckpt)
     if w.rank == 0 and report:
         _log_epoch(w, config, net, report, improved)
+
+
+def _tag_pretrained_left_out(config: dict[str, Any], names: list[str]) -> None:
+    """Record on the trial's run the backbone tensors its pretrained file left as initialized
+    (model.pretrained_strict: false), where whoever reads the study finds them, not in a worker's log."""
+    from orchestrator import tracking  # see _log_epoch; a trial that loaded every tensor does not get here
+
+    value = f"{len(names)}: {listed(names)}"
+    tracking.set_tags(config["mlflow_run_id"], {tracking.PRETRAINED_LEFT_OUT: value}, config["tracking_uri"])
 
 
 def _log_resume(w: Worker, config: dict[str, Any], position: Position) -> None:

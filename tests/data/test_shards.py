@@ -6,9 +6,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from PIL import Image
 
 from orchestrator.cli import main
 from orchestrator.data import shards
-from orchestrator.data.shards import MANIFEST, pack, read_manifest
+from orchestrator.data.shards import MANIFEST, SIDECARS, pack, read_manifest
 from orchestrator.data.synth import synthesize
 from orchestrator.data.verify import verify
 from orchestrator.errors import UsageError
@@ -429,3 +433,77 @@ def test_pack_from_and_to_s3_with_a_pool_resumes(
         manifests
     )
     assert verify(dst, options).problems == []
+
+
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """{pid: (start time, command line)} of a process's children, from a scan of /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the fields after (comm)
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = (fields[19], (stat.parent / "cmdline").read_text())
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+    return found
+
+
+def _running(pid: int, started: str) -> bool:
+    """Whether the process that started at `started` still runs (a zombie has ended; a pid may be reused)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[19] == started and fields[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_pack_workers_end_with_a_killed_command_and_packing_again_resumes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "shards"
+    synthesize(str(raw), train=8, val=0, size=(1280, 720), seed=3)
+    for path in [*(raw / "images/100k/train").iterdir(), *(raw / "labels/drivable/masks/train").iterdir()]:
+        for copy in range(1, 8):  # 64 samples in 32 shards: about a second of decoding for 2 workers
+            os.link(path, path.with_stem(f"{path.stem}-{copy}"))
+    args = ["data", "pack", str(raw), str(out), "--shard-size", "2", "--workers", "2"]
+    with (tmp_path / "pack.log").open("w") as log:
+        command = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=log, stderr=log)
+    children: dict[int, tuple[str, str]] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / "train" / SIDECARS).glob("*.json")):  # a shard done: the pool is at work
+            assert command.poll() is None, (tmp_path / "pack.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        children = _children(command.pid)
+        command.kill()  # SIGKILL: no handler, no atexit, no pool shutdown
+        command.wait()
+        assert sum("spawn_main" in cmdline for _, cmdline in children.values()) == 2, children
+        deadline = time.monotonic() + 5
+        while (left := [pid for pid, (start, _) in children.items() if _running(pid, start)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert left == [], [children[pid][1] for pid in left]
+    finally:
+        command.kill()
+        for pid, (start, _) in children.items():
+            if _running(pid, start):
+                os.kill(pid, signal.SIGKILL)
+    assert not list(out.rglob(MANIFEST))  # killed mid-pack
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.data.shards"):
+        resumed = pack(str(raw), str(out), shard_size=2, workers=1)
+    assert re.search(r"train: reused [1-9]\d* of 32 shards", caplog.text)
+    assert resumed == pack(str(raw), str(tmp_path / "whole"), shard_size=2, workers=1)
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_parent_died_before_it_asked_ends_at_once() -> None:
+    # A parent dead before the prctl has already reparented the worker: the signal will never come.
+    code = "import os, orchestrator.data.shards as s; s._end_with_parent(os.getppid() + 1); print(1)"
+    worker = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (worker.returncode, worker.stdout) == (-signal.SIGKILL, ""), worker.stderr

@@ -11,6 +11,9 @@ import fsspec
 import pytest
 import torch
 
+from orchestrator import checkpoints
+from orchestrator import spec as specs
+from orchestrator.errors import UsageError
 from orchestrator.models.build import backbone_constructor, build_model
 from orchestrator.models.pretrained import load_pretrained
 from orchestrator.models.resnet import ResNet
@@ -44,6 +47,15 @@ def test_pretrained_round_trips(tmp_path: Path, scheme: str, caplog: pytest.LogC
     for key, value in loaded.items():
         assert torch.equal(value, saved[key]), key
     assert "loaded 120 of 120 tensors" in caplog.text and "fc.weight" in caplog.text
+    assert model.pretrained_left_out == [] and not _warnings(caplog)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.endswith("pretrained") and r.levelno >= logging.WARNING
+    ]
 
 
 def test_a_bn_file_gives_a_gn_ws_backbone_its_weights_and_drops_the_statistics(tmp_path, caplog):
@@ -57,16 +69,123 @@ def test_a_bn_file_gives_a_gn_ws_backbone_its_weights_and_drops_the_statistics(t
     assert torch.equal(gn.layer2[0].bn1.bias, saved["layer2.0.bn1.bias"])
     assert "loaded 60 of 60 tensors" in caplog.text  # 20 convs, 20 norms x (weight, bias)
     assert "dropped 60 BN statistics" in caplog.text  # running stats: GN keeps none
-    assert not [r for r in caplog.records if r.name.endswith("pretrained") and r.levelno >= logging.WARNING]
+    assert not _warnings(caplog)
 
 
-def test_a_file_lacking_weights_is_a_warning_naming_them(tmp_path, caplog):
-    torch.save(ResNet("resnet50").state_dict(), tmp_path / "r50.pth")
-    deeper = ResNet("resnet101")
+# --- Strict: a file that would leave part of the backbone as initialized is refused -----------------------
+
+
+@pytest.mark.parametrize("dropped", ["layer2.0.bn1.weight", "layer3.1.bn2.running_var"])
+def test_a_file_lacking_a_tensor_is_refused_naming_it_and_the_count(tmp_path: Path, dropped: str) -> None:
+    url = str(tmp_path / "r18.pth")
+    state = _torchvision_like_file(url)
+    del state[dropped]  # a parameter, a buffer: both stay as initialized if nothing says so
+    torch.save(state, url)
+    with pytest.raises(UsageError) as error:
+        build_model("resnet18", pretrained=url)
+    assert str(error.value) == (
+        f"model.pretrained '{url}' would leave 1 of the backbone's 120 tensors as initialized: "
+        f"1 missing from the file ({dropped}); set model.pretrained_strict: false to train with them so"
+    )
+
+
+def test_a_file_lacking_tensors_loads_with_strict_false_and_says_which(tmp_path: Path, caplog) -> None:
+    url = str(tmp_path / "r18.pth")
+    state = {k: v for k, v in _torchvision_like_file(url).items() if not k.startswith("layer4.")}
+    torch.save(state, url)
+    # ResNet-18's layer4: 2 blocks x (2 convs + 2 BNs x weight, bias, running mean and var) + the downsample.
+    first = "(layer4.0.conv1.weight, layer4.0.bn1.weight, layer4.0.bn1.bias, layer4.0.bn1.running_mean, "
+    with pytest.raises(UsageError, match=re.escape(f"25 missing from the file {first}")) as error:
+        load_pretrained(ResNet("resnet18"), url)
+    assert "would leave 25 of the backbone's 120 tensors" in str(error.value)
+    assert "layer4.0.bn1.running_var and 20 more)" in str(error.value)
+    model = ResNet("resnet18")
     with caplog.at_level(logging.INFO, logger="orchestrator.models.pretrained"):
-        load_pretrained(deeper, str(tmp_path / "r50.pth"))
-    (warning,) = [r for r in caplog.records if r.name.endswith("pretrained") and r.levelno == logging.WARNING]
-    assert "lacks" in warning.message and "layer3.6.conv1.weight" in warning.message
+        left_out = load_pretrained(model, url, strict=False)
+    assert len(left_out) == 25 and {k.split(".")[0] for k in left_out} == {"layer4"}
+    assert left_out[:2] == ["layer4.0.conv1.weight", "layer4.0.bn1.weight"]  # the model's order
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(
+        f"model.pretrained {url} leaves 25 of the backbone's 120 tensors as initialized"
+    )
+    assert first in warning and warning.endswith("(model.pretrained_strict: false)")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+
+
+def test_wrong_shapes_load_with_strict_false_and_keep_the_models_tensors(tmp_path: Path, caplog) -> None:
+    state = _randomized(ResNet("resnet18"))
+    state["layer1.0.conv1.weight"] = torch.ones(64, 64, 1, 1)
+    torch.save(state, tmp_path / "bad.pth")
+    torch.manual_seed(0)
+    fresh = build_model("resnet18").backbone.state_dict()
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.models.pretrained"):
+        model = build_model("resnet18", pretrained=str(tmp_path / "bad.pth"), pretrained_strict=False)
+    assert model.pretrained_left_out == ["layer1.0.conv1.weight"]
+    (warning,) = _warnings(caplog)
+    assert (
+        "1 of other shapes, another architecture's? (layer1.0.conv1.weight: file (64, 64, 1, 1), model (64"
+        in warning
+    )
+    loaded = model.backbone.state_dict()
+    assert torch.equal(loaded["layer1.0.conv1.weight"], fresh["layer1.0.conv1.weight"])
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "layer1.0.conv1.weight")
+
+
+@pytest.mark.parametrize("norm", ["frozenbn", "evalnorm", "evalnorm:rule", "bn+ws"])
+def test_a_bn_file_is_whole_for_the_bn_family(tmp_path: Path, norm: str, caplog) -> None:
+    """EvalNorm's alpha, beta and batch size start afresh by design; a file from before torch 0.4.1 has no
+    num_batches_tracked, and torch keeps the layer's own."""
+    state = _torchvision_like_file(str(tmp_path / "r18.pth"))
+    torch.save(
+        {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth"
+    )
+    with caplog.at_level(logging.WARNING, logger="orchestrator.models.pretrained"):
+        model = build_model("resnet18", norm=norm, pretrained=str(tmp_path / "old.pth"))
+    assert model.pretrained_left_out == [] and not _warnings(caplog)
+    assert torch.equal(model.backbone.layer3[1].bn2.running_var, state["layer3.1.bn2.running_var"])
+
+
+def test_an_ibn_backbone_from_a_bn_file_is_refused(tmp_path: Path) -> None:
+    # IBN-a's halves are named as IBN-Net's own files name them (bn1.IN, bn1.BN): a BN file has none. Six
+    # IBN layers (the first norm of each block in layer1-3) x IN weight, bias and BN weight, bias, statistics.
+    _torchvision_like_file(str(tmp_path / "r18.pth"))
+    with pytest.raises(
+        UsageError, match=r"leave 36 of .*\(layer1\.0\.bn1\.IN\.weight, layer1\.0\.bn1\.IN\.b"
+    ):
+        build_model("resnet18", norm="ibn-a", pretrained=str(tmp_path / "r18.pth"))
+
+
+def test_the_spec_decides(tmp_path: Path) -> None:
+    url = str(tmp_path / "r18.pth")
+    state = _torchvision_like_file(url)
+    del state["layer4.1.bn2.running_mean"]
+    torch.save(state, url)
+    raw = {
+        "name": "t",
+        "data": {"train": "x", "val": "y"},
+        "model": {"backbone": "resnet18", "pretrained": url},
+    }
+    with pytest.raises(UsageError, match="layer4.1.bn2.running_mean"):
+        checkpoints.model_for(specs.validate(raw))
+    raw["model"]["pretrained_strict"] = False
+    assert checkpoints.model_for(specs.validate(raw)).pretrained_left_out == ["layer4.1.bn2.running_mean"]
+
+
+@pytest.mark.slow
+def test_the_trials_run_names_what_was_left_out(tmp_path: Path) -> None:
+    from orchestrator import tracking  # MLflow's and Ray's imports: this test's alone
+    from orchestrator.train import loop
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
+    names = [f"layer3.{block}.bn1.weight" for block in range(6, 13)]
+    loop._tag_pretrained_left_out({"mlflow_run_id": run_id, "tracking_uri": uri}, names)
+    assert tracking.client(uri).get_run(run_id).data.tags["orchestrator.pretrained_left_out"] == (
+        "7: layer3.6.bn1.weight, layer3.7.bn1.weight, layer3.8.bn1.weight, layer3.9.bn1.weight, "
+        "layer3.10.bn1.weight and 2 more"
+    )
 
 
 # --- Files as people have them: safetensors, training checkpoints, prefixed names --------------------------
@@ -154,7 +273,9 @@ def test_unloadable_files_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither a safetensors file nor one torch.load reads safely"):
         load_pretrained(ResNet("resnet18"), str(tmp_path / "text.pth"))
     torch.save({"model": {"decoder.conv.weight": torch.ones(1)}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"no tensor name in .* also inside state_dict/model/"):
+    with pytest.raises(
+        UsageError, match=r"^model.pretrained '.*other.pth': no tensor name .* inside state_dict/"
+    ):
         load_pretrained(ResNet("resnet18"), str(tmp_path / "other.pth"))
 
 
@@ -187,10 +308,11 @@ def test_torchvision_resnet101_checkpoint_reproduces_the_backbone(tmp_path: Path
 def test_checkpoint_of_another_depth_names_the_first_wrong_shape(tmp_path: Path) -> None:
     # ResNet-101 weights into ResNet-18: in the model's order, the first misfit is layer1.0.conv1 (1x1, 3x3).
     torch.save(ResNet("resnet101").state_dict(), tmp_path / "r101.pth")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UsageError) as error:
         build_model("resnet18", pretrained=str(tmp_path / "r101.pth"))
     message = str(error.value)
-    assert "do not fit the model's shapes" in message
+    assert message.startswith(f"model.pretrained '{tmp_path / 'r101.pth'}' would leave ")
+    assert "of other shapes, another architecture's?" in message and "pretrained_strict: false" in message
     misfits = re.findall(r"([\w.]+): file (\([\d, ]*\)), model (\([\d, ]*\))", message)
     assert misfits[0] == ("layer1.0.conv1.weight", "(64, 64, 1, 1)", "(64, 64, 3, 3)")
 
