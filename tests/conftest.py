@@ -36,6 +36,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# No test asks a cloud's metadata server for credentials: google-auth's probe and any metadata request go to
+# a closed loopback port. gcsfs's default filesystem first asks GCS's gRPC control API for a bucket's layout,
+# which an emulator does not serve: 60 s of retries per call; its plain filesystem goes without.
+os.environ.setdefault("NO_GCE_CHECK", "True")
+os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
+os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,20 @@ import contextlib
 import errno
 import functools
 import http.client
+import logging
 import random
 import tarfile
 
 import fsspec
+
+from orchestrator.errors import Unavailable, UsageError
+
+# The extra of this package (pyproject.toml) that installs each scheme's fsspec driver; s3fs is a dependency.
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+# azure-core logs every HTTP request and response, headers and all, at INFO: some 30 lines per request would
+# bury a command's own lines.
+logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 
 
 def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -18,9 +28,36 @@ def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
     Credentials come from storage_options or the environment only. For s3:// with no endpoint in
     storage_options, botocore (>= 1.31, which every supported s3fs requires) already honours
-    AWS_ENDPOINT_URL, so it is not copied here.
+    AWS_ENDPOINT_URL, so it is not copied here. Raises Unavailable when a scheme's driver is not installed,
+    UsageError for a scheme fsspec does not know (see `require_driver`).
     """
+    links = url.split("::")  # a chained URL, "simplecache::gs://bucket/key": every link needs its driver
+    for i, link in enumerate(links):
+        scheme = fsspec.core.split_protocol(link)[0]
+        require_driver(scheme or ("file" if i == len(links) - 1 else link), url)
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def require_driver(scheme: str, url: str) -> None:
+    """Import the fsspec driver of `scheme` (of `url`, named in the errors). Unavailable when its package is
+    not installed, naming the extra that installs it; UsageError when fsspec knows no such scheme."""
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        extra = EXTRAS.get(scheme)
+        # fsspec raises ImportError with its own hint ("Install gcsfs to ...") from the failed import; abfss
+        # comes from adlfs's entry point only, so without adlfs fsspec does not know it (ValueError).
+        if extra:
+            why = e.__cause__ or e
+            raise Unavailable(
+                f"{url}: the fsspec driver for {scheme}:// is not installed ({why}): "
+                f"pip install 'orchestrator[{extra}]'"
+            ) from e
+        if isinstance(e, ImportError):
+            raise Unavailable(f"{url}: the fsspec driver for {scheme}:// is not installed: {e}") from e
+        raise UsageError(
+            f"{url}: fsspec knows no scheme {scheme}://; use a local path, file://, s3://, gs:// or az://"
+        ) from e
 
 
 def join(url: str, *parts: str) -> str:

@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow.fs
 import ray
 
+from orchestrator.data.storage import url_to_fs
 from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME, send_worker_output
 from orchestrator.gpus import GPUS, kind_of
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
@@ -154,3 +156,21 @@ def _unshared(spec: Spec, tracking_uri: str, nodes: int) -> list[str]:
 def storage(spec: Spec) -> str:
     """Ray Train checkpoints and Tune state: the spec's URI, else ./runs (absolute: Ray needs it)."""
     return spec.storage or str(Path("runs").resolve())
+
+
+# Storage schemes Ray reaches with pyarrow's own clients, as by default (pyarrow.fs.FileSystem.from_uri).
+PYARROW_SCHEMES = ("", "file", "s3")
+
+
+def ray_storage(uri: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """(storage_filesystem, storage_path) for Ray Train's and Tune's RunConfig and Tuner.restore.
+
+    A local path and s3:// are left to Ray. Any other scheme becomes a filesystem through url_to_fs, as the
+    data does: pyarrow has no az://, wants the account inside abfs:// URLs and configures its GCS client
+    apart from gcsfs, so through fsspec the checkpoints and the data take one driver, one configuration
+    (credentials, an emulator's endpoint) and one missing-driver error: a scheme without its driver fails
+    here, in one line (errors.Unavailable)."""
+    if urlsplit(uri).scheme in PYARROW_SCHEMES:
+        return None, uri
+    fs, path = url_to_fs(uri)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

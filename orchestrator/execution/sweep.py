@@ -60,11 +60,12 @@ def run_sweep(
     gpu, skip_unfit: see `fit`."""
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
+    tune_fs, tune_fs_path = cluster.ray_storage(tune_path)  # before Ray starts: a storage scheme's driver
     cluster.init_ray(worker_output_to_log=quiet)
     trials = fit(expand(spec), gpu, skip_unfit)
     cluster.check_cluster(spec, trials, uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
-    if resume and not tune.Tuner.can_restore(tune_path):
+    if resume and not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
         raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
     parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
     if not parent:
@@ -92,9 +93,15 @@ def run_sweep(
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume:
         tuner = tune.Tuner.restore(
-            tune_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
+            tune_fs_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=param_space,
+            storage_filesystem=tune_fs,
         )
     else:
+        storage_fs, storage_path = cluster.ray_storage(cluster.storage(spec))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -108,7 +115,8 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
-                storage_path=cluster.storage(spec),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 verbose=0 if quiet else 1,
                 callbacks=callbacks,
             ),
@@ -131,6 +139,7 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
     """One trial (the spec's base point, grid ignored) through the same driver, without Tune; `command`
     is tagged on its sweep run; gpu: see `fit`."""
     uri = tracking.tracking_uri()
+    cluster.ray_storage(cluster.storage(spec))  # a storage scheme without its driver fails before Ray starts
     cluster.init_ray()
     trials = fit(expand(spec.model_copy(update={"grid": {}})), gpu)
     cluster.check_cluster(spec, trials, uri)
@@ -203,6 +212,7 @@ def run_trial(
     from orchestrator.execution.trainer import Trainer, train_loop_per_worker
 
     r = spec.resources
+    storage_fs, storage_path = cluster.ray_storage(cluster.storage(spec))
     trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={
@@ -223,7 +233,8 @@ def run_trial(
         run_config=RunConfig(
             # Stable per grid point, so a restarted driver resumes the same Ray Train run.
             name=f"train-{_digest(parent_run_id, key)}",
-            storage_path=cluster.storage(spec),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # A dead worker or node restarts the worker group from the last checkpoint.
