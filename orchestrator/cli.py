@@ -627,9 +627,6 @@ def _plan(args: argparse.Namespace) -> int:
 
     spec = specs.load(args.spec, args.overrides)  # before importing torch: a bad spec fails fast
     gpu = _gpu_arg(args.gpu) or _cluster_gpu()
-    # The throughput of finished trials comes from MLflow: one try, not minutes of retries of a server down.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from orchestrator.plan import fmt_hours, plan
 
     result = plan(spec, gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)

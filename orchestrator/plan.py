@@ -177,11 +177,12 @@ def measured_throughput(experiment: str, gpu: Gpu) -> tuple[Measured, str]:
     name as torch gives it), by backbone, norm and crop: over runs, the mean of each run's last logged
     `images_per_s` over its GPUs. And where they come from, in words."""
     from orchestrator import tracking
+    from orchestrator.errors import Unavailable
 
     try:
         runs = tracking.finished_trial_runs(experiment)
-    except Exception as e:  # an MLflow that cannot answer is no reason to refuse a plan
-        return {}, f"MLflow at {tracking.tracking_uri()} did not answer: {type(e).__name__}"
+    except Unavailable as e:  # an MLflow that cannot answer is no reason to refuse a plan
+        return {}, str(e)
     rates: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
         params, metrics = run.data.params, run.data.metrics

@@ -21,10 +21,17 @@ from orchestrator.errors import UsageError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the job server of cluster/local.sh
 
-# Forwarded when set here: where results go and which S3 endpoint, none of them secret. Credentials are
-# the cluster's own (instance role, Kubernetes Secret) unless named with --env: a job's environment is
-# stored with the job and shown to anyone holding the cluster's token (`ray job list`, the dashboard).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Forwarded when set here: where results go, which S3 endpoint, how long an MLflow call may take
+# (tracking.TIMEOUT_ENV); none of them secret. Credentials are the cluster's own (instance role, Kubernetes
+# Secret) unless named with --env: a job's environment is stored with the job and shown to anyone holding
+# the cluster's token (`ray job list`, the dashboard).
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "ORCHESTRATOR_MLFLOW_TIMEOUT",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 def job_address(address: str | None) -> str:

@@ -2,6 +2,8 @@
 
 Calls go through `MlflowClient` with explicit run ids, never the fluent "active run" state, because
 the runs are written from different processes (the CLI, Tune trial drivers, rank 0 of each trial).
+Every process gets its client from `client()`, which bounds each request (`Bounds`) and turns a server
+that cannot be reached or does not answer into `errors.Unavailable`, one line with the masked URI.
 """
 
 from __future__ import annotations
@@ -9,20 +11,28 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from orchestrator.errors import Unavailable, UsageError, shown
+from orchestrator.masking import redact
 
 KIND = "orchestrator.kind"  # sweep | trial | ensemble
 SWEEP = "orchestrator.sweep"
@@ -44,8 +54,137 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+# How long one MLflow call may take before the command fails, in every process that calls MLflow (the
+# CLI, trial drivers, rank 0 of each trial). A local Ray's workers inherit the variable; `orchestrator
+# submit` puts it in a cluster job's environment, which Ray gives each of the job's workers. MLflow's
+# own defaults retry a refused connection for 4 minutes and wait on a silent server for 20 (8 x 120 s).
+TIMEOUT_ENV = "ORCHESTRATOR_MLFLOW_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+# A dropped connection, a 5xx or a server restarting costs a retry, not the call; `bounds` is written for 2.
+RETRIES = 2
+TRIES = RETRIES + 1
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """MLflow's HTTP settings that keep one call within `seconds`, retries included. MLflow's timeout is
+    each try's (to connect, then each read); urllib3 retries at once after the first failure, then sleeps
+    backoff_factor * 2**(n-1) s plus up to `jitter` s before try n+1. Each try gets an equal share of the
+    bound and the pauses the share left: a refused connection is retried for about a quarter of it (a
+    restarting `mlflow server` answers again after about 7 s), a silent server waited on for all of it."""
+
+    seconds: float
+    try_s: int  # MLflow takes whole seconds
+    backoff_factor: int  # and a whole factor
+    jitter: float
+
+    def env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.try_s),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(RETRIES),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(self.backoff_factor),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": str(self.jitter),
+            # A 429 or 503 with Retry-After would otherwise wait as long as the server asks.
+            "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+        }
+
+
+def bounds() -> Bounds:
+    """The bounds of ORCHESTRATOR_MLFLOW_TIMEOUT (seconds, at least one per try; default 30)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= TRIES):
+        raise UsageError(f"{TIMEOUT_ENV}={shown(text)}: allowed is a number of seconds, {TRIES} or more")
+    # The three tries and the one pause that sleeps (before the third: 2 x factor + jitter) share it.
+    try_s = max(1, int(seconds // 4))
+    left = seconds - TRIES * try_s
+    factor = int(left // 2)
+    return Bounds(seconds, try_s, factor, min(1.0, left - 2 * factor))
+
+
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    """The MLflow client of every call here: each request bounded (`bounds`), a server that cannot be
+    reached or does not answer raised as Unavailable."""
+    # MLflow reads these at each request; set here, they hold in whichever process makes a client.
+    os.environ.update(bounds().env())
+    # urllib3 warns at each retry: lines before the one a command fails with (which counts the tries).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    return _BoundedClient(uri or tracking_uri())
+
+
+class _BoundedClient(MlflowClient):
+    """MlflowClient whose public methods raise Unavailable for the network failures MLflow wraps."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(tracking_uri=uri)
+        self._orchestrator_uri = uri
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        uri = super().__getattribute__("_orchestrator_uri")
+
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            with _unavailable(uri):
+                return attr(*args, **kwargs)
+
+        return bounded
+
+
+# What requests raises (MLflow wraps it, keeping it as the cause) when the server cannot be reached, drops
+# the connection, does not answer in time, or answers 5xx to every try.
+_NETWORK = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.RetryError,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+
+@contextmanager
+def _unavailable(uri: str) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as e:
+        chain = _chain(e)
+        if not any(isinstance(c, _NETWORK) for c in chain):
+            raise
+        b, took = bounds(), time.monotonic() - start
+        raise Unavailable(
+            f"MLflow at {redact(uri)} {_failure(chain[-1], b)} ({TRIES} tries, {took:.0f} s): check the "
+            f"server and MLFLOW_TRACKING_URI, or allow longer: {TIMEOUT_ENV}=SECONDS (now {b.seconds:g})"
+        ) from e
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """e and its causes, outermost first."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _failure(root: BaseException, b: Bounds) -> str:
+    """What the innermost error of a failed request says, in words."""
+    if isinstance(root, TimeoutError):
+        return f"did not answer within {b.try_s} s"
+    if isinstance(root, OSError) and root.strerror:  # refused, reset, no route, name not known
+        return f"cannot be reached: {root.strerror.lower()}"
+    return f"failed: {redact(str(root).splitlines()[0]) if str(root) else type(root).__name__}"
+
+
+def check_reachable(uri: str | None = None) -> None:
+    """Raise Unavailable now, before a command's work, when the tracking server cannot answer: one cheap,
+    bounded request (a local store has no server to ask)."""
+    uri = uri or tracking_uri()
+    if urlsplit(uri).scheme in ("http", "https"):
+        client(uri).search_experiments(max_results=1)
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
@@ -217,12 +356,24 @@ def top_trial_runs(
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
-        raise LookupError(f"no MLflow experiment named {experiment!r} at {uri or tracking_uri()}")
-    runs = c.search_runs(
-        [exp.experiment_id],
-        filter_string=_FINISHED_TRIALS + (f" and ({filter_string})" if filter_string else ""),
-        max_results=10_000,
-    )
+        raise LookupError(f"no MLflow experiment named {experiment!r} at {redact(uri or tracking_uri())}")
+    # MLflow's filter grammar has `and` only, no `or` and no parentheses (it rejects a parenthesized
+    # clause), so the user's clauses join ours as they are.
+    try:
+        runs = c.search_runs(
+            [exp.experiment_id],
+            filter_string=_FINISHED_TRIALS + (f" and {filter_string}" if filter_string else ""),
+            max_results=10_000,
+        )
+    except MlflowException as e:
+        if not filter_string or e.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        reason = e.message.removeprefix(f"{e.error_code}: ")  # as a server's answer words it
+        raise UsageError(
+            f"--filter {shown(filter_string)}: {reason.splitlines()[0]}; MLflow filters are clauses "
+            "joined by `and` (no `or`, no parentheses), e.g. "
+            "\"params.norm = 'bn' and metrics.val_miou > 0.4\""
+        ) from None
     scored = [(run, best) for run in runs if (best := best_value(run.info.run_id, metric, uri)) is not None]
     scored.sort(key=lambda pair: (-pair[1], -pair[0].info.start_time))  # ties: the latest run
     ranked, configurations = [], set()
@@ -240,7 +391,9 @@ def latest_sweep_experiment(uri: str | None = None) -> str:
     """The experiment of the most recently started sweep."""
     run = latest_sweep_run(uri=uri)
     if run is None:
-        raise LookupError(f"no sweep runs at {uri or tracking_uri()}; run `orchestrator sweep SPEC` first")
+        raise LookupError(
+            f"no sweep runs at {redact(uri or tracking_uri())}; run `orchestrator sweep SPEC` first"
+        )
     return client(uri).get_experiment(run.info.experiment_id).name
 
 
@@ -261,6 +414,17 @@ def has_checkpoint(run_id: str, uri: str | None = None) -> bool:
 
 
 def download_checkpoint(run_id: str, dst: str | Path | None = None, uri: str | None = None) -> Path:
+    """The run's best checkpoint, downloaded into `dst`; UsageError for a run without one: not a trial (a
+    sweep, an ensemble, an evaluation), or a trial that finished no epoch."""
+    run = find_run(run_id, uri)
+    if run is None:
+        raise UsageError(f"{shown(run_id)} is no MLflow run id at {redact(uri or tracking_uri())}")
+    if not has_checkpoint(run_id, uri):
+        kind = run.data.tags.get(KIND, "other")
+        raise UsageError(
+            f"run {run_id} ({kind}) holds no checkpoint ({CHECKPOINT_DIR}/{CHECKPOINT_FILE}): give the id of "
+            "a trial run that finished an epoch"
+        )
     dst = Path(dst or tempfile.mkdtemp(prefix=f"ckpt-{run_id[:8]}-"))
     path = client(uri).download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", str(dst))
     return Path(path)
@@ -344,10 +508,11 @@ def latest_sweep_run(experiment_ids: list[str] | None = None, uri: str | None = 
 
 
 def find_run(run_id: str, uri: str | None = None) -> Run | None:
+    """The run, or None where there is none of that id (or the text cannot be a run id)."""
     try:
         return client(uri).get_run(run_id)
     except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
 
@@ -393,7 +558,7 @@ def per_image_scores(run_id: str, column: str = "miou", uri: str | None = None) 
     c = client(uri)
     where = f"train.sample_weights_from: run {run_id}"
     if find_run(run_id, uri) is None:
-        raise LookupError(f"{where} is not in the MLflow store {uri or tracking_uri()}")
+        raise LookupError(f"{where} is not in the MLflow store {redact(uri or tracking_uri())}")
     with tempfile.TemporaryDirectory() as d:
         try:
             path = c.download_artifacts(run_id, PER_IMAGE, d)
@@ -443,7 +608,9 @@ def log_model(
     model = client(uri).create_logged_model(experiment_id, "model", source_run_id=run_id)
     mlflow.set_tracking_uri(uri)  # Model.log and registration resolve the store through it
     mlflow.set_registry_uri(uri)
-    with warnings.catch_warnings():  # that no input example was given: the signature says what goes in
+    # Model.log goes through MLflow's fluent API, not `client()`: bounded by the settings client() set
+    # just above, its network failures translated here.
+    with _unavailable(uri), warnings.catch_warnings():  # no input example: the signature says what goes in
         warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
         info = Model.log(
             artifact_path=None,

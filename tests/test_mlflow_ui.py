@@ -12,12 +12,9 @@ The grid renders one row per run with `row-id` = the run id and one cell per col
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,8 +24,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from mlflow_server import mlflow_server, stop
 
-from bench.local_s3 import free_port
 from orchestrator import tracking
 from orchestrator.spec import trial_key
 
@@ -104,20 +101,6 @@ def _make_sweep(uri: str, artifacts: Path) -> tuple[str, str, dict[str, str], di
     return experiment_id, sweep_id, trials, params
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM the process group (started with start_new_session), then SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     browser = _browser()
@@ -126,34 +109,8 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
     tmp = tmp_path_factory.mktemp("mlflow-ui")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     experiment_id, sweep_id, trials, params = _make_sweep(uri, tmp / "artifacts")
-
-    port = free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        *("--backend-store-uri", uri, "--default-artifact-root", (tmp / "artifacts").as_uri()),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up on {url}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with mlflow_server(uri, tmp / "artifacts", tmp / "server.log") as url:
         yield UI(url, experiment_id, "ui-test", sweep_id, trials, params, browser, tmp)
-    finally:
-        _stop(proc)
 
 
 def _chromium(ui: UI, url: str, *args: str, budget_ms: int = 15_000) -> str:
@@ -169,7 +126,7 @@ def _chromium(ui: UI, url: str, *args: str, budget_ms: int = 15_000) -> str:
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
-        _stop(proc, timeout=5)
+        stop(proc, timeout=5)
         shutil.rmtree(profile, ignore_errors=True)
     return out.decode(errors="replace")
 

@@ -63,7 +63,8 @@ def run_sweep(
     tune_fs, tune_fs_path = cluster.ray_storage(tune_path)  # before Ray starts: a storage scheme's driver
     cluster.init_ray(worker_output_to_log=quiet)
     trials = fit(expand(spec), gpu, skip_unfit)
-    cluster.check_cluster(spec, trials, uri)
+    cluster.check_cluster(spec, trials, uri)  # a refused sweep never reaches MLflow
+    tracking.check_reachable(uri)  # an MLflow down fails the sweep here, not in its first trial
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     if resume and not tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
         raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
@@ -143,6 +144,7 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
     cluster.init_ray()
     trials = fit(expand(spec.model_copy(update={"grid": {}})), gpu)
     cluster.check_cluster(spec, trials, uri)
+    tracking.check_reachable(uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
     parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)
     tracking.tag_command(parent, command, uri)

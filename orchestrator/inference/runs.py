@@ -161,6 +161,7 @@ def evaluate_model(
     """Score an MLflow run's best checkpoint (model = run id) or a checkpoint file at a path/URI, and log an
     `evaluation` run: in the source run's experiment, or `experiment` (default "evaluation"); `command` (the
     command line) is tagged on it."""
+    tracking.check_reachable()  # a checkpoint file reaches MLflow only to log the scores, after the pass
     with tempfile.TemporaryDirectory() as d:
         if tracking.is_run(model):
             path, source = tracking.cached_checkpoint(model), model

@@ -26,7 +26,7 @@ from orchestrator import checkpoints, tracking
 from orchestrator import spec as specs
 from orchestrator.data.transforms import IMAGENET
 from orchestrator.errors import UsageError
-from orchestrator.submit import entrypoint, job_address, job_env
+from orchestrator.submit import FORWARDED_ENV, entrypoint, job_address, job_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -164,15 +164,14 @@ def test_entrypoint_is_the_sweep_command_with_the_spec_relative_to_the_working_d
 
 
 def test_job_env_forwards_only_what_is_set_and_named(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
+    for name in FORWARDED_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv(tracking.TIMEOUT_ENV, "45")  # the job's MLflow calls get the bound set here
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    assert job_env() == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}  # credentials only when named
-    assert job_env(["AWS_SECRET_ACCESS_KEY", "UNSET_VARIABLE"]) == {
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "AWS_SECRET_ACCESS_KEY": "s",
-    }
+    forwarded = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", tracking.TIMEOUT_ENV: "45"}
+    assert job_env() == forwarded  # credentials only when named
+    assert job_env(["AWS_SECRET_ACCESS_KEY", "UNSET_VARIABLE"]) == {**forwarded, "AWS_SECRET_ACCESS_KEY": "s"}
 
 
 def test_job_address_prefers_the_flag_then_rays_variables(monkeypatch):
