@@ -325,6 +325,11 @@ def _parser() -> argparse.ArgumentParser:
             type=_fraction,
             help="GPUs each Ray worker holds (default: 1 where Ray has GPUs)",
         )
+        cmd.add_argument(
+            "--skip-bad",
+            action="store_true",
+            help="leave out the images that cannot be read and list them (default: fail, naming the shards)",
+        )
 
     cmd = sub.add_parser(
         "evaluate",
@@ -366,7 +371,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("run_id", help="MLflow run id of a trial, or of an ensemble (its members)")
     cmd.add_argument(
-        "--out", required=True, help="folder (path or fsspec URL) the predictions are written to"
+        "--out", required=True, help="new or empty folder (path or fsspec URL) the predictions are written to"
+    )
+    cmd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds files (same names replaced, the others kept and not logged)",
     )
     cmd.add_argument(
         "--format",
@@ -704,10 +714,12 @@ def _ensemble(args: argparse.Namespace) -> int:
     result = run_ensemble(
         experiment, args.top, args.metric, data=args.data, batch_size=args.batch_size,
         filter_string=args.filter, settings=settings, combine=args.combine, where=_where(args),
-        register=args.register, command=args.command,
+        register=args.register, command=args.command, skip_bad=args.skip_bad,
     )  # fmt: skip
     rows = [(f"{name} ({run_id[:8]})", m) for run_id, name, m in result.members]
-    _print_scores(rows + [(f"ensemble of {len(result.members)} ({args.combine})", result.metrics)])
+    ensemble = (f"ensemble of {len(result.members)} ({args.combine})", result.metrics)
+    _print_scores([*rows, ensemble], result.coverage)
+    _print_skipped(result.coverage)
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
     aliases = ", ".join(f"{alias} v{version}" for alias, version in sorted(result.versions.items()))
     print(f"MLflow: registered model {result.model!r} ({aliases}): models:/{result.model}@champion")
@@ -720,9 +732,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     result = evaluate_model(
         args.model, settings, data=args.data, batch_size=args.batch_size, experiment=args.experiment,
-        where=_where(args), command=args.command,
+        where=_where(args), command=args.command, skip_bad=args.skip_bad,
     )  # fmt: skip
-    _print_scores([(result.name, result.metrics)])
+    _print_scores([(result.name, result.metrics)], result.coverage)
+    _print_skipped(result.coverage)
     print(f"\nMLflow: evaluation run {result.run_id} in experiment {result.experiment!r}")
     return 0
 
@@ -732,24 +745,34 @@ def _predict(args: argparse.Namespace) -> int:
 
     result = predict_run(
         args.run_id, args.data, args.out, format=args.format, settings=_settings(args),
-        batch_size=args.batch_size, where=_where(args), command=args.command,
+        batch_size=args.batch_size, where=_where(args), command=args.command, skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
     )  # fmt: skip
-    print(f"{result.images} predictions ({args.format}) written to {result.written}")
+    print(f"{result.coverage.scored} predictions ({args.format}) written to {result.written}")
     if result.metrics:
-        _print_scores([(f"scored ({args.data})", result.metrics)])
+        _print_scores([(f"scored ({args.data})", result.metrics)], result.coverage)
+    _print_skipped(result.coverage)
     print(f"\nMLflow: prediction run {result.run_id} in experiment {result.experiment!r}")
     return 0
 
 
-def _print_scores(rows: list[tuple[str, dict[str, float]]]) -> None:
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{'':<{width}}  {'mIoU':>7}  {'official':>8}  {'direct':>7}  {'altern.':>7}  {'pix acc':>7}")
+def _print_scores(rows: list[tuple[str, dict[str, float]]], coverage) -> None:
+    """The scores, under a header that says how many of the split's images they are over."""
+    over = str(coverage)
+    width = max(len(over), *(len(name) for name, _ in rows))
+    print(f"\n{over:<{width}}  {'mIoU':>7}  {'official':>8}  {'direct':>7}  {'altern.':>7}  {'pix acc':>7}")
     keys = ("val_miou", "val_miou_official", "val_iou_direct", "val_iou_alternative", "val_pixel_acc")
     for name, m in rows:
         print(
             f"{name:<{width}}  "
             + "  ".join(f"{m[k]:{w}.4f}" for k, w in zip(keys, (7, 8, 7, 7, 7), strict=True))
         )
+
+
+def _print_skipped(coverage) -> None:
+    if coverage.skipped:
+        ids = ", ".join(coverage.skipped)
+        print(f"left out {len(coverage.skipped)} unreadable image(s) (--skip-bad): {ids}")
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -55,10 +55,22 @@ def resized_png(width: int, height: int) -> Callable[[str, bytes], Member]:
     return change
 
 
+def _start(shard: bytes, sample: int) -> int:
+    """The byte offset of the sample-th sample's first tar header (each member: a 512-byte header, then its
+    data padded to 512)."""
+    return sum(512 + -(-len(d) // 512) * 512 for _, d in members(shard)[: 2 * sample])
+
+
 def break_header(shard: bytes, sample: int) -> bytes:
     """Overwrite the tar header of the sample-th sample's JPEG: that sample and every later one of the
     shard become unreadable."""
-    offset = sum(512 + -(-len(d) // 512) * 512 for _, d in members(shard)[: 2 * sample])
+    offset = _start(shard, sample)
     raw = bytearray(shard)
     raw[offset : offset + 512] = bytes(range(256)) * 2
     return bytes(raw)
+
+
+def cut(shard: bytes, sample: int) -> bytes:
+    """The shard ending in the middle of the sample-th sample's JPEG, as an interrupted upload leaves it:
+    that sample and every later one are lost."""
+    return shard[: _start(shard, sample) + 700]

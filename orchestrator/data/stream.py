@@ -116,11 +116,11 @@ def delivered(counts: list[int], consumed: int) -> tuple[list[int], int]:
 class ShardStream(IterableDataset):
     """One rank's samples for one epoch; each DataLoader worker streams its own contiguous part.
 
-    Yields dicts (collated by the DataLoader): "image" uint8 [3, h, w], "mask" uint8 [h, w], "bad" (the
-    sample is a stand-in for one that could not be read) and, when augmentation is left to the training
-    device, "aug" (the sample's random draws) with the decoded image and mask. Nothing is normalized here:
-    uint8 crosses the process boundary (a quarter of float32's bytes) and the Loader normalizes on the
-    device."""
+    Yields dicts (collated by the DataLoader): "image" uint8 [3, h, w], "mask" uint8 [h, w], "problem"
+    (why the sample it stands in for could not be read; "" for a sample that was read) and, when
+    augmentation is left to the training device, "aug" (the sample's random draws) with the decoded image
+    and mask. Nothing is normalized here: uint8 crosses the process boundary (a quarter of float32's
+    bytes) and the Loader normalizes on the device."""
 
     url: str
     pieces: list[Piece]
@@ -178,7 +178,9 @@ class ShardStream(IterableDataset):
             pair = self._decode(sample)
             if isinstance(pair, str):
                 log.warning("skipping %s: %s", sample.name, pair)
-            yield self._placeholder() if isinstance(pair, str) else self._decoded_item(*pair)
+                yield self._placeholder(pair)
+            else:
+                yield self._decoded_item(*pair)
 
     def _decode(self, sample: Encoded) -> tuple[np.ndarray, np.ndarray] | str:
         """(image, mask), or why the sample cannot be used."""
@@ -196,23 +198,23 @@ class ShardStream(IterableDataset):
             return f"image shape {image.shape}, the split's images are {self.image_size} (w, h)"
         return image, mask
 
-    def _train_item(self, sample: Encoded, image: np.ndarray, mask: np.ndarray, bad: bool) -> dict:
+    def _train_item(self, sample: Encoded, image: np.ndarray, mask: np.ndarray, problem: str) -> dict:
         # Seeded by the sample itself, so its augmentation does not depend on world size or workers.
         rng = np.random.default_rng([self.seed, self.epoch, sample.shard, sample.index])
         aug = draw_aug(rng, mask.shape, self.crop, self.scale, *self.blur)
         if self.on_device:
-            return self._decoded_item(image, mask, bad) | {"aug": aug.as_tensor()}
+            return self._decoded_item(image, mask, problem) | {"aug": aug.as_tensor()}
         x, y = augment(to_chw(image), torch.from_numpy(mask), aug, self.crop, self.mean_std)
-        return {"image": x, "mask": y, "bad": bad}
+        return {"image": x, "mask": y, "problem": problem}
 
-    def _decoded_item(self, image: np.ndarray, mask: np.ndarray, bad: bool = False) -> dict:
-        return {"image": to_chw(image), "mask": torch.from_numpy(mask), "bad": bad}
+    def _decoded_item(self, image: np.ndarray, mask: np.ndarray, problem: str = "") -> dict:
+        return {"image": to_chw(image), "mask": torch.from_numpy(mask), "problem": problem}
 
-    def _placeholder(self) -> dict:
+    def _placeholder(self, problem: str) -> dict:
         """An all-ignore sample in place of an unreadable one: scored nowhere, counted as skipped."""
         width, height = self.image_size
         return self._decoded_item(
-            np.zeros((height, width, 3), np.uint8), np.full((height, width), IGNORE_INDEX, np.uint8), True
+            np.zeros((height, width, 3), np.uint8), np.full((height, width), IGNORE_INDEX, np.uint8), problem
         )
 
 
@@ -220,7 +222,7 @@ def _stand_ins(
     samples: Iterable[Encoded],
     skip: int,
     decode: Callable[[Encoded], tuple[np.ndarray, np.ndarray] | str],
-    item: Callable[[Encoded, np.ndarray, np.ndarray, bool], dict],
+    item: Callable[[Encoded, np.ndarray, np.ndarray, str], dict],
 ) -> Iterator[dict]:
     """One item per sample after the first `skip`, in order. An unreadable sample is stood in for by the
     next readable one (at the end of the stream: the last one before it), augmented with the unreadable
@@ -236,7 +238,7 @@ def _stand_ins(
             continue
         yield from _stand_in(owed, pair, item)
         last = pair
-        yield item(sample, *pair, False)
+        yield item(sample, *pair, "")
     if owed:
         readable = (p for p in map(decode, reversed(passed)) if not isinstance(p, str))
         last = last or next(readable, None)
@@ -248,25 +250,34 @@ def _stand_ins(
 def _stand_in(owed: list, pair: tuple[np.ndarray, np.ndarray], item: Callable) -> Iterator[dict]:
     for sample, problem in owed:
         log.warning("skipping %s: %s", sample.name, problem)
-        yield item(sample, *pair, True)
+        yield item(sample, *pair, problem)
     owed.clear()
 
 
 @dataclass
 class Loader:
     """One rank's batches for one epoch: (images [B,3,H,W] float32, masks [B,H,W] int64) on `device`,
-    from `start_batch` on. `skipped` counts the unreadable samples stood in for so far."""
+    from `start_batch` on. `unreadable` holds the samples stood in for so far: their position among the
+    samples yielded, and why each could not be read."""
 
     dataloader: DataLoader
     num_batches: int
     device: torch.device = torch.device("cpu")
     raw: bool = False  # uint8 images: the caller normalizes (models trained with different mean/std)
-    skipped: int = 0
+    unreadable: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.unreadable)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream: ShardStream = self.dataloader.dataset
+        position = 0
         for batch in self.dataloader:
-            self.skipped += int(batch["bad"].sum())
+            # Recorded before the batch is yielded, so whoever takes it can tell which images stand in.
+            problems = batch["problem"]
+            self.unreadable.update((position + i, p) for i, p in enumerate(problems) if p)
+            position += len(problems)
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
             if "aug" in batch:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -25,34 +25,70 @@ from orchestrator.inference.visualize import Sample
 from orchestrator.logs import Progress
 
 Combine = Literal["mean", "weighted", "vote"]
+SKIPPED_FILE = "skipped.txt"  # beside a pass's outputs: the unreadable images left out, "<id>\t<why>" lines
+
+
+class Unread(NamedTuple):
+    """An image of the split that could not be read (the loader stood an all-ignore placeholder in)."""
+
+    index: int  # in the split
+    id: str  # its sample id (its position, 000123, where the manifest records none)
+    why: str
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many of the split's images a pass scored or predicted: all of them, or all but the unreadable
+    ones that --skip-bad left out."""
+
+    total: int
+    skipped: tuple[str, ...] = ()  # their sample ids
+
+    @property
+    def scored(self) -> int:
+        return self.total - len(self.skipped)
+
+    def params(self) -> dict[str, int]:
+        return {"images_scored": self.scored, "images_total": self.total}
+
+    def __str__(self) -> str:
+        return f"over {self.scored} of {self.total} images"
 
 
 @dataclass
 class Evaluation:
     """Confusion matrices per predictor and image, rows = truth: the members in order, then (when
-    ensembled) the ensemble; images in loader order (the split's manifest order)."""
+    ensembled) the ensemble; images in loader order (the split's manifest order). An unreadable image
+    has a row of zeros (its placeholder's mask is all ignore) and is listed in `unreadable`."""
 
     per_image: torch.Tensor  # [P, N, C, C] int64
     members: int
     best: list[Sample] = field(default_factory=list)  # the last predictor's, highest per-image mIoU first
     worst: list[Sample] = field(default_factory=list)  # lowest first
     ids: list[str] | None = None  # the images' sample ids, where the split's manifest records them
+    unreadable: list[Unread] = field(default_factory=list)  # in split order; filled by a pass (parts.py)
 
     @property
     def cms(self) -> torch.Tensor:
-        """[P, C, C]: each predictor's matrix over the whole split."""
+        """[P, C, C]: each predictor's matrix over the images read."""
         return self.per_image.sum(1)
+
+    @property
+    def coverage(self) -> Coverage:
+        return Coverage(self.per_image.shape[1], tuple(u.id for u in self.unreadable))
 
     def summary(self, predictor: int = -1, prefix: str = "val_") -> dict[str, float]:
         """metrics.summarize of a predictor (default: the last, i.e. the ensemble when there is one)."""
         return metrics.summarize(self.cms[predictor], prefix)
 
     def images(self, predictor: int = -1) -> dict[str, Sequence]:
-        """Per-image columns: `index`, `id` (where known: what train.sample_weights_from keys on) and every
-        metrics.scores name (NaN where an image has no score)."""
-        per_image = self.per_image[predictor]
-        ids = {"id": self.ids} if self.ids is not None else {}
-        return {"index": torch.arange(len(per_image)), **ids, **metrics.scores(per_image)}
+        """Per-image columns of the images read: `index` (in the split), `id` (where known: what
+        train.sample_weights_from keys on) and every metrics.scores name (NaN where an image has no score)."""
+        read = torch.ones(self.per_image.shape[1], dtype=torch.bool)
+        read[[u.index for u in self.unreadable]] = False
+        index = torch.arange(len(read))[read]
+        ids = {"id": [self.ids[i] for i in index.tolist()]} if self.ids is not None else {}
+        return {"index": index, **ids, **metrics.scores(self.per_image[predictor][read])}
 
 
 @dataclass
@@ -149,17 +185,27 @@ def evaluate(
 
 
 def write_report(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
-    """The last predictor's per_image.csv, per_image_miou.png and best-/worst- overlays in out_dir."""
+    """The last predictor's per_image.csv, per_image_miou.png and best-/worst- overlays in out_dir, and
+    the unreadable images left out (SKIPPED_FILE) where there are any."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = evaluation.images()
     series = {"mIoU, 3 classes": columns["miou"], "official mIoU": columns["miou_official"]}
-    return [
+    files = [
         visualize.write_csv(out / "per_image.csv", columns),
         visualize.write_histogram(out / "per_image_miou.png", series),
         *visualize.write_overlays(out, evaluation.best, "best"),
         *visualize.write_overlays(out, evaluation.worst, "worst"),
     ]
+    if evaluation.unreadable:
+        files.append(out / SKIPPED_FILE)
+        files[-1].write_bytes(skipped_text(evaluation.unreadable))
+    return files
+
+
+def skipped_text(unreadable: Sequence[Unread]) -> bytes:
+    """SKIPPED_FILE's content: a line per image left out, its sample id and why it could not be read."""
+    return "".join(f"{u.id}\t{u.why}\n" for u in unreadable).encode()
 
 
 def check_combine(combine: str, weights: Sequence[float] | None, members: int) -> None:

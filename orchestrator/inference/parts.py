@@ -2,10 +2,15 @@
 image's confusion matrices per predictor, the images kept for overlays, the predictions written or
 returned) and how parts merge. Parts run in this process or on Ray workers (execution/inference.py); the
 merged result is the same to the bit either way: a batch holds the same images as in one process, the
-integer sums are exact, and rows, frames and files come out in sample order."""
+integer sums are exact, and rows, frames and files come out in sample order.
+
+Nothing is made up for an image that cannot be read: no mask, frame or per-image row; the pass fails
+naming the shards, or (skip_bad) leaves those images out and lists them."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -19,11 +24,12 @@ from orchestrator import checkpoints
 from orchestrator.checkpoints import Trained
 from orchestrator.data.shards import read_manifest, shard_ids
 from orchestrator.data.stream import evaluation_loader, part_samples
-from orchestrator.errors import UsageError
+from orchestrator.errors import Unavailable, UsageError
 from orchestrator.inference.evaluate import (
     Combine,
     Evaluation,
     Report,
+    Unread,
     check_combine,
     evaluate,
     write_report,
@@ -103,8 +109,11 @@ class Pass:
         writer = MaskWriter(self.output.url, self.storage_options) if masks else None
 
         def sink(offset: int, labels: torch.Tensor) -> None:
-            batch = ids[offset - first : offset - first + len(labels)]
-            for sample_id, mask in zip(batch, labels.to(torch.uint8).cpu().numpy(), strict=True):
+            start = offset - first
+            batch = enumerate(ids[start : start + len(labels)], start)
+            for (position, sample_id), mask in zip(batch, labels.to(torch.uint8).cpu().numpy(), strict=True):
+                if position in loader.unreadable:  # a placeholder's prediction: nothing to write
+                    continue
                 if writer is not None:
                     writer.write(sample_id, mask)
                 else:
@@ -122,7 +131,8 @@ class Pass:
             sink=sink if self.output is not None else None,
             progress=progress,
         )
-        return Part(result.per_image, result.best, result.worst, frames)
+        unreadable = [Unread(first + p, ids[p], why) for p, why in loader.unreadable.items()]
+        return Part(result.per_image, result.best, result.worst, frames, unreadable)
 
 
 @dataclass
@@ -130,7 +140,8 @@ class Part:
     per_image: torch.Tensor  # [P, n, C, C] of the part's n images
     best: list[Sample]
     worst: list[Sample]
-    frames: list[dict]  # RLE frames of the part's images (format rle)
+    frames: list[dict]  # RLE frames of the part's images read (format rle)
+    unreadable: list[Unread]  # the part's images that could not be read
 
     @property
     def images(self) -> int:
@@ -146,6 +157,7 @@ def merge(parts: Sequence[Part], members: int, keep: int) -> tuple[Evaluation, l
         members,
         sorted(best, key=lambda s: (s.score, -s.index), reverse=True)[:keep],
         sorted(worst, key=lambda s: (-s.score, -s.index), reverse=True)[:keep],
+        unreadable=[u for p in parts for u in p.unreadable],
     )
     return evaluation, [f for p in parts for f in p.frames]
 
@@ -172,12 +184,13 @@ def evaluate_checkpoints(
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     storage_options: dict | None = None,
+    skip_bad: bool = False,
 ) -> Report:
     """Score local checkpoint files on the packed split `data` (default: the first member's `data.val`):
     each member, and their ensemble when there are several; in this process, or over `workers` Ray
     workers (the same result). With `out_dir`, the scored predictor's (the ensemble's, or the single
     model's) per-image CSV, histogram and `keep` best and worst overlays are written there and listed in
-    `Report.files`."""
+    `Report.files`. Unreadable images fail it, or with `skip_bad` are left out (run_pass)."""
     check_combine(combine, weights, len(paths))
     states = tuple(checkpoints.load(c) for c in paths)
     data = data or states[0]["config"]["data.val"]
@@ -185,14 +198,17 @@ def evaluate_checkpoints(
         states, data, settings, combine, None if weights is None else tuple(weights), batch_size,
         keep if out_dir is not None else 0, device, storage_options=storage_options,
     )  # fmt: skip
-    result, _ = run_pass(job, workers=workers, gpus_per_worker=gpus_per_worker)
+    result, _ = run_pass(job, workers=workers, gpus_per_worker=gpus_per_worker, skip_bad=skip_bad)
     return Report(data, result, [] if out_dir is None else write_report(result, out_dir))
 
 
 def run_pass(
-    job: Pass, *, workers: int | None = None, gpus_per_worker: float | None = None
+    job: Pass, *, workers: int | None = None, gpus_per_worker: float | None = None, skip_bad: bool = False
 ) -> tuple[Evaluation, list[dict]]:
-    """The whole pass: in this process (workers None), or cut over `workers` Ray workers."""
+    """The whole pass: in this process (workers None), or cut over `workers` Ray workers. Images that
+    cannot be read raise Unavailable naming their shards once the pass is over (so that every broken
+    shard is named, not the first), unless `skip_bad`: then they are left out of the result, listed in
+    `Evaluation.unreadable`."""
     manifest = read_manifest(job.data, job.storage_options)
     with Progress(manifest["num_samples"], "predict" if job.output else "evaluate", "image", log) as progress:
         if workers is None:
@@ -202,5 +218,32 @@ def run_pass(
 
             parts = run_parts(job, workers, gpus_per_worker, progress)
     evaluation, frames = merge(parts, len(job.states), job.keep)
+    if evaluation.unreadable and not skip_bad:
+        raise Unavailable(_unreadable_message(job, manifest, evaluation.unreadable))
     evaluation.ids = None if shard_ids(manifest) is None else sample_ids(manifest)
     return evaluation, frames
+
+
+MAX_SHARDS_NAMED = 5  # the error names this many shards, then counts the rest
+
+
+def _unreadable_message(job: Pass, manifest: dict, unreadable: list[Unread]) -> str:
+    """'3 of 96 images of URL are unreadable:', a line per shard, 'shard-000002.tar (2: why the first)', and
+    what to do: short lines, as the console shows an error's lines, each cut to errors.MAX_VALUE_CHARS."""
+    ends = list(itertools.accumulate(s["num_samples"] for s in manifest["shards"]))
+    by_shard: dict[str, list[Unread]] = {}
+    for u in unreadable:
+        by_shard.setdefault(manifest["shards"][bisect.bisect_right(ends, u.index)]["name"], []).append(u)
+    lines = [f"{len(unreadable)} of {manifest['num_samples']} images of {job.data} are unreadable:"]
+    # The first image's problem alone: how a part words the others depends on where in the shard it began.
+    first = itertools.islice(by_shard.items(), MAX_SHARDS_NAMED)
+    lines += [f"  {name} ({len(lost)}: {lost[0].why})" for name, lost in first]
+    if len(by_shard) > MAX_SHARDS_NAMED:
+        lines.append(f"  and {len(by_shard) - MAX_SHARDS_NAMED} more shard(s)")
+    lines.append(
+        "restore or re-pack those shards (`orchestrator data verify` checks a split), "
+        "or pass --skip-bad to leave these images out and list them"
+    )
+    if job.output is not None and job.output.format == "masks":
+        lines.append(f"the other images' masks are in {job.output.url}: --overwrite writes there again")
+    return "\n".join(lines)

@@ -2,7 +2,9 @@
 the best trials (members and ensemble scored together in one pass over the split), and `orchestrator
 predict` of a trial or an ensemble run into BDD100K's submission files. Evaluations log their settings,
 metrics, per-image CSV, histogram and best/worst overlays; predictions the files written. Each runs in
-this process or, with `workers`, as Ray work (`Where`)."""
+this process or, with `workers`, as Ray work (`Where`). Unreadable images fail each of them, or with
+`skip_bad` are left out: every run logs how many images its scores are over (`Coverage.params`) and
+lists those left out (SKIPPED_FILE)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,19 @@ from pathlib import Path
 
 from orchestrator import checkpoints, tracking
 from orchestrator.data.shards import is_labeled, read_manifest
-from orchestrator.data.storage import url_to_fs
-from orchestrator.inference.evaluate import Combine
-from orchestrator.inference.parts import Device, Output, Pass, evaluate_checkpoints, run_pass
+from orchestrator.data.storage import join, url_to_fs
+from orchestrator.errors import UsageError, shown
+from orchestrator.inference.evaluate import SKIPPED_FILE, Combine, Coverage, skipped_text
+from orchestrator.inference.parts import (
+    Device,
+    Output,
+    Pass,
+    evaluate_checkpoints,
+    run_pass,
+    sample_ids,
+)
 from orchestrator.inference.predict import WHOLE, InferenceSettings
-from orchestrator.inference.submission import Format, write_rle
+from orchestrator.inference.submission import RLE_FILE, Format, mask_name, write_rle
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class EnsembleResult:
     run_id: str
     model: str  # the registered model
     versions: dict[str, str]  # its aliases: best_trial, ensemble, champion -> version
+    coverage: Coverage
 
 
 def run_ensemble(
@@ -58,6 +69,7 @@ def run_ensemble(
     where: Where = HERE,
     register: str | None = None,
     command: str | None = None,
+    skip_bad: bool = False,
 ) -> EnsembleResult:
     """Pick the `top` finished trials by `metric` (among those matching `filter_string`), ensemble them on
     the validation split (`data`, default: the best member's `data.val`) with the inference `settings`
@@ -79,7 +91,7 @@ def run_ensemble(
     with tempfile.TemporaryDirectory() as out:
         report = evaluate_checkpoints(
             paths, data, settings, combine=combine, weights=weights, batch_size=batch_size, out_dir=out,
-            device=where.device, storage_options=storage_options, **where.args(),
+            device=where.device, storage_options=storage_options, skip_bad=skip_bad, **where.args(),
         )  # fmt: skip
         ids = [r.info.run_id for r in runs]
         members = report.member_metrics
@@ -95,6 +107,7 @@ def run_ensemble(
                 "combine": combine,
                 "members": ",".join(ids),
                 **settings.as_params(),
+                **report.evaluation.coverage.params(),
             },  # fmt: skip
             metrics={
                 **report.metrics,
@@ -112,7 +125,9 @@ def run_ensemble(
         name, {**versions, "champion": versions["ensemble" if better else "best_trial"]}
     )
     scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, members, strict=True)]
-    return EnsembleResult(scores, report.metrics, run_id, name, tracking.model_aliases(name))
+    return EnsembleResult(
+        scores, report.metrics, run_id, name, tracking.model_aliases(name), report.evaluation.coverage
+    )
 
 
 def _register(
@@ -145,6 +160,7 @@ class EvaluationResult:
     metrics: dict[str, float]
     run_id: str
     experiment: str
+    coverage: Coverage
 
 
 def evaluate_model(
@@ -157,6 +173,7 @@ def evaluate_model(
     storage_options: dict | None = None,
     where: Where = HERE,
     command: str | None = None,
+    skip_bad: bool = False,
 ) -> EvaluationResult:
     """Score an MLflow run's best checkpoint (model = run id) or a checkpoint file at a path/URI, and log an
     `evaluation` run: in the source run's experiment, or `experiment` (default "evaluation"); `command` (the
@@ -172,18 +189,24 @@ def evaluate_model(
         out = Path(d) / "predictions"
         report = evaluate_checkpoints(
             [path], data, settings, batch_size=batch_size, out_dir=out, device=where.device,
-            storage_options=storage_options, **where.args(),
+            storage_options=storage_options, skip_bad=skip_bad, **where.args(),
         )  # fmt: skip
+        coverage = report.evaluation.coverage
         run_id = tracking.log_derived_run(
             experiment,
             kind="evaluation",
             name=f"{name} {settings.mode}",
-            params={"source": source or model, "data.val": report.data, **settings.as_params()},
+            params={
+                "source": source or model,
+                "data.val": report.data,
+                **settings.as_params(),
+                **coverage.params(),
+            },
             metrics=report.metrics,
             tags={**({"orchestrator.source_run": source} if source else {}), **tracking.command_tag(command)},
             files={"predictions": out},
         )
-    return EvaluationResult(name, report.metrics, run_id, experiment)
+    return EvaluationResult(name, report.metrics, run_id, experiment, coverage)
 
 
 def _fetch(uri: str, folder: Path, storage_options: dict | None) -> Path:
@@ -199,7 +222,7 @@ def _fetch(uri: str, folder: Path, storage_options: dict | None) -> Path:
 @dataclass
 class PredictionResult:
     written: str  # the masks' folder, or the RLE file
-    images: int
+    coverage: Coverage  # scored: the images predicted
     metrics: dict[str, float]  # of a labelled split, else empty
     run_id: str
     experiment: str
@@ -216,23 +239,38 @@ def predict_run(
     storage_options: dict | None = None,
     where: Where = HERE,
     command: str | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> PredictionResult:
     """Predict every image of the packed split `data` (labelled or not) with a trial run's best checkpoint,
     or an ensemble run's members combined as that run combined them, into `out` in `format`; log a
-    `prediction` run in the source run's experiment holding the files (and, for a labelled split, the
-    scores of what was written)."""
+    `prediction` run in the source run's experiment holding the files written (and, for a labelled split,
+    the scores of what was written). `out` is a new or empty folder, or with `overwrite` any folder: files
+    of the same names are replaced, the others kept (and not logged). With `skip_bad`, unreadable images
+    get no prediction and are listed in `out`/SKIPPED_FILE."""
     source = tracking.find_run(run_id)
     if source is None:
         raise LookupError(f"{run_id} is not an MLflow run id at {tracking.tracking_uri()}")
+    _check_out(out, overwrite, storage_options)  # before the checkpoints are fetched
     members, combine, weights = _predictors(source)
     states = tuple(checkpoints.load(tracking.cached_checkpoint(m)) for m in members)
     job = Pass(
         states, data, settings, combine, weights, batch_size, device=where.device,
         output=Output(out, format), storage_options=storage_options,
     )  # fmt: skip
-    evaluation, frames = run_pass(job, **where.args())
+    evaluation, frames = run_pass(job, skip_bad=skip_bad, **where.args())
     written = write_rle(out, frames, storage_options) if format == "rle" else out
-    scores = evaluation.summary() if is_labeled(read_manifest(data, storage_options)) else {}
+    manifest = read_manifest(data, storage_options)
+    scores = evaluation.summary() if is_labeled(manifest) else {}
+    coverage = evaluation.coverage
+    names = [RLE_FILE]  # what this command wrote in `out`: the files it logs
+    if format == "masks":
+        left_out = set(coverage.skipped)
+        names = [mask_name(i) for i in sample_ids(manifest) if i not in left_out]
+    if coverage.skipped:
+        fs, root = url_to_fs(out, storage_options)
+        fs.pipe_file(join(root, SKIPPED_FILE), skipped_text(evaluation.unreadable))
+        names.append(SKIPPED_FILE)
     experiment, name = tracking.run_names(run_id)
     with tempfile.TemporaryDirectory() as d:
         run = tracking.log_derived_run(
@@ -247,12 +285,27 @@ def predict_run(
                 "combine": combine,
                 "members": ",".join(members),
                 **settings.as_params(),
+                **coverage.params(),
             },  # fmt: skip
             metrics=scores,
             tags={"orchestrator.source_run": run_id, **tracking.command_tag(command)},
-            files={"predictions": _local(written, Path(d), storage_options)},
+            files={"predictions": _copies(out, names, Path(d), storage_options)},
         )
-    return PredictionResult(written, evaluation.per_image.shape[1], scores, run, experiment)
+    return PredictionResult(written, coverage, scores, run, experiment)
+
+
+def _check_out(out: str, overwrite: bool, storage_options: dict | None) -> None:
+    """Refuse an `out` that is a file, or (without `overwrite`) a folder that holds anything: predictions
+    written among other files could not be told from them."""
+    fs, path = url_to_fs(out, storage_options)
+    if fs.isfile(path):
+        raise UsageError(f"--out {shown(out)} is a file: want a folder, new or empty (any with --overwrite)")
+    held = fs.ls(path, detail=False) if fs.isdir(path) else []
+    if held and not overwrite:
+        raise UsageError(
+            f"--out {shown(out)} holds {len(held)} entries: want a new or empty folder, or --overwrite to "
+            "write into this one"
+        )
 
 
 def _predictors(run) -> tuple[list[str], Combine, tuple[float, ...] | None]:
@@ -269,11 +322,11 @@ def _predictors(run) -> tuple[list[str], Combine, tuple[float, ...] | None]:
     return members, combine, weights
 
 
-def _local(url: str, folder: Path, storage_options: dict | None) -> Path:
-    """A local path of the file or folder at `url`: itself where it is local, else a copy in `folder`."""
-    fs, path = url_to_fs(url, storage_options)
-    if "file" in fs.protocol:
-        return Path(path)
-    local = folder / Path(path).name
-    fs.get(path, str(local), recursive=fs.isdir(path))
+def _copies(url: str, names: list[str], folder: Path, storage_options: dict | None) -> Path:
+    """A local folder (in `folder`) holding copies of the files `names` of the folder at `url`: what a
+    command wrote there, without what else the folder holds."""
+    fs, root = url_to_fs(url, storage_options)
+    local = folder / "copies"
+    local.mkdir()
+    fs.get([join(root, n) for n in names], f"{local}/")
     return local

@@ -45,7 +45,11 @@ class MaskWriter:
         self.fs.makedirs(self.root, exist_ok=True)
 
     def write(self, sample_id: str, mask: np.ndarray) -> None:
-        self.fs.pipe_file(join(self.root, f"{sample_id}.png"), encode_png(mask))
+        self.fs.pipe_file(join(self.root, mask_name(sample_id)), encode_png(mask))
+
+
+def mask_name(sample_id: str) -> str:
+    return f"{sample_id}.png"
 
 
 def write_rle(url: str, frames: list[dict], storage_options: dict | None = None) -> str:

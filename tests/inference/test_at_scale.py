@@ -1,6 +1,8 @@
 """Inference at dataset scale: a pass cut into parts (in this process and on 2 local Ray workers) gives what
 one process gives, to the bit; `orchestrator predict` writes BDD100K's masks and RLE JSON for labelled and
-unlabelled splits, and the written files re-scored by BDD100K's rule give evaluate's val_miou_official."""
+unlabelled splits, and the written files re-scored by BDD100K's rule give evaluate's val_miou_official.
+Nothing is made up for an unreadable image: a pass fails naming its shard, or (--skip-bad) leaves it out
+and lists it; predict writes into a new or empty folder (or --overwrite) and logs only what it wrote."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import broken_shards as broken
 import mlflow.pyfunc
 import numpy as np
 import pytest
@@ -25,12 +28,15 @@ from ray.util.state import list_actors
 from orchestrator import checkpoints, tracking
 from orchestrator import spec as specs
 from orchestrator.cli import main
-from orchestrator.data.shards import pack
+from orchestrator.data.shards import pack, read_manifest
 from orchestrator.data.synth import synthesize
 from orchestrator.data.transforms import IMAGENET
+from orchestrator.errors import MAX_VALUE_CHARS, Unavailable, UsageError
 from orchestrator.execution.inference import run_parts
-from orchestrator.inference.parts import Output, Pass, evaluate_checkpoints, merge, run_pass
+from orchestrator.inference.evaluate import SKIPPED_FILE
+from orchestrator.inference.parts import Output, Pass, evaluate_checkpoints, merge, run_pass, sample_ids
 from orchestrator.inference.predict import InferenceSettings
+from orchestrator.inference.runs import evaluate_model, predict_run, run_ensemble
 from orchestrator.logs import Progress
 
 IMAGES = 7  # batches of 2: 4 batches, the last one partial
@@ -57,6 +63,30 @@ def split(tmp_path_factory) -> Path:
     config = specs.public_params(specs.flatten(spec))
     checkpoints.save(root / "model.pt", model, config, IMAGENET)
     return root
+
+
+LOST = [1, 3, 4, 5]  # the damaged split's unreadable images: 3 is the first of shard 1
+
+
+@pytest.fixture(scope="module")
+def damaged(split: Path) -> str:
+    """The val split as `shards/damaged`, with image 1 (its JPEG truncated) and images 3 to 5 (the second
+    shard, cut short in its first JPEG) unreadable."""
+    root = split / "shards/damaged"
+    shutil.copytree(split / "shards/val", root)
+    changes = {
+        0: lambda shard: broken.edit(shard, 1, 0, broken.truncate),
+        1: lambda shard: broken.cut(shard, 0),
+    }
+    for shard, change in changes.items():
+        path = root / f"shard-{shard:06d}.tar"
+        path.write_bytes(change(path.read_bytes()))
+    return str(root)
+
+
+def lost_ids(damaged: str) -> list[str]:
+    ids = sample_ids(read_manifest(damaged))
+    return [ids[i] for i in LOST]
 
 
 def job(root: Path, output: Output | None = None, keep: int = 2, data: str = "val") -> Pass:
@@ -93,6 +123,22 @@ def test_parts_of_whole_batches_merge_to_what_one_process_computes(split: Path, 
     assert frames == cut_frames and len(frames) == IMAGES
 
 
+def test_parts_of_a_damaged_split_list_the_unreadable_images_and_score_them_nowhere(
+    split: Path, damaged: str
+) -> None:
+    whole = job(split, data="damaged")
+    members = whole.load()
+    one, _ = merge([whole.run(members)], 2, 2)
+    cut, _ = merge([whole.run(members, (i, 3)) for i in range(3)], 2, 2)  # images (0, 2), (2, 4), (4, 7)
+    assert [(u.index, u.id) for u in one.unreadable] == list(zip(LOST, lost_ids(damaged), strict=True))
+    assert one.unreadable[1].why.startswith("shard-000001.tar is unreadable from sample 0 on (")
+    assert [u[:2] for u in cut.unreadable] == [u[:2] for u in one.unreadable]  # (index, id)
+    assert torch.equal(cut.per_image, one.per_image)
+    assert not one.per_image[:, LOST].any() and one.per_image.sum() == 3 * (IMAGES - 4) * 96 * 64
+    assert one.images()["index"].tolist() == [0, 2, 6]  # per-image rows of the images read alone
+    assert one.coverage.scored == IMAGES - 4 and one.coverage.skipped == tuple(lost_ids(damaged))
+
+
 class KillAWorker(Progress):
     """Progress that kills one Ray worker's process when the first part comes back: a part it holds, or is
     handed next, has to be run again by the worker Ray restarts."""
@@ -110,7 +156,9 @@ class KillAWorker(Progress):
 
 
 @pytest.mark.slow
-def test_two_ray_workers_give_the_scores_csv_and_files_of_one_process(split: Path, tmp_path: Path, cli_env):
+def test_two_ray_workers_give_the_scores_csv_and_files_of_one_process(
+    split: Path, damaged: str, tmp_path: Path, cli_env
+):
     """One test for the Ray paths: starting the local Ray is most of its time."""
     path, val = split / "model.pt", f"{split}/shards/val"
     settings = InferenceSettings("slide", crop=(64, 64), stride=(32, 32))
@@ -124,8 +172,18 @@ def test_two_ray_workers_give_the_scores_csv_and_files_of_one_process(split: Pat
         predicted = [run_pass(job(split, out, data="test"), workers=n)[0] for n, out in masks.items()]
         killing = KillAWorker()
         survived, _ = merge(run_parts(job(split), 2, 0, killing), 2, 2)
+        skipping = [run_pass(job(split, data="damaged"), workers=n, skip_bad=True)[0] for n in (None, 2)]
+        failures = []
+        for n in (None, 2):
+            with pytest.raises(Unavailable) as failed:
+                run_pass(job(split, data="damaged"), workers=n)
+            failures.append(str(failed.value))
     finally:
         ray.shutdown()
+    assert [u.index for u in skipping[1].unreadable] == LOST
+    assert [u[:2] for u in skipping[1].unreadable] == [u[:2] for u in skipping[0].unreadable]
+    assert torch.equal(skipping[1].per_image, skipping[0].per_image)
+    assert failures[1] == failures[0] and failures[0].startswith(f"4 of {IMAGES} images of {damaged} are")
     one, two = (r.evaluation for r in reports)
     assert torch.equal(one.per_image, two.per_image) and one.ids == two.ids
     csv = [(tmp_path / f"eval{n}/per_image.csv").read_bytes() for n in (None, 2)]
@@ -259,3 +317,114 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
         )
         assert np.array_equal(predicted, np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in ids]))
     assert second in ensemble.data.params["members"]
+
+
+def test_unreadable_images_fail_each_command_naming_their_shards_and_nothing_is_made_up(
+    split: Path, damaged: str, tmp_path: Path, monkeypatch
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root: ./mlruns
+    trial = trial_run(uri, split / "model.pt", 0.5)
+    masks, rle = tmp_path / "masks", tmp_path / "rle"
+    with pytest.raises(Unavailable) as failed:
+        predict_run(trial, damaged, str(masks))
+    message = str(failed.value)
+    lines = message.splitlines()  # the console shows each line, cut to MAX_VALUE_CHARS
+    assert lines[0] == f"4 of {IMAGES} images of {damaged} are unreadable:"
+    assert lines[1].startswith("  shard-000000.tar (1: ")
+    assert lines[2].startswith("  shard-000001.tar (3: shard-000001.tar is unreadable from sample 0 on (")
+    assert "--skip-bad" in lines[3] and lines[4].startswith(f"the other images' masks are in {masks}: ")
+    assert max(map(len, lines)) <= MAX_VALUE_CHARS
+    lost = lost_ids(damaged)
+    readable = [f"{i}.png" for i in sample_ids(read_manifest(damaged)) if i not in lost]
+    assert sorted(p.name for p in masks.iterdir()) == sorted(readable)  # no placeholder's mask
+    with pytest.raises(Unavailable, match=r"^4 of 7 images .* are unreadable:\n  shard-000000.tar \(1: "):
+        predict_run(trial, damaged, str(rle), format="rle")
+    assert not rle.exists()
+    commands = [lambda: evaluate_model(trial, data=damaged), lambda: run_ensemble("scale", 1, data=damaged)]
+    for command in commands:
+        with pytest.raises(Unavailable, match=r"^4 of 7 images .* are unreadable:\n  shard-000000.tar \(1: "):
+            command()
+    runs = MlflowClient(uri).search_runs([tracking.ensure_experiment("scale", uri)])
+    assert {r.data.tags[tracking.KIND] for r in runs} == {"sweep", "trial"}  # nothing logged
+
+
+def test_skip_bad_leaves_the_unreadable_images_out_and_lists_them(
+    split: Path, damaged: str, tmp_path: Path, monkeypatch, capsys
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root: ./mlruns
+    trial = trial_run(uri, split / "model.pt", 0.5)
+    c, exp = MlflowClient(uri), tracking.ensure_experiment("scale", uri)
+    lost = lost_ids(damaged)
+    readable = [i for i in sample_ids(read_manifest(damaged)) if i not in lost]
+    listed = f"left out 4 unreadable image(s) (--skip-bad): {', '.join(lost)}"
+
+    def logged(kind: str) -> tuple[str, dict[str, float], list[str]]:
+        """The latest run of `kind`: its id, metrics and files, having checked the counts it logged."""
+        run = c.search_runs([exp], f"tags.`{tracking.KIND}` = '{kind}'", order_by=["start_time DESC"])[0]
+        files = [a.path for a in c.list_artifacts(run.info.run_id, "predictions")]
+        counts = {k: run.data.params[k] for k in ("images_scored", "images_total")}
+        assert counts == {"images_scored": "3", "images_total": "7"}, kind
+        return run.info.run_id, run.data.metrics, sorted(f.removeprefix("predictions/") for f in files)
+
+    out = tmp_path / "masks"
+    assert main(["predict", trial, "--data", damaged, "--out", str(out), "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert f"3 predictions (masks) written to {out}" in printed and listed in printed
+    assert "\nover 3 of 7 images  " in printed  # the scores' header
+    written = sorted([*(f"{i}.png" for i in readable), SKIPPED_FILE])
+    assert sorted(p.name for p in out.iterdir()) == written
+    skipped = [line.split("\t") for line in (out / SKIPPED_FILE).read_text().splitlines()]
+    assert [i for i, _ in skipped] == lost and "is unreadable from sample 0 on" in skipped[3][1]
+    truths = [np.asarray(Image.open(split / f"raw/labels/drivable/masks/val/{i}.png")) for i in readable]
+    predicted = [np.asarray(Image.open(out / f"{i}.png")) for i in readable]
+    _, scores, files = logged("prediction")
+    assert scores["val_miou_official"] == pytest.approx(official_miou(truths, predicted), abs=1e-12)
+    assert files == written
+
+    out = tmp_path / "rle"
+    assert main(["predict", trial, "--data", damaged, "--out", str(out), "--skip-bad", "--format=rle"]) == 0
+    assert listed in capsys.readouterr().out
+    frames = json.loads((out / "predictions.json").read_text())["frames"]
+    assert [f["name"] for f in frames] == [f"{i}.jpg" for i in readable]
+    assert (out / SKIPPED_FILE).read_text() == (tmp_path / "masks" / SKIPPED_FILE).read_text()
+    assert logged("prediction")[2] == ["predictions.json", SKIPPED_FILE]
+
+    assert main(["evaluate", trial, "--data", damaged, "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nover 3 of 7 images  " in printed and listed in printed
+    run_id, metrics, files = logged("evaluation")
+    assert metrics["val_miou_official"] == scores["val_miou_official"] and SKIPPED_FILE in files
+    rows = (Path(c.download_artifacts(run_id, "predictions/per_image.csv", str(tmp_path)))).read_text()
+    assert [line.split(",")[1] for line in rows.splitlines()[1:]] == readable
+
+    assert main(["ensemble", "--top", "1", "--experiment", "scale", "--data", damaged, "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nover 3 of 7 images  " in printed and listed in printed
+    assert SKIPPED_FILE in logged("ensemble")[2]
+
+
+def test_predict_writes_into_a_new_or_empty_folder_and_logs_only_what_it_wrote(
+    split: Path, tmp_path: Path, monkeypatch
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact root: ./mlruns
+    trial = trial_run(uri, split / "model.pt", 0.5)
+    val = f"{split}/shards/val"
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UsageError, match=rf"^--out '{tmp_path}/file' is a file: want a folder"):
+        predict_run(trial, val, str(tmp_path / "file"))
+    out = tmp_path / "out"
+    out.mkdir()
+    predict_run(trial, val, str(out))  # an empty folder will do
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=rf"^--out '{out}' holds 8 entries: want a new or empty folder, or "):
+        predict_run(trial, val, str(out))
+    result = predict_run(trial, val, str(out), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == IMAGES + 1
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "predictions")]
+    assert sorted(logged) == [f"predictions/{p.name}" for p in sorted(out.glob("*.png"))]
