@@ -75,12 +75,14 @@ def _explain(e: Exception) -> tuple[int, list[str]]:
         code = errors.EXIT_INTERNAL
     elif isinstance(e, (UsageError, LookupError)):  # not like this, or nothing to act on
         code = errors.EXIT_USAGE
-    elif isinstance(e, (Unavailable, OSError)):  # the environment: a service, a file, the network
+    elif isinstance(e, (Unavailable, OSError, *_mlflow_errors())):  # the environment: a service, a file
         code = errors.EXIT_UNAVAILABLE
     else:
         code = errors.EXIT_INTERNAL
     ours = isinstance(e, (UsageError, Unavailable, LookupError)) and code != errors.EXIT_INTERNAL
     text = str(e.args[0]) if ours and e.args else f"{type(e).__name__}: {e}"
+    if isinstance(e, _mlflow_errors()):  # what the store answered (tracking.py has the network's)
+        text = f"MLflow at {redact(os.environ.get('MLFLOW_TRACKING_URI', 'the local store'))}: {e}"
     lines = [errors.cut(redact(line), MAX_LINE_CHARS) for line in text.splitlines() or [text]]
     if not ours:
         lines = lines[:1]
@@ -89,6 +91,13 @@ def _explain(e: Exception) -> tuple[int, list[str]]:
     if len(lines) > MAX_ERROR_LINES:
         lines[MAX_ERROR_LINES - 1 :] = [f"... {len(lines) - MAX_ERROR_LINES + 1} more lines"]
     return code, lines
+
+
+def _mlflow_errors() -> tuple[type[Exception], ...]:
+    """MLflow's exception class, where a command loaded MLflow: an answer of the tracking store (a store
+    that refuses its URI, a server error) is the environment's."""
+    module = sys.modules.get("mlflow.exceptions")
+    return (module.MlflowException,) if module else ()
 
 
 class BadArguments(Exception):
@@ -297,10 +306,10 @@ def _parser() -> argparse.ArgumentParser:
     def inference_args(cmd: argparse.ArgumentParser, data: str | None = None) -> None:
         if data is None:
             cmd.add_argument(
-                "--data", help="packed split URL to score (default: the (first) model's data.val)"
+                "--data", type=_text, help="packed split URL to score (default: the (first) model's data.val)"
             )
         else:
-            cmd.add_argument("--data", required=True, help=data)
+            cmd.add_argument("--data", type=_text, required=True, help=data)
         cmd.add_argument("--mode", choices=("whole", "slide", "multiscale"), default="whole")
         cmd.add_argument(
             "--crop", type=_size, help="sliding window WIDTHxHEIGHT (slide; multiscale by windows)"
@@ -437,9 +446,21 @@ def _rate(text: str) -> float:
 
 
 def _settings(args: argparse.Namespace):
+    """The inference settings of evaluate, ensemble and predict, checked with their --data before any
+    download: a --data that holds no packed split is the input's mistake (exit 2), not the store's."""
+    from orchestrator.data.shards import read_manifest
     from orchestrator.inference.predict import InferenceSettings
 
-    return InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip, args.amp)
+    settings = InferenceSettings(args.mode, args.crop, args.stride, args.scales, args.flip, args.amp)
+    if args.data is not None:
+        try:
+            read_manifest(args.data)
+        except FileNotFoundError:
+            raise UsageError(
+                f"--data {errors.shown(args.data)}: no packed split there (no manifest.json); give a folder "
+                "that `orchestrator data pack` wrote, such as data/shards/val"
+            ) from None
+    return settings
 
 
 def _where(args: argparse.Namespace):
@@ -455,6 +476,12 @@ def _names(text: str) -> list[str]:
             f"expected comma-separated names such as train,val,test, got {text!r}"
         )
     return names
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path or URL, got {errors.shown(text)}")
+    return text
 
 
 def _positive(text: str) -> int:

@@ -129,3 +129,39 @@ def test_a_credential_is_never_put_on_a_jobs_command_line(capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: submit --set data") and "stored with the job" in err
         assert "S3CR3T" not in err
+
+
+@pytest.mark.parametrize("command", [["evaluate", "R"], ["ensemble"], ["predict", "R", "--out", "o"]])
+def test_a_data_split_that_is_not_there_is_the_inputs_mistake(tmp_path, capsys, command):
+    (tmp_path / "file").write_text("x")
+    for data, says in (
+        ("", "error: orchestrator {}: argument --data: expected a path or URL, got '' (-h: usage)"),
+        (str(tmp_path / "missing"), "error: --data '{}': no packed split there (no manifest.json); give a "),
+        (str(tmp_path / "file"), "error: --data '{}': no packed split there (no manifest.json); give a "),
+    ):
+        assert cli.main([*command, "--data", data]) == 2
+        assert capsys.readouterr().err.startswith(says.format(data or command[0]))
+
+
+def test_a_manifest_that_pack_did_not_write_is_refused(tmp_path):
+    from orchestrator.data.shards import read_manifest
+
+    for text, says in (("{", "is not one `orchestrator data pack` wrote"), ("[]", "has format 'list'"),
+                       ('{"format": "x"}', "has format 'x', expected 'orchestrator-shards/1'")):  # fmt: skip
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(UsageError, match=says):
+            read_manifest(str(tmp_path))
+
+
+def test_an_answer_of_the_tracking_store_is_the_environments(monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    def refused(args):
+        raise MlflowException("The filesystem tracking backend is in maintenance mode")
+
+    monkeypatch.setattr(cli, "_spec", refused)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:pw@h:5000")
+    assert cli.main(["spec", SMOKE]) == 1
+    assert capsys.readouterr().err == (
+        "error: MLflow at http://***@h:5000: The filesystem tracking backend is in maintenance mode\n"
+    )

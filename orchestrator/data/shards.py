@@ -44,7 +44,7 @@ from orchestrator.data import labels, layout
 from orchestrator.data.labels import SampleLabel
 from orchestrator.data.layout import LabelSource
 from orchestrator.data.storage import join, url_to_fs
-from orchestrator.errors import UsageError
+from orchestrator.errors import UsageError, shown
 
 FORMAT = "orchestrator-shards/1"
 MANIFEST = "manifest.json"
@@ -550,10 +550,13 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     fs, path = url_to_fs(url, storage_options)
     try:
         manifest = json.loads(fs.cat_file(join(path, MANIFEST)))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no {MANIFEST} in {url}: pack the dataset there first") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{join(url, MANIFEST)} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UsageError(f"{join(url, MANIFEST)} is not one `orchestrator data pack` wrote: {e}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found != FORMAT:
+        raise UsageError(f"{join(url, MANIFEST)} has format {shown(found)}, expected {FORMAT!r}")
     return manifest
 
 
