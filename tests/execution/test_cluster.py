@@ -93,6 +93,67 @@ def test_kuberay_manifest_has_token_auth_gpu_workers_and_credentials_from_a_secr
     assert not {k for k in config["data"] if "SECRET" in k or "KEY_ID" in k or "TOKEN" in k}
 
 
+KUBERAY = "1.5.1"  # the operator version cluster/kuberay.yaml and docs/cluster.md name
+
+
+def _strict(schema: dict) -> dict:
+    """The schema as `kubectl apply --validate=strict` holds a manifest to it: an object with declared
+    properties takes no others (the API server would prune them silently), unless the schema keeps them."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        keeps = schema.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in schema
+        if "properties" in schema and not keeps:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def test_kuberay_manifest_is_a_valid_raycluster_of_the_operator_version_it_names():
+    import gzip
+    import json
+
+    import jsonschema
+
+    fixture = ROOT / "tests" / "fixtures" / "kuberay" / f"rayclusters.v{KUBERAY}.schema.json.gz"
+    text = (CLUSTER / "kuberay.yaml").read_text()
+    assert f"KubeRay operator >= {KUBERAY}" in text
+    assert f"(operator >= {KUBERAY})" in (ROOT / "docs" / "cluster.md").read_text()
+    validator = jsonschema.Draft7Validator(_strict(json.loads(gzip.decompress(fixture.read_bytes()))))
+    (cluster,) = [d for d in yaml.safe_load_all(text) if d["kind"] == "RayCluster"]
+    assert list(validator.iter_errors(cluster)) == []
+    broken = copy.deepcopy(cluster)  # what the schema refuses: a misspelled key, a type, a missing field
+    broken["spec"]["workerGroupSpecs"][0]["replica"] = 2
+    broken["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0
+    del broken["spec"]["workerGroupSpecs"][0]["groupName"]
+    found = sorted(e.message for e in validator.iter_errors(broken))
+    assert found == [
+        "'groupName' is a required property",
+        "0 is not of type 'string'",
+        "Additional properties are not allowed ('replica' was unexpected)",
+    ]
+
+
+@pytest.mark.slow
+def test_the_images_python_requirements_resolve(tmp_path):
+    """What cluster/Dockerfile's last `pip install` asks for, resolved by pip (--dry-run) beside the pinned
+    torch, in an environment like the image's (Python 3.11, Ray 2.60: this project's)."""
+    import json
+
+    runs = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if "RUN pip install" in line]
+    last = runs[-1]
+    assert last.split()[-1] == "/home/ray/orchestrator"  # the checkout, copied there
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), TORCH_PIN,
+         str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installs = {i["metadata"]["name"] for i in json.loads(report.read_text())["install"]}
+    assert "orchestrator" in installs and "torch" not in installs  # the pin holds: no other torch resolved
+
+
 def test_dockerfile_builds_on_the_pinned_ray_image_and_installs_torch_first():
     lines = (CLUSTER / "Dockerfile").read_text().splitlines()
     assert f"FROM {RAY_IMAGE}" in lines
