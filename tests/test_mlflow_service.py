@@ -174,13 +174,14 @@ def test_a_sweep_fails_on_mlflow_down_before_a_trial(tmp_path, cli_env) -> None:
 
 
 def test_evaluating_a_checkpoint_file_fails_on_mlflow_down_before_the_pass(
-    tmp_path, monkeypatch, capsys
+    tmp_path, tiny_shards, monkeypatch, capsys
 ) -> None:
-    """A checkpoint given as a file reaches MLflow only to log its scores: the check comes first."""
+    """A checkpoint given as a file reaches MLflow only to log its scores: the check comes first (after the
+    arguments': a --data that holds a split)."""
     with _refusing() as port:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
         monkeypatch.setenv(tracking.TIMEOUT_ENV, "3")
-        code = main(["evaluate", str(tmp_path / "model.pt"), "--data", str(tmp_path / "val")])
+        code = main(["evaluate", str(tmp_path / "model.pt"), "--data", str(tiny_shards / "val")])
     assert code == errors.EXIT_UNAVAILABLE
     assert "connection refused" in _one_line(capsys.readouterr().err, port)
 
