@@ -244,6 +244,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--train-images", type=_positive, help="training images per epoch (default: the "
                      "spec's split's manifest, else BDD100K's 70,000)")  # fmt: skip
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cmd.add_argument(
+        "--actual",
+        metavar="SWEEP_RUN_ID",
+        help="set each point beside what its trial spent in that sweep run (GPU-hours over all its attempts)",
+    )
     cmd.set_defaults(func=_plan)
 
     cmd = sub.add_parser(
@@ -666,18 +671,24 @@ def _plan(args: argparse.Namespace) -> int:
     gpu = _gpu_arg(args.gpu) or _cluster_gpu()
     from orchestrator.plan import fmt_hours, plan
 
-    result = plan(spec, gpu, gpus=args.gpus, price=args.price, train_images=args.train_images)
+    result = plan(
+        spec, gpu, gpus=args.gpus, price=args.price, train_images=args.train_images, actual=args.actual
+    )
     if args.json:
         print(json.dumps(result.as_json(), indent=1))
         return 0
     width = max(len(p.key) for p in result.points)
     head = f"{'batch':>5}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'img/s/GPU':>10}  {'GPU-h':>7}"
-    print(f"{'grid point':<{width}}  {head}")
+    spent_head = f"  {'spent h':>8}  {'x plan':>6}  {'tries':>5}" if args.actual else ""
+    print(f"{'grid point':<{width}}  {head}{spent_head}")
     for p in result.points:
         fits, hours, gflops = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours), p.gflops_per_image
         rate = f"{p.images_per_s_per_gpu:.1f}{'*' if p.measured else ' '}"
         batch, gib = p.batch_per_gpu, p.memory_gib
-        print(f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {rate:>10}  {hours:>7}")
+        row = f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {rate:>10}  {hours:>7}"
+        if args.actual:
+            row += _spent(p)
+        print(row)
     total, unfit = result.total, sum(not p.fits for p in result.points)
     gpu_hours, wall = fmt_hours(total["gpu_hours"]), fmt_hours(total["wall_hours"])
     print(
@@ -685,9 +696,29 @@ def _plan(args: argparse.Namespace) -> int:
         f"{gpu_hours} GPU-hours, {wall} h on {result.gpus} GPUs, "
         f"${total['cost_usd']:,.0f} at ${result.usd_per_hour:.2f}/GPU-h"
     )
+    if "spent_hours" in total:
+        ran = [p for p in result.points if p.spent]
+        on = "GPU-hours" if all(p.spent.on_gpu for p in ran) else "device-hours (worker-hours on the CPU)"
+        spent, planned = fmt_hours(total["spent_hours"]), fmt_hours(total["planned_hours_of_those"])
+        print(
+            f"{len(ran)} of them ran in sweep run {args.actual}: {spent} {on} spent, "
+            f"{total['spent_vs_plan']:.2f} x the {planned} planned for them"
+        )
     for note in result.notes:
         print(f"  {note}")
     return 0
+
+
+def _spent(p) -> str:
+    """A plan row's spent columns: device-hours over all attempts (`c`: worker-hours on the CPU), the
+    ratio to the plan, attempts."""
+    from orchestrator.plan import fmt_hours
+
+    if p.spent is None:
+        return f"  {'-':>8}  {'-':>6}  {'-':>5}"
+    hours = fmt_hours(p.spent.hours) + ("" if p.spent.on_gpu else "c")
+    ratio = p.spent.hours / p.gpu_hours if p.gpu_hours else float("nan")
+    return f"  {hours:>8}  {ratio:6.2f}  {p.spent.attempts:5d}"
 
 
 def _synth(args: argparse.Namespace) -> int:

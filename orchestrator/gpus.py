@@ -52,3 +52,9 @@ def kind_of(accelerator_type: str) -> str | None:
     and 80 GB), the one with the least memory. None for a type GPUS does not know."""
     kinds = [kind for kind, gpu in GPUS.items() if gpu.ray_type == accelerator_type]
     return min(kinds, key=lambda kind: GPUS[kind].memory_gib, default=None)
+
+
+def price_of(device_name: str | None) -> float | None:
+    """The list price per hour of the GPU torch calls `device_name` (a trial's orchestrator.device tag);
+    None for the CPU or a GPU that GPUS does not list."""
+    return next((gpu.usd_per_hour for gpu in GPUS.values() if gpu.name == device_name), None)

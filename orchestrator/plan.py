@@ -39,6 +39,23 @@ BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's sp
 
 
 @dataclass(frozen=True)
+class Spent:
+    """What a grid point's trial spent, its run's attempt totals (tracking.log_attempt): device-hours (GPU-
+    hours where it ran on GPUs, worker-hours on the CPU), its attempts, dollars where its GPU has a price."""
+
+    hours: float
+    on_gpu: bool
+    attempts: int
+    cost_usd: float | None
+
+    @classmethod
+    def of(cls, costs: dict[str, float]) -> Spent:
+        gpu_seconds = costs.get("gpu_seconds", 0.0)
+        seconds = gpu_seconds or costs.get("worker_seconds", 0.0)
+        return cls(seconds / 3600, gpu_seconds > 0, int(costs.get("attempts", 0)), costs.get("cost_usd"))
+
+
+@dataclass(frozen=True)
 class Point:
     key: str
     memory_gib: float
@@ -49,6 +66,7 @@ class Point:
     measured: bool  # throughput from finished trials in MLflow, not the assumed MFU
     images: int  # trained on, all epochs
     gpu_hours: float
+    spent: Spent | None = None  # with plan(actual=...): what its trial spent, if it ran
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,17 @@ class Plan:
     @property
     def total(self) -> dict[str, float]:
         gpu_hours = sum(p.gpu_hours for p in self.points)
-        return {
+        total = {
             "gpu_hours": gpu_hours,
             "wall_hours": gpu_hours / self.gpus,
             "cost_usd": gpu_hours * self.usd_per_hour,
         }
+        ran = [p for p in self.points if p.spent]
+        if ran:  # the plan of the points that ran, beside what they spent
+            planned = sum(p.gpu_hours for p in ran)
+            total |= {"spent_hours": sum(p.spent.hours for p in ran), "planned_hours_of_those": planned}
+            total["spent_vs_plan"] = total["spent_hours"] / planned if planned else math.nan
+        return total
 
     def as_json(self) -> dict:
         return {"gpu": self.gpu, "points": [asdict(p) for p in self.points], "total": self.total}
@@ -80,14 +104,21 @@ def plan(
     gpus: int | None = None,
     price: float | None = None,
     train_images: int | None = None,
+    actual: str | None = None,
 ) -> Plan:
-    """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of gpus.GPUS)."""
+    """The plan of every grid point of `spec` on GPUs of kind `gpu` (a key of gpus.GPUS); with `actual` (a
+    sweep run id), each point beside what its trial spent."""
     kind: Gpu = GPUS[gpu]
     trials = expand(spec)
+    spent = {}
+    if actual is not None:
+        from orchestrator import tracking
+
+        spent = {key: Spent.of(costs) for key, costs in tracking.trial_costs(actual).items()}
     measured, source = measured_throughput(spec.experiment, kind)
     images, where = _train_images(spec, train_images)
     costs = StepCosts()
-    points = [_point(t, kind, images, costs, measured) for t in trials]
+    points = [replace(_point(t, kind, images, costs, measured), spent=spent.get(t.key)) for t in trials]
     assumed = f"an assumed MFU of {MFU:.0%} of the {kind.name}'s bf16 peak"
     if any(p.measured for p in points):
         count = sum(p.measured for p in points)
@@ -255,4 +286,6 @@ def _train_images(spec: Spec, given: int | None) -> tuple[int, str]:
 
 
 def fmt_hours(hours: float) -> str:
+    if hours < 0.01:  # a test's trial: two digits that say something
+        return f"{hours:.2g}"
     return f"{hours:,.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2f}"

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from orchestrator.errors import Unavailable, UsageError, shown
+from orchestrator.gpus import price_of
 from orchestrator.masking import redact
 
 KIND = "orchestrator.kind"  # sweep | trial | ensemble
@@ -311,6 +312,50 @@ def log_epoch(
         return False
     log_metrics(run_id, metrics, step=epoch, uri=uri, tags=tags)
     return True
+
+
+# What a trial's attempts cost, its run's running totals (log_attempt), summed on its sweep's run.
+COSTS = ("attempts", "restarts", "worker_seconds", "gpu_seconds", "cost_usd")
+
+
+def log_attempt(run_id: str, uri: str, workers: int, gpus_per_worker: float, seconds: float) -> None:
+    """Charge one attempt of a trial (its worker group, from start to shutdown) to its run: the attempt's
+    `attempt_seconds` at step n (its number), and the running totals of COSTS at the same step: worker_seconds
+    (workers x wall time), gpu_seconds (x GPUs per worker), and cost_usd at the list price of the GPU the
+    trial tagged as its device (none on the CPU, or before a first epoch named it)."""
+    run = client(uri).get_run(run_id)
+    before = run.data.metrics
+    n = int(before.get("attempts", 0)) + 1
+    totals = {
+        "attempt_seconds": seconds,
+        "attempts": n,
+        "restarts": n - 1,
+        "worker_seconds": before.get("worker_seconds", 0.0) + workers * seconds,
+        "gpu_seconds": before.get("gpu_seconds", 0.0) + workers * gpus_per_worker * seconds,
+    }
+    price = price_of(run.data.tags.get(DEVICE))
+    if price is not None:
+        totals["cost_usd"] = totals["gpu_seconds"] / 3600 * price
+    log_metrics(run_id, totals, step=n, uri=uri)
+
+
+def sum_costs(experiment_id: str, parent_run_id: str, uri: str) -> dict[str, float]:
+    """The COSTS of a sweep's trials, summed and logged on the sweep's run."""
+    runs = trial_runs(experiment_id, parent_run_id, uri)
+    totals = {k: sum(r.data.metrics.get(k, 0.0) for r in runs) for k in COSTS}
+    log_metrics(parent_run_id, totals, step=0, uri=uri)
+    return totals
+
+
+def trial_costs(sweep_run_id: str, uri: str | None = None) -> dict[str, dict[str, float]]:
+    """{trial key: its COSTS so far} of a sweep run's trials; UsageError for an id of no sweep run."""
+    run = find_run(sweep_run_id, uri)
+    if run is None or run.data.tags.get(KIND) != "sweep":
+        raise UsageError(f"{shown(sweep_run_id)} is no sweep run at {redact(uri or tracking_uri())}")
+    return {
+        r.data.tags[TRIAL_KEY]: {k: r.data.metrics[k] for k in COSTS if k in r.data.metrics}
+        for r in trial_runs(run.info.experiment_id, sweep_run_id, uri)
+    }
 
 
 def failure(run_id: str, uri: str) -> str | None:

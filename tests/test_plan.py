@@ -214,3 +214,36 @@ def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
     assert "measured for 2 of 4 points, 3 finished trials on NVIDIA L4 in MLflow experiment 'smoke'" in (
         capsys.readouterr().out
     )
+
+
+def test_plan_actual_sets_what_each_trial_spent_beside_its_plan(tmp_path, monkeypatch, capsys) -> None:
+    """On a real SQLite store: the sweep run's trials, by key; a point that did not run shows none."""
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    exp = tracking.ensure_experiment("smoke", uri)
+    sweep = tracking.start_sweep_run(exp, "smoke", {}, uri)
+    keys = [t.key for t in specs.expand(specs.load(SMOKE))]
+    for key, seconds in zip(keys[:2], (60.0, 90.0), strict=True):  # 2 workers x 1 GPU: 120 and 180 GPU-s
+        run = tracking.start_trial_run(exp, sweep, key, {}, uri)
+        tracking.log_attempt(run, uri, workers=2, gpus_per_worker=1, seconds=seconds)
+    argv = ["plan", SMOKE, "--gpu", "l4", "--train-images", "100", "--actual", sweep]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    spent = [p["spent"] for p in plan["points"]]
+    assert [s and s["hours"] * 3600 for s in spent] == [120.0, 180.0, None, None]
+    assert spent[0] == {"hours": 120 / 3600, "on_gpu": True, "attempts": 1, "cost_usd": None}
+    planned = sum(p["gpu_hours"] for p in plan["points"][:2])
+    assert plan["total"]["spent_vs_plan"] == pytest.approx(300 / 3600 / planned)
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-6:] == ["GPU-h", "spent", "h", "x", "plan", "tries"]
+    row = out[1].split()
+    assert row[-3:] == ["0.03", f"{120 / 3600 / plan['points'][0]['gpu_hours']:.2f}", "1"]
+    assert out[3].split()[-3:] == ["-", "-", "-"]
+    assert out[7].startswith(f"2 of them ran in sweep run {sweep}: 0.08 GPU-hours spent, ")
+
+    assert main(["plan", SMOKE, "--gpu", "l4", "--actual", keys[0]]) == 2
+    assert "is no sweep run at" in capsys.readouterr().err

@@ -87,3 +87,34 @@ def test_a_runs_splits_are_its_dataset_inputs_with_a_digest_of_their_manifest(tm
     (again,) = tracking.client(uri).get_run(other).inputs.dataset_inputs
     digests = {logged["training"].digest, logged["validation"].digest, again.dataset.digest}
     assert len(digests) == 3 and all(len(d) == 8 and int(d, 16) >= 0 for d in digests)
+
+
+def test_attempts_are_charged_to_their_trial_and_summed_on_the_sweep(tmp_path) -> None:
+    """Each attempt adds workers x wall to worker_seconds and x GPUs to gpu_seconds; dollars follow the GPU
+    the trial tagged, at its list price; a resumed sweep's driver goes on from the run's totals."""
+    from orchestrator.gpus import GPUS
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment("e", uri)
+    sweep = tracking.start_sweep_run(exp, "s", {}, uri)
+    gpu = tracking.start_trial_run(exp, sweep, "norm=bn", {}, uri)
+    cpu = tracking.start_trial_run(exp, sweep, "norm=gn", {}, uri)
+    tracking.log_attempt(gpu, uri, workers=4, gpus_per_worker=1, seconds=100.0)  # died before an epoch
+    tracking.set_tags(gpu, {tracking.DEVICE: GPUS["a10g"].name}, uri)
+    tracking.log_attempt(gpu, uri, workers=4, gpus_per_worker=1, seconds=50.0)
+    tracking.log_attempt(cpu, uri, workers=2, gpus_per_worker=0, seconds=30.0)
+
+    costs = tracking.trial_costs(sweep, uri)
+    assert costs["norm=bn"] == {
+        "attempts": 2, "restarts": 1, "worker_seconds": 600.0, "gpu_seconds": 600.0,
+        "cost_usd": 600 / 3600 * GPUS["a10g"].usd_per_hour,
+    }  # fmt: skip
+    assert costs["norm=gn"] == {"attempts": 1, "restarts": 0, "worker_seconds": 60.0, "gpu_seconds": 0.0}
+    history = tracking.client(uri).get_metric_history(gpu, "attempt_seconds")
+    assert [(m.step, m.value) for m in history] == [(1, 100.0), (2, 50.0)]
+    totals = tracking.sum_costs(exp, sweep, uri)
+    assert totals == {
+        "attempts": 3, "restarts": 1, "worker_seconds": 660.0, "gpu_seconds": 600.0,
+        "cost_usd": costs["norm=bn"]["cost_usd"],
+    }  # fmt: skip
+    assert tracking.client(uri).get_run(sweep).data.metrics == totals

@@ -132,6 +132,7 @@ def run_sweep(
         )
     failed = any(o.status == "FAILED" for o in outcomes)
     tracking.set_tags(parent, {"orchestrator.trials": len(outcomes)}, uri)
+    tracking.sum_costs(experiment_id, parent, uri)
     tracking.end_run(parent, uri, failed=failed)
     return outcomes
 
@@ -152,8 +153,10 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
     try:
         result = run_trial(trial, experiment_id, parent, uri, callbacks=[])
     except Exception as e:
+        tracking.sum_costs(experiment_id, parent, uri)
         tracking.end_run(parent, uri, failed=True)
         return TrialOutcome("base", "FAILED", {}, _reason(e))
+    tracking.sum_costs(experiment_id, parent, uri)
     tracking.end_run(parent, uri)
     return TrialOutcome("base", "FINISHED", result)
 
@@ -211,12 +214,13 @@ def run_trial(
         tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
         raise TrialFailed(str(e)) from None
     # Imported here, in the trial's driver: the sweep's own process never starts a Ray Train run.
-    from orchestrator.execution.trainer import Trainer, train_loop_per_worker
+    from orchestrator.execution.trainer import Ledger, Trainer, train_loop_per_worker
 
     r = spec.resources
     storage_fs, storage_path = cluster.ray_storage(cluster.storage(spec))
     trainer = Trainer(
         train_loop_per_worker,
+        ledger=Ledger(run_id, tracking_uri),
         train_loop_config={
             "trial": trial,
             "mlflow_run_id": run_id,

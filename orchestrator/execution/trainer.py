@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,8 @@ import ray
 from ray.train.backend import Backend, BackendConfig
 
 from orchestrator.execution.ray_private import TrainerWithoutDatasets, TrainingFramework, rank_zero_url
+
+logger = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -32,10 +36,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 class Trainer(TrainerWithoutDatasets):
-    """Ray's TorchTrainer for a run without Ray Datasets, leaving torch to the workers."""
+    """Ray's TorchTrainer for a run without Ray Datasets, leaving torch to the workers; each attempt (a
+    worker group, from its start to its shutdown) is charged to `ledger` where one is given."""
 
-    def __init__(self, train_loop_per_worker: Callable[[dict[str, Any]], None], **kwargs: Any) -> None:
-        super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(), **kwargs)
+    def __init__(
+        self,
+        train_loop_per_worker: Callable[[dict[str, Any]], None],
+        ledger: Ledger | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(train_loop_per_worker, backend_config=ProcessGroupConfig(ledger=ledger), **kwargs)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The MLflow run a trial's attempts are charged to (tracking.log_attempt)."""
+
+    run_id: str
+    tracking_uri: str
 
 
 @dataclass
@@ -43,6 +61,7 @@ class ProcessGroupConfig(BackendConfig):
     """NCCL when the workers have GPUs, else gloo; `timeout_s` bounds every collective."""
 
     timeout_s: int = 1800
+    ledger: Ledger | None = None
 
     @property
     def backend_cls(self) -> type[Backend]:
@@ -59,12 +78,17 @@ class ProcessGroupConfig(BackendConfig):
 
 class ProcessGroup(Backend):
     """Opens the process group on the workers before the loop starts and closes it after; runs in Ray
-    Train's controller, and the functions it sends the workers import torch there."""
+    Train's controller, one instance for a run's every attempt, and the functions it sends the workers
+    import torch there. It times each attempt, from the worker group's start to its shutdown (a failure's
+    restart shuts it down too), for the ledger."""
 
     share_cuda_visible_devices = True  # every rank of a node sees the node's GPUs: NCCL peer-to-peer
+    _attempt: tuple[float, int, float] | None = None  # (started, workers, GPUs per worker)
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        self._attempt = (time.monotonic(), len(worker_group), gpus)
+        backend = "nccl" if gpus > 0 else "gloo"
         url, world = rank_zero_url(worker_group), len(worker_group)
         ray.get(
             [
@@ -76,10 +100,27 @@ class ProcessGroup(Backend):
         )
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        # Bounded: a rank stuck in a collective with a dead peer must not hold the restart.
-        futures = worker_group.execute_async(_destroy_process_group)
-        with contextlib.suppress(ray.exceptions.GetTimeoutError):
-            ray.get(futures, timeout=30)
+        try:
+            # Bounded: a rank stuck in a collective with a dead peer must not hold the restart.
+            futures = worker_group.execute_async(_destroy_process_group)
+            with contextlib.suppress(ray.exceptions.GetTimeoutError):
+                ray.get(futures, timeout=30)
+        finally:  # also when the workers are gone: their GPUs were held until now
+            self._charge(backend_config.ledger)
+
+    def _charge(self, ledger: Ledger | None) -> None:
+        if ledger is None or self._attempt is None:
+            return
+        started, workers, gpus = self._attempt
+        self._attempt = None
+        from orchestrator import tracking  # MLflow's imports: in the controller, once an attempt has ended
+
+        try:
+            tracking.log_attempt(
+                ledger.run_id, ledger.tracking_uri, workers, gpus, time.monotonic() - started
+            )
+        except Exception:  # the count is worth less than the restart it would hold
+            logger.warning("could not charge the attempt to MLflow run %s", ledger.run_id, exc_info=True)
 
 
 def _init_process_group(backend: str, url: str, rank: int, world: int, timeout_s: int) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,14 +111,40 @@ def epochs_logged(env: dict[str, str], run_id: str) -> list[int]:
     return [m.step for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(run_id, "val_miou")]
 
 
+class Lifetimes(threading.Thread):
+    """When each Ray Train worker process below `pid` was first and last seen (every 0.1 s): an attempt's
+    worker group, as the operating system sees it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.seen, self.done = pid, {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            now = time.monotonic()
+            for worker, cmdline in descendants(self.pid).items():
+                if "RayTrainWorker" in cmdline:
+                    self.seen[worker] = (self.seen.get(worker, (now, now))[0], now)
+            time.sleep(0.1)
+
+    def attempts(self, size: int) -> list[float]:
+        """Seconds of each attempt: from its first worker seen to its last one gone, `size` workers each."""
+        spans = sorted(self.seen.values())
+        groups = [spans[i : i + size] for i in range(0, len(spans), size)]
+        return [max(end for _, end in g) - min(start for start, _ in g) for g in groups]
+
+
 def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(workdir) -> None:
     cwd, env = workdir
     proc = start(["train", "spec.yaml"], cwd, env)
+    lifetimes = Lifetimes(proc.pid)
+    lifetimes.start()
     wait_for(lambda: any(epochs_logged(env, r.info.run_id) for r in trial_runs(env)), proc)
     workers = [pid for pid, cmdline in descendants(proc.pid).items() if "RayTrainWorker" in cmdline]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     code, out = finish(proc)
+    lifetimes.done.set()
     assert code == 0, out[-6000:]
     assert "resumed at epoch" in out
     (run,) = trial_runs(env)
@@ -125,6 +152,19 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(w
     assert epochs_logged(env, run.info.run_id) == list(range(1, EPOCHS + 1))
     # From a checkpoint (epoch 1's at least, 4 steps in), not from scratch; lost work <= checkpoint_every.
     assert resumed_at(env, run.info.run_id)[0] >= 4
+    # Both attempts were charged to the run, each as long as its workers lived (within a second: the
+    # ledger counts from the group's start to its shutdown, the processes live a little longer).
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    charged = [m.value for m in client.get_metric_history(run.info.run_id, "attempt_seconds")]
+    lived = lifetimes.attempts(2)
+    assert len(charged) == len(lived) == 2, (charged, lived)
+    for ledger, workers_lived in zip(charged, lived, strict=True):
+        assert workers_lived - 1.5 < ledger <= workers_lived + 0.2, (charged, lived)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["attempts"] == 2 and metrics["restarts"] == 1 and metrics["gpu_seconds"] == 0
+    assert metrics["worker_seconds"] == pytest.approx(2 * sum(charged))
+    (sweep,) = client.search_runs([run.info.experiment_id], "tags.`orchestrator.kind` = 'sweep'")
+    assert sweep.data.metrics["worker_seconds"] == metrics["worker_seconds"]
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(workdir) -> None:
