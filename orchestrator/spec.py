@@ -392,6 +392,12 @@ class ResourcesSpec(_Section):
         ge=-1,
         description="restarts of a trial from its last checkpoint after a worker or node dies (-1: no limit)",
     )
+    max_preemptions: Int = Field(
+        -1,
+        ge=-1,
+        description="restarts after a node the trial ran on was preempted (drained by the cloud's notice): "
+        "counted apart from max_failures, as nothing in the trial was wrong (-1: no limit)",
+    )
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack",
         description="a trial's workers: packed on few nodes, spread over nodes where possible, or each on "

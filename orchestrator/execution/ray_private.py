@@ -14,6 +14,9 @@ What is taken, and why:
   public choice is all of it on the console or none of it anywhere near the run (`log_to_driver`);
   `send_worker_output` writes it to the sweep's log file instead, the autoscaler's status reports cut to
   their events by `filter_autoscaler_events`, as Ray's printer does.
+- a worker's own preemption notice (`get_train_context().preemption_context`): what the public
+  `ray.train.get_preemption_info()` reads and then agrees on through a Ray actor, a round trip per call;
+  the training loop asks every step, and agrees through the step's own all-reduce instead (`notice_left_s`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ray._private.ray_logging import global_worker_stdstream_dispatcher  # noqa:
 from ray._private.worker import filter_autoscaler_events  # noqa: E402
 from ray.train._internal.utils import get_address_and_port  # noqa: E402
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback  # noqa: E402
+from ray.train.v2._internal.execution.context import get_train_context  # noqa: E402
 from ray.train.v2._internal.util import TrainingFramework  # noqa: E402
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: E402
 
@@ -57,6 +61,7 @@ __all__ = [
     "TrainingFramework",
     "rank_zero_url",
     "check_ray_version",
+    "notice_left_s",
     "send_worker_output",
 ]
 
@@ -92,3 +97,13 @@ def send_worker_output(write: Callable[[str], None]) -> None:
     for name in (_RAY_PRINTER, _OUR_PRINTER):
         global_worker_stdstream_dispatcher.remove_handler(name)
     global_worker_stdstream_dispatcher.add_handler(_OUR_PRINTER, emit)
+
+
+def notice_left_s(now_ms: float) -> float | None:
+    """Seconds this Ray Train worker has left before its group's preempted node goes (inf when the drain
+    named no deadline); None while no preemption notice has come. Ray's watcher marks every worker of the
+    group, so each rank reads its own."""
+    info = get_train_context().preemption_context.preemption_info
+    if info is None:
+        return None
+    return float("inf") if info.deadline_ms is None else (info.deadline_ms - now_ms) / 1000

@@ -243,8 +243,11 @@ def run_trial(
             storage_filesystem=storage_fs,
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # A dead worker or node restarts the worker group from the last checkpoint.
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            # A dead worker or node restarts the worker group from the last checkpoint; a preempted node
+            # from the one its workers wrote on notice (train/loop.py), on its own count.
+            failure_config=FailureConfig(
+                max_failures=r.max_failures, max_preemption_failures=r.max_preemptions
+            ),
         ),
     )
     try:

@@ -27,6 +27,7 @@ from orchestrator.data.layout import NUM_CLASSES
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
+from orchestrator.execution.ray_private import notice_left_s
 from orchestrator.models.evalnorm import evalnorm_parameters
 from orchestrator.models.pretrained import listed
 from orchestrator.spec import Spec, public_params
@@ -35,9 +36,12 @@ from orchestrator.train.distributed import all_reduce, average_buffers, count_di
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
+from orchestrator.train.preemption import Notices, fits
 from orchestrator.train.step import accumulate_gradients, autocast, out_of_memory
 
 log = logging.getLogger(__name__)
+
+PREEMPTION_TAG = "orchestrator.preemption"  # what the last preemption notice led to, on the trial's run
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -99,6 +103,10 @@ class Worker:
         if not spec.needs_class_pixels:
             return make_loss(spec)
         return make_loss(spec, read_manifest(d.train, d.storage_options)["class_pixels"])
+
+    def global_step(self, position: Position) -> int:
+        """The optimizer steps of the whole trial done at `position`."""
+        return sum(self.epoch_steps[: position.epoch]) + position.step
 
     @cached_property
     def epoch_steps(self) -> list[int]:
@@ -162,16 +170,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         position, best = restore(state, net, optimizer, scaler, w.device)
         log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
         if w.rank == 0:
-            _log_resume(w, config, position)
+            _log_resume(w, config, position, preempted=state.get("preempted", False))
             if state.get("report"):  # the attempt before may have died before logging it
                 _log_epoch(w, config, net, state["report"], state["improved"])
+    notices = Notices(lambda: notice_left_s(time.time() * 1000))
 
-    def save(p: Position, report: dict[str, float] | None = None, improved: bool = False) -> None:
-        _report(w, config, net, resume_state(optimizer, scaler, p, best, w.device), report, improved)
+    def save(
+        p: Position, report: dict[str, float] | None = None, improved: bool = False, preempted: bool = False
+    ) -> None:
+        started = time.monotonic()
+        state = {**resume_state(optimizer, scaler, p, best, w.device), "preempted": preempted}
+        _report(w, config, net, state, report, improved)
+        notices.checkpoint_s = time.monotonic() - started
+
+    def noticed(p: Position) -> None:
+        _on_notice(w, config, notices, save, p)
 
     try:
         while position.epoch < w.spec.train.epochs:
-            trained = train_epoch(w, model, optimizer, position, save, scaler)
+            trained = train_epoch(w, model, optimizer, position, save, scaler, noticed, notices)
             report = {"epoch": position.epoch + 1, **trained}
             if w.spec.train.precise_bn_batches:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
@@ -271,12 +288,15 @@ def train_epoch(
     position: Position,
     save: Callable[[Position], None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    noticed: Callable[[Position], None] | None = None,
+    notices: Notices | None = None,
 ) -> dict[str, float]:
     """The epoch's optimizer steps (at its stage's crop, batch and LR) from `position` on,
     `train.accumulate` micro-batches each, calling
-    `save` every `train.checkpoint_every` steps; loss, skipped samples and throughput are the trial's
-    (all ranks), not this rank's. fp16 runs scale the loss with `scaler` (kept across epochs by the
-    caller; a fresh one otherwise)."""
+    `save` every `train.checkpoint_every` steps, and `noticed` at the step where any rank holds one of
+    `notices` (a preemption notice: agreed through the step's all-reduce); loss, skipped samples and
+    throughput are the trial's (all ranks), not this rank's. fp16 runs scale the loss with `scaler` (kept
+    across epochs by the caller; a fresh one otherwise)."""
     t = w.spec.train
     stage, steps = t.stage(position.epoch), w.epoch_steps[position.epoch]
     done, total = sum(w.epoch_steps[: position.epoch]), sum(w.epoch_steps)  # the schedule's steps
@@ -297,8 +317,13 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
         loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler, t.mixup_alpha)
-        trial_loss = loss.clone()
-        all_reduce(trial_loss)  # every rank sees a non-finite loss at the same step
+        # [loss, ranks holding a preemption notice]: every rank sees a non-finite loss, and a notice, at
+        # the same step.
+        trial = torch.stack(
+            [loss.detach().double(), loss.new_tensor(notices.flag() if notices else 0.0).double()]
+        )
+        all_reduce(trial)
+        trial_loss = trial[0]
         if not torch.isfinite(trial_loss):
             raise NonFiniteLoss(f"loss {float(trial_loss)} at epoch {position.epoch + 1} step {step + 1}")
         if scaler:
@@ -312,6 +337,9 @@ def train_epoch(
         if save and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
             totals = _trial_sums(sums, loader.skipped)
             save(Position(position.epoch, step + 1, float(totals[0]), int(totals[1])))
+        if noticed and trial[1] > 0:
+            totals = _trial_sums(sums, loader.skipped)
+            noticed(Position(position.epoch, step + 1, float(totals[0]), int(totals[1])))
     elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=w.device)
     totals = _trial_sums(sums, loader.skipped)
     all_reduce(elapsed, dist.ReduceOp.MAX)
@@ -391,12 +419,45 @@ def _tag_pretrained_left_out(config: dict[str, Any], names: list[str]) -> None:
     tracking.set_tags(config["mlflow_run_id"], {tracking.PRETRAINED_LEFT_OUT: value}, config["tracking_uri"])
 
 
-def _log_resume(w: Worker, config: dict[str, Any], position: Position) -> None:
-    """Record on the trial's run where an attempt resumed: the optimizer steps done before it."""
+def _log_resume(w: Worker, config: dict[str, Any], position: Position, preempted: bool) -> None:
+    """Record on the trial's run where an attempt resumed: the optimizer steps done before it; and, where it
+    resumed from a checkpoint written on a preemption notice, one more preemption."""
     from orchestrator import tracking  # see _log_epoch
 
-    step = sum(w.epoch_steps[: position.epoch]) + position.step
-    tracking.log_metrics(config["mlflow_run_id"], {"resumed_at_step": step}, step, config["tracking_uri"])
+    run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
+    step = w.global_step(position)
+    metrics = {"resumed_at_step": step}
+    if preempted:
+        metrics["preemptions"] = tracking.client(uri).get_run(run_id).data.metrics.get("preemptions", 0) + 1
+    tracking.log_metrics(run_id, metrics, step, uri)
+
+
+def _on_notice(
+    w: Worker, config: dict[str, Any], notices: Notices, save: Callable[..., None], position: Position
+) -> None:
+    """A preemption notice reached the group: checkpoint at this step and wait to be taken, where a
+    checkpoint fits in the time left; else say that the restart goes back to the last one. Either way in
+    the worker's log and, on the trial's run, as the tag orchestrator.preemption."""
+    left, checkpoint_s = notices.agree(w.device)
+    notices.acted = True
+    at = f"epoch {position.epoch + 1} step {position.step} (step {w.global_step(position)} of the trial)"
+    if fits(left, checkpoint_s):
+        started = time.monotonic()
+        save(position, preempted=True)
+        took = time.monotonic() - started
+        note = f"preemption notice {left:.0f} s before the node goes: checkpointed at {at} in {took:.1f} s"
+    else:
+        note = (
+            f"preemption notice {left:.1f} s before the node goes, at {at}: too short for a checkpoint (the "
+            f"last took {checkpoint_s:.1f} s); a restart goes back to the last checkpoint"
+        )
+    log.warning("%s: %s", w.spec.name, note)
+    if w.rank == 0:
+        from orchestrator import tracking  # see _log_epoch
+
+        tracking.set_tags(config["mlflow_run_id"], {PREEMPTION_TAG: note}, config["tracking_uri"])
+    if fits(left, checkpoint_s):
+        Notices.await_reclaim(left - took)
 
 
 def _log_epoch(

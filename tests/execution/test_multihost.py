@@ -229,3 +229,54 @@ def test_mlflow_down_mid_trial_the_attempt_restarts_and_no_epoch_is_lost(hosts, 
     _epochs_logged_once(client, run_id)
     assert client.get_metric_history(run_id, "resumed_at_step")  # the outage failed an attempt: bounded
     assert "SUCCEEDED" in out
+
+
+def _node_of(hosts: dict[str, str], host: str) -> str:
+    """The Ray node id of worker host `host` (w1: NET.11, w2: NET.12, ...)."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    listed = subprocess.run(
+        [ray_cli, "list", "nodes", "--format", "json", "--address", f"http://{hosts['NET']}.1:8265"],
+        env=hosts, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    ip = f"{hosts['NET']}.{10 + int(host.removeprefix('w'))}"
+    (node,) = [
+        n["node_id"] for n in json.loads(listed.stdout) if n["node_ip"] == ip and n["state"] == "ALIVE"
+    ]
+    return node
+
+
+def test_a_drained_worker_host_checkpoints_at_the_notice_and_counts_a_preemption(hosts, tmp_path) -> None:
+    """A 2-worker trial whose worker host is drained for preemption (a 20 s deadline, then the host goes, as
+    a cloud takes a spot node) mid-epoch: its workers checkpoint at the next step, the trial resumes there on
+    the other hosts, and the restart counts as a preemption, not a failure (max_failures is 0)."""
+    spec = _spec("drained", "bn", max_failures=0)
+    spec["train"] |= {"epochs": 12, "checkpoint_every": 0}  # 4 steps each; checkpoints at epoch ends only
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    ray_cli = Path(sys.executable).with_name("ray")
+    runtime = {"working_dir": ".", "env_vars": {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}}
+    submit = ["job", "submit", "--runtime-env-json", json.dumps(runtime)]
+    client = MlflowClient(hosts["MLFLOW_TRACKING_URI"])
+    with _submitted([ray_cli, *submit, "--", "orchestrator", "sweep", "spec.yaml"], tmp_path, hosts) as job:
+        run_id = _past_first_epoch(client, "drained", job)
+        drained = host_running(hosts, "RayTrainWorker")
+        drain = ["drain-node", "--address", f"{hosts['NET']}.1:6379", "--node-id", _node_of(hosts, drained)]
+        drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim"]
+        subprocess.run([ray_cli, *drain, "--deadline-remaining-seconds", "20"], env=hosts, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+        taken = time.monotonic() + 20
+        while "orchestrator.preemption" not in client.get_run(run_id).data.tags:
+            assert time.monotonic() < taken and job.poll() is None, "no checkpoint on the notice in time"
+            time.sleep(0.5)
+        time.sleep(max(0.0, taken - time.monotonic()))
+        subprocess.run([NETNS, "kill", drained], env=hosts, check=True, capture_output=True)
+        _finished(job, timeout=600)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_miou")] == list(range(1, 13))
+    note = run.data.tags["orchestrator.preemption"]
+    at = int(note.split("(step ")[1].split()[0])  # "checkpointed at epoch E step K (step 4E+K of the trial)"
+    assert note.startswith("preemption notice") and "checkpointed at epoch" in note
+    assert STEPS < at < 12 * STEPS  # after the first epoch
+    resumed = [int(m.value) for m in client.get_metric_history(run_id, "resumed_at_step")]
+    assert resumed == [at]  # from the step of the notice: no step lost
+    assert run.data.metrics["preemptions"] == 1 and run.data.metrics["attempts"] == 2
