@@ -30,6 +30,10 @@ prefix=${PREFIX:-orch}
 bridge=$prefix-br
 net=${NET:-198.18.0}
 head_ip=$net.1
+# `start` and `add` run the project's Ray where no virtual environment is active.
+if [[ -z ${VIRTUAL_ENV:-} && -x $root/.venv/bin/ray ]]; then
+  export PATH="$root/.venv/bin:$PATH"
+fi
 
 log() { echo "netns.sh: $*" >&2; }
 die() {
@@ -119,9 +123,6 @@ start() {
   ((EUID == 0)) || die "needs root (network namespaces)"
   command -v ip >/dev/null || die "ip not found (iproute2)"
   ip link show "$bridge" >/dev/null 2>&1 && die "bridge $bridge exists: a cluster runs (netns.sh stop)"
-  if [[ -z ${VIRTUAL_ENV:-} && -x $root/.venv/bin/ray ]]; then
-    export PATH="$root/.venv/bin:$PATH"
-  fi
   umask 077
   mkdir -p "$state"
   [[ -s $state/token ]] || od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$state/token"

@@ -249,6 +249,8 @@ def test_a_drained_worker_host_checkpoints_at_the_notice_and_counts_a_preemption
     """A 2-worker trial whose worker host is drained for preemption (a 20 s deadline, then the host goes, as
     a cloud takes a spot node) mid-epoch: its workers checkpoint at the next step, the trial resumes there on
     the other hosts, and the restart counts as a preemption, not a failure (max_failures is 0)."""
+    # This module's tests lose worker hosts: a trial drained off one of two needs a third to go on.
+    subprocess.run([NETNS, "add", "w4"], env=hosts, check=True, capture_output=True, timeout=300)
     spec = _spec("drained", "bn", max_failures=0)
     spec["train"] |= {"epochs": 12, "checkpoint_every": 0}  # 4 steps each; checkpoints at epoch ends only
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
