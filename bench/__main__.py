@@ -1,11 +1,11 @@
 """`make bench`: every bench script at its quick size, one after another, then one table of all their figures.
 
-    .venv/bin/python -m bench [--only step_overhead sweep data norms evaluate gpu] [--logs DIR]
+    .venv/bin/python -m bench [--only step_overhead checkpoint sweep data norms evaluate gpu] [--logs DIR]
 
 Each script runs as its own process (`python -m bench.NAME --json FILE`), with its output in a log file; a
 line per script says how long it took. A script that fails is a row of the table that says so (and the end
 of its log is printed), the others still run. The defaults of each script are sized so that all of them
-together take about 6 minutes on an idle 2-core machine (well under 15 on a busy one); run a script alone
+together take about 8 minutes on an idle 2-core machine (well under 17 on a busy one); run a script alone
 with larger flags to scale it up.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import common
 
-BENCHES = ("step_overhead", "sweep", "data", "norms", "evaluate", "gpu")
+BENCHES = ("step_overhead", "checkpoint", "sweep", "data", "norms", "evaluate", "gpu")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -202,3 +202,22 @@ def small_spec(
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return raw
+
+
+def trained_step_s(raw: dict[str, Any], setup: str) -> list[float]:
+    """`orchestrator train` (`sweep.run_single`) of the spec `raw`, alone in its `tracking.experiment`; each
+    epoch's seconds per step, from the images_per_s its trial logged to MLflow (an epoch's training, its
+    interval checkpoints included; the loader's start, validation and the epoch-end checkpoint not)."""
+    from orchestrator import spec as specs
+    from orchestrator import tracking
+    from orchestrator.execution.sweep import run_single
+
+    trial = specs.validate(raw)
+    outcome = run_single(trial)
+    if outcome.status != "FINISHED":
+        raise SystemExit(f"{setup} failed: {outcome.error}")
+    c = tracking.client()
+    exp = c.get_experiment_by_name(trial.tracking.experiment)
+    [run] = c.search_runs([exp.experiment_id], f"tags.`{tracking.KIND}` = 'trial'")  # the only one
+    history = sorted(c.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step)
+    return [trial.train.batch_per_gpu * trial.resources.workers_per_trial / m.value for m in history]

@@ -40,13 +40,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common  # noqa: E402
-from orchestrator import (
-    checkpoints,  # noqa: E402
-    tracking,  # noqa: E402
-)
+from orchestrator import checkpoints  # noqa: E402
 from orchestrator import spec as specs  # noqa: E402
 from orchestrator.data.layout import IGNORE_INDEX  # noqa: E402
-from orchestrator.execution.sweep import run_single  # noqa: E402
 from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch  # noqa: E402
 
 BENCH = "step_overhead"
@@ -81,21 +77,13 @@ def worker_epochs(spec: specs.Spec) -> Iterator[float]:
 
 
 def ray_train(raw: dict[str, Any], workers: int, norm: str) -> list[float]:
-    """`orchestrator train` of the spec `raw` (Ray Train, `workers` DDP ranks); each epoch's seconds per step
-    from the images_per_s the trial logged to MLflow."""
+    """`orchestrator train` of the spec `raw` with `workers` DDP ranks; each epoch's seconds per step."""
     experiment = f"{raw['name']}-{workers}-{norm}"
     resources = {**raw["resources"], "workers_per_trial": workers}
-    trial = specs.validate(
-        {**raw, "norm": norm, "tracking": {"experiment": experiment}, "resources": resources}
+    return common.trained_step_s(
+        {**raw, "norm": norm, "tracking": {"experiment": experiment}, "resources": resources},
+        f"Ray Train, {workers} worker(s), {norm}",
     )
-    outcome = run_single(trial)
-    if outcome.status != "FINISHED":
-        raise SystemExit(f"Ray Train, {workers} worker(s), {norm} failed: {outcome.error}")
-    c = tracking.client()
-    exp = c.get_experiment_by_name(experiment)
-    [run] = c.search_runs([exp.experiment_id], f"tags.`{tracking.KIND}` = 'trial'")  # the only one
-    history = sorted(c.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step)
-    return [trial.train.batch_per_gpu * workers / m.value for m in history]
 
 
 def main() -> None:

@@ -36,11 +36,25 @@ def model_for(spec: Spec, *, pretrained: bool = True) -> nn.Module:
 def save(path: str | Path, model: nn.Module, config: dict[str, Any], mean_std: MeanStd, **extra: Any) -> Path:
     """Write weights (of the unwrapped model), the trial config, the input normalization it was trained
     with and any extra state."""
-    mean, std = mean_std
-    torch.save(
-        {"model": model.state_dict(), "config": config, "mean_std": [list(mean), list(std)], **extra}, path
-    )
+    torch.save(contents(model, config, mean_std, **extra), path)
     return Path(path)
+
+
+def contents(model: nn.Module, config: dict[str, Any], mean_std: MeanStd, **extra: Any) -> dict[str, Any]:
+    """What `save` writes; its tensors are the model's and the extra state's own, not copies."""
+    mean, std = mean_std
+    return {"model": model.state_dict(), "config": config, "mean_std": [list(mean), list(std)], **extra}
+
+
+def host_copy(state: Any) -> Any:
+    """`state` with every tensor copied to host memory: what training may change while it is written."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: host_copy(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(host_copy(v) for v in state)
+    return state
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -255,6 +255,11 @@ class TrainSpec(_Section):
     checkpoint_every: Int = Field(
         0, ge=0, description="also checkpoint every this many steps within an epoch (0: at epoch ends only)"
     )
+    checkpoint_upload: Literal["background", "sync"] = Field(
+        "background",
+        description="how the checkpoints of checkpoint_every reach storage: uploaded while training goes on "
+        "(one at a time), or with training waiting; those of epoch ends and preemption notices always wait",
+    )
     lr: Float = Field(
         0.02, gt=0, description="the backbone's base learning rate (the head's: x head_lr_mult)"
     )

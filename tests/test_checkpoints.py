@@ -1,7 +1,9 @@
-"""A file that is not a checkpoint of this tool is refused in one line, and nothing in it is ever run."""
+"""A file that is not a checkpoint of this tool is refused in one line, and nothing in it is ever run; the
+copy a background checkpoint is written from holds still while training goes on."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 
@@ -43,3 +45,23 @@ def test_weights_alone_are_refused_naming_what_the_file_holds(tmp_path):
         checkpoints.load(tmp_path / "l.pt")
     with pytest.raises(FileNotFoundError):  # the environment's, not the input's: exit 1
         checkpoints.load(tmp_path / "missing.pt")
+
+
+def test_a_host_copy_keeps_the_state_as_it_was_while_training_changes_it() -> None:
+    """A background checkpoint is written from a host copy while the next steps update weights and momentum
+    in place: the copy holds the values of the step it was made at, in the same structure."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "position": {"step": 3}}
+    copied = checkpoints.host_copy(state)
+    expected = copy.deepcopy(state)
+    optimizer.step()  # in place: weights and momentum move on
+    assert not torch.equal(model.weight, expected["model"]["weight"])
+    assert copied["position"] == {"step": 3}
+    assert copied["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for k, v in expected["model"].items():
+        assert torch.equal(copied["model"][k], v)
+    for i, s in expected["optimizer"]["state"].items():
+        assert torch.equal(copied["optimizer"]["state"][i]["momentum_buffer"], s["momentum_buffer"])

@@ -17,6 +17,9 @@ What is taken, and why:
 - a worker's own preemption notice (`get_train_context().preemption_context`): what the public
   `ray.train.get_preemption_info()` reads and then agrees on through a Ray actor, a round trip per call;
   the training loop asks every step, and agrees through the step's own all-reduce instead (`notice_left_s`).
+- the storage context's `persist_current_checkpoint`: Ray Train's own copy of a checkpoint folder to
+  storage, called from an upload function of `ray.train.report` (`persist_checkpoint`), so that a background
+  upload writes the checkpoint's files first, off the training step, then stores them as Ray would.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
     "rank_zero_url",
     "check_ray_version",
     "notice_left_s",
+    "persist_checkpoint",
     "send_worker_output",
 ]
 
@@ -107,3 +111,9 @@ def notice_left_s(now_ms: float) -> float | None:
     if info is None:
         return None
     return float("inf") if info.deadline_ms is None else (info.deadline_ms - now_ms) / 1000
+
+
+def persist_checkpoint(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+    """Store a worker's checkpoint folder as `ray.train.report` does without an upload function: under the
+    run's storage, as `dir_name`; the stored checkpoint."""
+    return get_train_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)

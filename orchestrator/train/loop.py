@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from orchestrator.models.evalnorm import evalnorm_parameters
 from orchestrator.models.pretrained import listed
 from orchestrator.spec import Spec, public_params
 from orchestrator.train import schedules
+from orchestrator.train.checkpoint_upload import CheckpointUploads
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
@@ -174,14 +175,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if state.get("report"):  # the attempt before may have died before logging it
                 _log_epoch(w, config, net, state["report"], state["improved"])
     notices = Notices(lambda: notice_left_s(time.time() * 1000))
+    uploads = CheckpointUploads()
 
     def save(
         p: Position, report: dict[str, float] | None = None, improved: bool = False, preempted: bool = False
     ) -> None:
+        background = upload_in_background(w.spec, epoch_end=report is not None, preempted=preempted)
         started = time.monotonic()
         state = {**resume_state(optimizer, scaler, p, best, w.device), "preempted": preempted}
-        _report(w, config, net, state, report, improved)
-        notices.checkpoint_s = time.monotonic() - started
+        _report(w, config, net, state, report, improved, uploads, background)
+        if not background:  # what a notice's checkpoint would take: the upload included
+            notices.checkpoint_s = time.monotonic() - started
 
     def noticed(p: Position) -> None:
         _on_notice(w, config, notices, save, p)
@@ -210,6 +214,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from orchestrator import tracking  # see _log_epoch
 
             tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
+
+
+def upload_in_background(spec: Spec, epoch_end: bool, preempted: bool) -> bool:
+    """Whether a checkpoint's upload may run while training goes on: only an interval checkpoint's. An epoch's
+    metrics reach MLflow once its checkpoint is stored, and a preempted node must not go before its
+    checkpoint does."""
+    return spec.train.checkpoint_upload == "background" and not (epoch_end or preempted)
 
 
 def resume_state(
@@ -392,22 +403,29 @@ def _report(
     state: dict[str, Any],
     report: dict[str, float] | None,
     improved: bool,
+    uploads: CheckpointUploads,
+    background: bool,
 ) -> None:
-    """Every rank calls ray.train.report (a barrier); rank 0 attaches the checkpoint. At an epoch's end
-    (`report` given) rank 0 then logs the metrics to MLflow, after the checkpoint is stored: a trial that
-    dies in between finds the report in its checkpoint on restart and logs it then (see log_epoch)."""
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = None
-        if w.rank == 0:
-            trial = public_params(config["trial"].config)  # never store credentials in a checkpoint
-            path = Path(d) / checkpoints.FILE
-            checkpoints.save(path, net, trial, w.mean_std, **state, report=report, improved=improved)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        # Tune sees epoch ends only (execution/tune_report.py); Ray Train keeps every checkpoint's position.
-        position = state["position"]
-        ray.train.report(report or {"epoch": position["epoch"], "step": position["step"]}, checkpoint=ckpt)
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, written and stored before this returns
+    unless `background`. At an epoch's end (`report` given) rank 0 then logs the metrics to MLflow, after the
+    checkpoint is stored: a trial that dies in between finds the report in its checkpoint on restart and logs
+    it then (see log_epoch)."""
+    write = None
+    if w.rank == 0:
+        trial = public_params(config["trial"].config)  # never store credentials in a checkpoint
+        contents = checkpoints.contents(net, trial, w.mean_std, **state, report=report, improved=improved)
+        if background:  # written while training goes on: from a copy
+            contents = checkpoints.host_copy(contents)
+        write = partial(_write_checkpoint, contents)
+    # Tune sees epoch ends only (execution/tune_report.py); Ray Train keeps every checkpoint's position.
+    position = state["position"]
+    uploads.report(report or {"epoch": position["epoch"], "step": position["step"]}, write, background)
     if w.rank == 0 and report:
         _log_epoch(w, config, net, report, improved)
+
+
+def _write_checkpoint(contents: dict[str, Any], folder: Path) -> None:
+    torch.save(contents, folder / checkpoints.FILE)
 
 
 def _tag_pretrained_left_out(config: dict[str, Any], names: list[str]) -> None:
