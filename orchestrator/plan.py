@@ -14,8 +14,9 @@ dollars. How each figure is made:
 - FLOPs per image: convolutions and matrix products of a forward and backward (compute.count_flops).
 - GPU-hours: the images the trial trains on (epochs x the train split's samples, or steps_per_epoch x batch x
   workers) / the images per second of one GPU: measured, where the spec's MLflow experiment holds finished
-  trials of the point's backbone, norm and crop on this GPU kind (measured_throughput), else the GPU kind's
-  bf16 peak x MFU / FLOPs per image; validation is not counted.
+  trials of the point's backbone, norm and crop on this GPU kind (measured_throughput: from what they spent,
+  validation, checkpoints and restarts included), else the GPU kind's bf16 peak x MFU / FLOPs per image
+  (training alone).
 The sweep plans first too (fit_trials): `batch_per_gpu: auto` is chosen, points that cannot fit refused.
 """
 
@@ -204,9 +205,10 @@ Measured = dict[tuple[str, str, tuple[int, int]], float]  # (backbone, norm, cro
 
 
 def measured_throughput(experiment: str, gpu: Gpu) -> tuple[Measured, str]:
-    """Training images/s per GPU of the experiment's finished trials on GPUs of this kind (tagged with its
-    name as torch gives it), by backbone, norm and crop: over runs, the mean of each run's last logged
-    `images_per_s` over its GPUs. And where they come from, in words."""
+    """Images/s per GPU of the experiment's finished trials on GPUs of this kind (tagged with its name as
+    torch gives it), by backbone, norm and crop, over runs the mean of each run's: what it spent where it
+    logged that (`images_trained` / `gpu_seconds`: validation, checkpoints, starts and restarts paid for),
+    else its last training `images_per_s` over its GPUs. And where they come from, in words."""
     from orchestrator import tracking
     from orchestrator.errors import Unavailable
 
@@ -215,18 +217,26 @@ def measured_throughput(experiment: str, gpu: Gpu) -> tuple[Measured, str]:
     except Unavailable as e:  # an MLflow that cannot answer is no reason to refuse a plan
         return {}, str(e)
     rates: dict[tuple, list[float]] = defaultdict(list)
+    spent = 0  # runs whose rate is what they spent
     for run in runs:
         params, metrics = run.data.params, run.data.metrics
         gpus = float(params.get("resources.workers_per_trial", 0)) * float(
             params.get("resources.gpus_per_worker", 0)
         )
-        if run.data.tags.get(tracking.DEVICE) != gpu.name or "images_per_s" not in metrics or not gpus:
+        if run.data.tags.get(tracking.DEVICE) != gpu.name:
+            continue
+        if metrics.get("gpu_seconds") and metrics.get("images_trained"):
+            rate, spent = metrics["images_trained"] / metrics["gpu_seconds"], spent + 1
+        elif "images_per_s" in metrics and gpus:
+            rate = metrics["images_per_s"] / gpus
+        else:
             continue
         key = (params.get("model.backbone"), params.get("norm"), tracking.crop_param(params))
-        rates[key].append(metrics["images_per_s"] / gpus)
+        rates[key].append(rate)
     trials = sum(len(r) for r in rates.values())
     return {k: sum(r) / len(r) for k, r in rates.items()}, (
-        f"{trials} finished trials on {gpu.name} in MLflow experiment {experiment!r}"
+        f"{trials} finished trials on {gpu.name} in MLflow experiment {experiment!r} ({spent} of them from "
+        "what they spent, the others from their training images/s)"
     )
 
 

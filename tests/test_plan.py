@@ -170,8 +170,9 @@ def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
     tmp_path, monkeypatch, capsys
 ) -> None:
     """Of the experiment's trial runs, the finished ones tagged with the kind's torch name, at the point's
-    backbone, norm and crop, set its images/s per GPU: the mean of their last images_per_s over their GPUs.
-    Other points keep the assumed MFU."""
+    backbone, norm and crop, set its images/s per GPU: the mean of what each spent (images trained per
+    GPU-second) where it logged that, else of its last images_per_s over its GPUs. Other points keep the
+    assumed MFU."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator import tracking
@@ -182,7 +183,9 @@ def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
     client = MlflowClient(uri)
     experiment = client.create_experiment("smoke")
 
-    def trial(device: str, images_per_s: float, status: str = "FINISHED", crop: str = "[128, 128]") -> None:
+    def trial(
+        device: str, images_per_s: float, status: str = "FINISHED", crop: str = "[128, 128]", spent=None
+    ) -> None:
         run = client.create_run(
             experiment, tags={tracking.KIND: "trial", tracking.DEVICE: device}
         ).info.run_id
@@ -191,10 +194,14 @@ def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
         for key, value in params.items():
             client.log_param(run, key, value)
         client.log_metric(run, "images_per_s", images_per_s)
+        if spent:
+            client.log_metric(run, "gpu_seconds", spent[0])
+            client.log_metric(run, "images_trained", spent[1])
         client.set_terminated(run, status)
 
     trial("NVIDIA L4", 40.0)
-    trial("NVIDIA L4", 60.0)  # with the one above: 25 images/s per GPU
+    trial("NVIDIA L4", 60.0)
+    trial("NVIDIA L4", 1000.0, spent=(100.0, 1000.0))  # 10 images per GPU-second; with the two above: 20
     trial("NVIDIA A10G", 1000.0)  # another kind
     trial("NVIDIA L4", 1000.0, status="FAILED")
     trial("NVIDIA L4", 1000.0, crop="[256, 256]")  # another crop
@@ -203,17 +210,18 @@ def test_throughput_is_what_finished_trials_on_the_same_gpu_kind_measured(
     assert main([*argv, "--json"]) == 0
     points = {p["key"]: p for p in json.loads(capsys.readouterr().out)["points"]}
     for key in ("norm=bn,train.batch_per_gpu=1", "norm=bn,train.batch_per_gpu=2"):
-        assert points[key]["measured"] and points[key]["images_per_s_per_gpu"] == 25
-        assert points[key]["gpu_hours"] == pytest.approx(300 / 25 / 3600)
+        assert points[key]["measured"] and points[key]["images_per_s_per_gpu"] == 20
+        assert points[key]["gpu_hours"] == pytest.approx(300 / 20 / 3600)
     gn = points["norm=gn:g8,train.batch_per_gpu=1"]
     assert not gn["measured"]
     assert gn["images_per_s_per_gpu"] == pytest.approx(
         GPUS["l4"].peak_bf16 * MFU / (gn["gflops_per_image"] * 1e9)
     )
     assert main(argv) == 0
-    assert "measured for 2 of 4 points, 3 finished trials on NVIDIA L4 in MLflow experiment 'smoke'" in (
-        capsys.readouterr().out
-    )
+    assert (
+        "measured for 2 of 4 points, 4 finished trials on NVIDIA L4 in MLflow experiment 'smoke' (1 of them "
+        "from what they spent, the others from their training images/s)"
+    ) in capsys.readouterr().out
 
 
 def test_plan_actual_sets_what_each_trial_spent_beside_its_plan(tmp_path, monkeypatch, capsys) -> None:

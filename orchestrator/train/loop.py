@@ -109,6 +109,15 @@ class Worker:
         """The optimizer steps of the whole trial done at `position`."""
         return sum(self.epoch_steps[: position.epoch]) + position.step
 
+    def images_trained(self, epochs: int) -> int:
+        """The images the trial's schedule trains on in its first `epochs` epochs, over all ranks: what its
+        GPU-seconds bought (`orchestrator plan` learns a point's throughput from the two)."""
+        t = self.spec.train
+        return sum(
+            steps * t.accumulate * t.stage(epoch).batch_per_gpu * self.world
+            for epoch, steps in enumerate(self.epoch_steps[:epochs])
+        )
+
     @cached_property
     def epoch_steps(self) -> list[int]:
         """Optimizer steps of each epoch (stages change the batch, hence the count): equal on every rank,
@@ -193,7 +202,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         while position.epoch < w.spec.train.epochs:
             trained = train_epoch(w, model, optimizer, position, save, scaler, noticed, notices)
-            report = {"epoch": position.epoch + 1, **trained}
+            report = {
+                "epoch": position.epoch + 1,
+                **trained,
+                "images_trained": w.images_trained(position.epoch + 1),
+            }
             if w.spec.train.precise_bn_batches:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
                 precise_bn(net, images, w.spec.train.precise_bn_batches)

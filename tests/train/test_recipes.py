@@ -102,6 +102,8 @@ def test_a_staged_run_changes_crop_batch_and_lr_at_its_stage_boundaries(
     # is the stage's LR times the poly factor of the whole run's 5 steps.
     factors = [(1 - s / 5) ** 0.9 for s in (0, 2, 4)]
     assert history("lr") == pytest.approx([0.04 * factors[0], 0.01 * factors[1], 0.01 * factors[2]])
+    # What plan divides by the trial's GPU-seconds: images of the schedule, all ranks, summed over epochs.
+    assert history("images_trained") == [1 * 4 * 2, 1 * 4 * 2 + 2 * 2 * 2, 1 * 4 * 2 + 2 * (2 * 2 * 2)]
 
 
 def test_mixup_is_cross_entropy_on_mixed_images_with_soft_labels() -> None:
