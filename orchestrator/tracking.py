@@ -318,11 +318,15 @@ def log_epoch(
 COSTS = ("attempts", "restarts", "worker_seconds", "gpu_seconds", "cost_usd")
 
 
-def log_attempt(run_id: str, uri: str, workers: int, gpus_per_worker: float, seconds: float) -> None:
+def log_attempt(
+    run_id: str, uri: str, workers: int, gpus_per_worker: float, seconds: float, steps: int | None = None
+) -> None:
     """Charge one attempt of a trial (its worker group, from start to shutdown) to its run: the attempt's
     `attempt_seconds` at step n (its number), and the running totals of COSTS at the same step: worker_seconds
     (workers x wall time), gpu_seconds (x GPUs per worker), and cost_usd at the list price of the GPU the
-    trial tagged as its device (none on the CPU, or before a first epoch named it)."""
+    trial tagged as its device (none on the CPU, or before a first epoch named it). `steps`, where known:
+    the trial's optimizer steps done when the attempt ended (`attempt_steps`, from which the next attempt
+    counts the steps lost)."""
     run = client(uri).get_run(run_id)
     before = run.data.metrics
     n = int(before.get("attempts", 0)) + 1
@@ -333,6 +337,8 @@ def log_attempt(run_id: str, uri: str, workers: int, gpus_per_worker: float, sec
         "worker_seconds": before.get("worker_seconds", 0.0) + workers * seconds,
         "gpu_seconds": before.get("gpu_seconds", 0.0) + workers * gpus_per_worker * seconds,
     }
+    if steps is not None:
+        totals["attempt_steps"] = steps
     price = price_of(run.data.tags.get(DEVICE))
     if price is not None:
         totals["cost_usd"] = totals["gpu_seconds"] / 3600 * price

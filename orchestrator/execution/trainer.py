@@ -100,15 +100,16 @@ class ProcessGroup(Backend):
         )
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
+        steps = _steps_done(worker_group)
         try:
             # Bounded: a rank stuck in a collective with a dead peer must not hold the restart.
             futures = worker_group.execute_async(_destroy_process_group)
             with contextlib.suppress(ray.exceptions.GetTimeoutError):
                 ray.get(futures, timeout=30)
         finally:  # also when the workers are gone: their GPUs were held until now
-            self._charge(backend_config.ledger)
+            self._charge(backend_config.ledger, steps)
 
-    def _charge(self, ledger: Ledger | None) -> None:
+    def _charge(self, ledger: Ledger | None, steps: int | None) -> None:
         if ledger is None or self._attempt is None:
             return
         started, workers, gpus = self._attempt
@@ -116,9 +117,8 @@ class ProcessGroup(Backend):
         from orchestrator import tracking  # MLflow's imports: in the controller, once an attempt has ended
 
         try:
-            tracking.log_attempt(
-                ledger.run_id, ledger.tracking_uri, workers, gpus, time.monotonic() - started
-            )
+            seconds = time.monotonic() - started
+            tracking.log_attempt(ledger.run_id, ledger.tracking_uri, workers, gpus, seconds, steps)
         except Exception:  # the count is worth less than the restart it would hold
             logger.warning("could not charge the attempt to MLflow run %s", ledger.run_id, exc_info=True)
 
@@ -156,6 +156,28 @@ def interface_of(address: str) -> str | None:
             if socket.inet_ntoa(ifreq[20:24]) == address:
                 return name
     return None
+
+
+def _steps_done(worker_group, timeout_s: float = 5) -> int | None:
+    """The trial's optimizer steps its attempt's workers finished (train.loop.PROGRESS): the most any rank
+    still alive says (the ranks step together), None where none answers in time."""
+    answers = []
+    try:
+        futures = worker_group.execute_async(_trial_steps)
+        ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        for future in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                answers.append(ray.get(future))
+    except Exception:  # the count is worth less than the shutdown it would hold
+        logger.warning("could not ask the workers how far the attempt got", exc_info=True)
+    known = [a for a in answers if a is not None]
+    return max(known) if known else None
+
+
+def _trial_steps() -> int | None:
+    from orchestrator.train.loop import PROGRESS
+
+    return PROGRESS.steps
 
 
 def _destroy_process_group() -> None:

@@ -49,6 +49,18 @@ class NonFiniteLoss(ArithmeticError):
     pass
 
 
+@dataclass
+class Progress:
+    """This worker process's optimizer steps of its trial so far (None before its attempt starts): what Ray
+    Train's controller asks the ranks still alive when an attempt fails (execution/trainer.py), to count
+    the steps lost to the restart. The ranks step together: any of them answers for the attempt."""
+
+    steps: int | None = None
+
+
+PROGRESS = Progress()
+
+
 @dataclass(frozen=True)
 class Worker:
     """Who is running: the trial's spec, this rank, the world size, the device, the nodes of the group."""
@@ -179,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = checkpoints.load(Path(d) / checkpoints.FILE)
         position, best = restore(state, net, optimizer, scaler, w.device)
         log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
+        PROGRESS.steps = w.global_step(position)
         if w.rank == 0:
             _log_resume(w, config, position, preempted=state.get("preempted", False))
             if state.get("report"):  # the attempt before may have died before logging it
@@ -355,6 +368,7 @@ def train_epoch(
             scaler.update()
         else:
             optimizer.step()
+        PROGRESS.steps = done + step + 1
         sums[0] += loss
         if w.rank == 0 and (step + 1) % 20 == 0:
             log.info("epoch %d step %d/%d loss %.4f", position.epoch + 1, step + 1, steps, loss.item())
@@ -451,15 +465,23 @@ def _tag_pretrained_left_out(config: dict[str, Any], names: list[str]) -> None:
 
 
 def _log_resume(w: Worker, config: dict[str, Any], position: Position, preempted: bool) -> None:
-    """Record on the trial's run where an attempt resumed: the optimizer steps done before it; and, where it
-    resumed from a checkpoint written on a preemption notice, one more preemption."""
+    """Record on the trial's run where an attempt resumed: the optimizer steps done before it; the steps
+    the attempt before did past them, lost (where a rank of it lived to say how far it got: the ledger's
+    `attempt_steps`); and, where it resumed from a checkpoint written on a preemption notice, one more
+    preemption."""
     from orchestrator import tracking  # see _log_epoch
 
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
     step = w.global_step(position)
+    client = tracking.client(uri)
+    before = client.get_run(run_id).data.metrics
     metrics = {"resumed_at_step": step}
+    last = int(before.get("attempts", 0))  # the attempt before this one, charged when it ended
+    reached = [m.value for m in client.get_metric_history(run_id, "attempt_steps") if m.step == last]
+    if reached:
+        metrics["lost_steps"] = before.get("lost_steps", 0) + max(0, int(reached[0]) - step)
     if preempted:
-        metrics["preemptions"] = tracking.client(uri).get_run(run_id).data.metrics.get("preemptions", 0) + 1
+        metrics["preemptions"] = before.get("preemptions", 0) + 1
     tracking.log_metrics(run_id, metrics, step, uri)
 
 

@@ -282,3 +282,6 @@ def test_a_drained_worker_host_checkpoints_at_the_notice_and_counts_a_preemption
     resumed = [int(m.value) for m in client.get_metric_history(run_id, "resumed_at_step")]
     assert resumed == [at]  # from the step of the notice: no step lost
     assert run.data.metrics["preemptions"] == 1 and run.data.metrics["attempts"] == 2
+    # The workers waited at the notice's step: the ledger heard so from them, and counts nothing lost.
+    reached = [int(m.value) for m in client.get_metric_history(run_id, "attempt_steps")]
+    assert reached == [at, 12 * STEPS] and run.data.metrics["lost_steps"] == 0

@@ -150,8 +150,9 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(w
     (run,) = trial_runs(env)
     assert run.info.status == "FINISHED"
     assert epochs_logged(env, run.info.run_id) == list(range(1, EPOCHS + 1))
-    # From a checkpoint (epoch 1's at least, 4 steps in), not from scratch; lost work <= checkpoint_every.
-    assert resumed_at(env, run.info.run_id)[0] >= 4
+    # From a checkpoint (epoch 1's at least, 4 steps in), not from scratch.
+    (resumed,) = resumed_at(env, run.info.run_id)
+    assert resumed >= 4
     # Both attempts were charged to the run, each as long as its workers lived (within a second: the
     # ledger counts from the group's start to its shutdown, the processes live a little longer).
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -162,6 +163,12 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_logs_each_epoch_once(w
         assert workers_lived - 1.5 < ledger <= workers_lived + 0.2, (charged, lived)
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["attempts"] == 2 and metrics["restarts"] == 1 and metrics["gpu_seconds"] == 0
+    # The rank left alive said how far the first attempt got; the second ended the schedule. Lost: the
+    # steps past the checkpoint it resumed from (checkpoint_every 2; one more interval with its upload
+    # still in flight).
+    reached = [int(m.value) for m in client.get_metric_history(run.info.run_id, "attempt_steps")]
+    assert len(reached) == 2 and reached[1] == EPOCHS * 4
+    assert metrics["lost_steps"] == reached[0] - resumed and 0 <= reached[0] - resumed <= 4
     assert metrics["worker_seconds"] == pytest.approx(2 * sum(charged))
     (sweep,) = client.search_runs([run.info.experiment_id], "tags.`orchestrator.kind` = 'sweep'")
     assert sweep.data.metrics["worker_seconds"] == metrics["worker_seconds"]

@@ -85,6 +85,19 @@ def test_a_resumed_notice_checkpoint_counts_a_preemption(worker, tmp_path) -> No
     assert [(m.step, m.value) for m in history] == [(steps + 1, 1.0), (steps + 4, 2.0)]
 
 
+def test_a_resumed_attempt_counts_the_steps_the_one_before_did_past_its_checkpoint(worker, tmp_path) -> None:
+    """Lost steps: how far the attempt before got (its ledger entry, where a rank lived to say) past the
+    step this one resumes at; an attempt no rank answered for is not counted."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
+    config = {"mlflow_run_id": run_id, "tracking_uri": uri}
+    for reached, resumed in [(7, 3), (None, 5), (9, 9)]:
+        tracking.log_attempt(run_id, uri, workers=2, gpus_per_worker=0, seconds=10.0, steps=reached)
+        loop._log_resume(worker, config, Position(epoch=0, step=resumed), preempted=False)
+    history = tracking.client(uri).get_metric_history(run_id, "lost_steps")
+    assert [(m.step, m.value) for m in history] == [(3, 4.0), (9, 4.0)]
+
+
 @pytest.mark.parametrize(
     ("left", "waited"),
     [(10.0, 10 + preemption.RECLAIM_MARGIN_S), (-2.0, preemption.RECLAIM_MARGIN_S),
