@@ -191,11 +191,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = checkpoints.load(Path(d) / checkpoints.FILE)
         position, best = restore(state, net, optimizer, scaler, w.device)
         log.info("rank %d resumed at epoch %d step %d", w.rank, position.epoch + 1, position.step)
-        PROGRESS.steps = w.global_step(position)
         if w.rank == 0:
             _log_resume(w, config, position, preempted=state.get("preempted", False))
             if state.get("report"):  # the attempt before may have died before logging it
                 _log_epoch(w, config, net, state["report"], state["improved"])
+    PROGRESS.steps = w.global_step(position)
+    # An attempt from scratch may follow one that died before its first checkpoint: rank 0 looks once it
+    # has MLflow imported, at its first epoch's end.
+    fresh = not resumed
     notices = Notices(lambda: notice_left_s(time.time() * 1000))
     uploads = CheckpointUploads()
 
@@ -228,6 +231,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best = report["best_val_miou"] = max(best, report["val_miou"])
             position = Position(epoch=position.epoch + 1)
             save(position, report, improved)
+            if fresh and w.rank == 0:
+                _log_resume(w, config, Position(), preempted=False, fresh=True)
+            fresh = False
     except Exception as e:
         if not (isinstance(e, NonFiniteLoss) or out_of_memory(e)):
             raise  # a worker or node failure: Ray Train restarts the trial from its checkpoint
@@ -464,11 +470,13 @@ def _tag_pretrained_left_out(config: dict[str, Any], names: list[str]) -> None:
     tracking.set_tags(config["mlflow_run_id"], {tracking.PRETRAINED_LEFT_OUT: value}, config["tracking_uri"])
 
 
-def _log_resume(w: Worker, config: dict[str, Any], position: Position, preempted: bool) -> None:
+def _log_resume(
+    w: Worker, config: dict[str, Any], position: Position, preempted: bool, fresh: bool = False
+) -> None:
     """Record on the trial's run where an attempt resumed: the optimizer steps done before it; the steps
     the attempt before did past them, lost (where a rank of it lived to say how far it got: the ledger's
     `attempt_steps`); and, where it resumed from a checkpoint written on a preemption notice, one more
-    preemption."""
+    preemption. An attempt from scratch (`fresh`) records this only where an attempt came before it."""
     from orchestrator import tracking  # see _log_epoch
 
     run_id, uri = config["mlflow_run_id"], config["tracking_uri"]
@@ -477,6 +485,8 @@ def _log_resume(w: Worker, config: dict[str, Any], position: Position, preempted
     before = client.get_run(run_id).data.metrics
     metrics = {"resumed_at_step": step}
     last = int(before.get("attempts", 0))  # the attempt before this one, charged when it ended
+    if fresh and not last:
+        return  # the trial's first attempt
     reached = [m.value for m in client.get_metric_history(run_id, "attempt_steps") if m.step == last]
     if reached:
         metrics["lost_steps"] = before.get("lost_steps", 0) + max(0, int(reached[0]) - step)

@@ -87,15 +87,19 @@ def test_a_resumed_notice_checkpoint_counts_a_preemption(worker, tmp_path) -> No
 
 def test_a_resumed_attempt_counts_the_steps_the_one_before_did_past_its_checkpoint(worker, tmp_path) -> None:
     """Lost steps: how far the attempt before got (its ledger entry, where a rank lived to say) past the
-    step this one resumes at; an attempt no rank answered for is not counted."""
+    step this one resumes at (0 for one from scratch, which follows one that died before any checkpoint);
+    an attempt no rank answered for is not counted."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
     config = {"mlflow_run_id": run_id, "tracking_uri": uri}
-    for reached, resumed in [(7, 3), (None, 5), (9, 9)]:
+    loop._log_resume(worker, config, Position(), preempted=False, fresh=True)  # the first attempt: nothing
+    assert tracking.client(uri).get_run(run_id).data.metrics == {}
+    for reached, resumed in [(2, None), (7, 3), (None, 5), (9, 9)]:  # None: started afresh
         tracking.log_attempt(run_id, uri, workers=2, gpus_per_worker=0, seconds=10.0, steps=reached)
-        loop._log_resume(worker, config, Position(epoch=0, step=resumed), preempted=False)
+        at = Position(epoch=0, step=resumed or 0)
+        loop._log_resume(worker, config, at, preempted=False, fresh=resumed is None)
     history = tracking.client(uri).get_metric_history(run_id, "lost_steps")
-    assert [(m.step, m.value) for m in history] == [(3, 4.0), (9, 4.0)]
+    assert [m.value for m in history] == [2.0, 6.0, 6.0]
 
 
 @pytest.mark.parametrize(
