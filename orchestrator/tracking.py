@@ -43,6 +43,7 @@ RESUME_PATH = "orchestrator.tune_path"  # the Tune experiment a sweep run can be
 COMMAND = "orchestrator.command"  # the orchestrator command line that made a run (sweep, ensemble, ...)
 DEVICE = "orchestrator.device"  # what a trial trained on, as torch names it ("NVIDIA A10G"), or cpu
 PRETRAINED_LEFT_OUT = "orchestrator.pretrained_left_out"  # backbone tensors model.pretrained did not give
+PREEMPTION = "orchestrator.preemption"  # what the last preemption notice of a trial led to
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"

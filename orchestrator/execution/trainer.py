@@ -100,16 +100,16 @@ class ProcessGroup(Backend):
         )
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        steps = _steps_done(worker_group)
+        steps, unheeded_s = _attempt_end(worker_group)
         try:
             # Bounded: a rank stuck in a collective with a dead peer must not hold the restart.
             futures = worker_group.execute_async(_destroy_process_group)
             with contextlib.suppress(ray.exceptions.GetTimeoutError):
                 ray.get(futures, timeout=30)
         finally:  # also when the workers are gone: their GPUs were held until now
-            self._charge(backend_config.ledger, steps)
+            self._charge(backend_config.ledger, steps, unheeded_s)
 
-    def _charge(self, ledger: Ledger | None, steps: int | None) -> None:
+    def _charge(self, ledger: Ledger | None, steps: int | None, unheeded_s: float | None) -> None:
         if ledger is None or self._attempt is None:
             return
         started, workers, gpus = self._attempt
@@ -119,6 +119,14 @@ class ProcessGroup(Backend):
         try:
             seconds = time.monotonic() - started
             tracking.log_attempt(ledger.run_id, ledger.tracking_uri, workers, gpus, seconds, steps)
+            if unheeded_s is not None:  # the workers had no step in which to say so themselves
+                left = max(unheeded_s, 0.0)
+                note = (
+                    f"preemption notice {left:.1f} s before the node goes, at the attempt's end "
+                    f"(step {steps} of the trial): too short for a checkpoint (no step ended in time); "
+                    "a restart goes back to the last checkpoint"
+                )
+                tracking.set_tags(ledger.run_id, {tracking.PREEMPTION: note}, ledger.tracking_uri)
         except Exception:  # the count is worth less than the restart it would hold
             logger.warning("could not charge the attempt to MLflow run %s", ledger.run_id, exc_info=True)
 
@@ -158,26 +166,28 @@ def interface_of(address: str) -> str | None:
     return None
 
 
-def _steps_done(worker_group, timeout_s: float = 5) -> int | None:
-    """The trial's optimizer steps its attempt's workers finished (train.loop.PROGRESS): the most any rank
-    still alive says (the ranks step together), None where none answers in time."""
+def _attempt_end(worker_group, timeout_s: float = 5) -> tuple[int | None, float | None]:
+    """Where the attempt's workers got (train.loop.PROGRESS), as the ranks still alive say (they step
+    together), None for what none answers in time: the trial's optimizer steps done, and the seconds left
+    of a preemption notice the attempt never got to act on."""
     answers = []
     try:
-        futures = worker_group.execute_async(_trial_steps)
+        futures = worker_group.execute_async(_progress)
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
         for future in ready:
             with contextlib.suppress(ray.exceptions.RayError):
                 answers.append(ray.get(future))
     except Exception:  # the count is worth less than the shutdown it would hold
         logger.warning("could not ask the workers how far the attempt got", exc_info=True)
-    known = [a for a in answers if a is not None]
-    return max(known) if known else None
+    steps = [s for s, _ in answers if s is not None]
+    unheeded = [left for _, left in answers if left is not None]
+    return max(steps, default=None), min(unheeded, default=None)
 
 
-def _trial_steps() -> int | None:
+def _progress() -> tuple[int | None, float | None]:
     from orchestrator.train.loop import PROGRESS
 
-    return PROGRESS.steps
+    return PROGRESS.steps, PROGRESS.unheeded_notice_s()
 
 
 def _destroy_process_group() -> None:

@@ -42,8 +42,6 @@ from orchestrator.train.step import accumulate_gradients, autocast, out_of_memor
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_TAG = "orchestrator.preemption"  # what the last preemption notice led to, on the trial's run
-
 
 class NonFiniteLoss(ArithmeticError):
     pass
@@ -51,11 +49,19 @@ class NonFiniteLoss(ArithmeticError):
 
 @dataclass
 class Progress:
-    """This worker process's optimizer steps of its trial so far (None before its attempt starts): what Ray
-    Train's controller asks the ranks still alive when an attempt fails (execution/trainer.py), to count
-    the steps lost to the restart. The ranks step together: any of them answers for the attempt."""
+    """Where this worker process's attempt got: what Ray Train's controller asks the ranks still alive when
+    the attempt ends (execution/trainer.py). The ranks step, and act on a notice, together: any of them
+    answers for the attempt."""
 
-    steps: int | None = None
+    steps: int | None = None  # the trial's optimizer steps done (None before the attempt starts)
+    notices: Notices | None = None  # the attempt's preemption notices
+
+    def unheeded_notice_s(self) -> float | None:
+        """The seconds left of a preemption notice the attempt never got to act on (no step ended between
+        the notice and the end), else None."""
+        if self.notices is None or self.notices.acted:
+            return None
+        return self.notices.left()
 
 
 PROGRESS = Progress()
@@ -199,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # An attempt from scratch may follow one that died before its first checkpoint: rank 0 looks once it
     # has MLflow imported, at its first epoch's end.
     fresh = not resumed
-    notices = Notices(lambda: notice_left_s(time.time() * 1000))
+    notices = PROGRESS.notices = Notices(lambda: notice_left_s(time.time() * 1000))
     uploads = CheckpointUploads()
 
     def save(
@@ -518,7 +524,7 @@ def _on_notice(
     if w.rank == 0:
         from orchestrator import tracking  # see _log_epoch
 
-        tracking.set_tags(config["mlflow_run_id"], {PREEMPTION_TAG: note}, config["tracking_uri"])
+        tracking.set_tags(config["mlflow_run_id"], {tracking.PREEMPTION: note}, config["tracking_uri"])
     if fits(left, checkpoint_s):
         Notices.await_reclaim(left - took)
 

@@ -59,7 +59,7 @@ def test_a_notice_checkpoints_where_one_fits_and_says_where_none_does(worker, tm
     notices = Notices(lambda: 14.0, checkpoint_s=3.0)
     loop._on_notice(worker, config, notices, save, at)
     assert saved == [(at, True)] and notices.acted and len(waited) == 1 and 13 < waited[0] <= 14
-    tag = tracking.client(uri).get_run(run_id).data.tags[loop.PREEMPTION_TAG]
+    tag = tracking.client(uri).get_run(run_id).data.tags[tracking.PREEMPTION]
     steps = worker.epoch_steps[0] + 2
     where = f"epoch 2 step 2 (step {steps} of the trial)"
     assert tag.startswith(f"preemption notice 14 s before the node goes: checkpointed at {where} in ")
@@ -67,7 +67,7 @@ def test_a_notice_checkpoints_where_one_fits_and_says_where_none_does(worker, tm
     saved.clear()
     loop._on_notice(worker, config, Notices(lambda: 5.0, checkpoint_s=3.0), save, at)
     assert saved == [] and len(waited) == 1
-    assert tracking.client(uri).get_run(run_id).data.tags[loop.PREEMPTION_TAG] == (
+    assert tracking.client(uri).get_run(run_id).data.tags[tracking.PREEMPTION] == (
         f"preemption notice 5.0 s before the node goes, at {where}: too short for a checkpoint (the last "
         "took 3.0 s); a restart goes back to the last checkpoint"
     )
@@ -100,6 +100,17 @@ def test_a_resumed_attempt_counts_the_steps_the_one_before_did_past_its_checkpoi
         loop._log_resume(worker, config, at, preempted=False, fresh=resumed is None)
     history = tracking.client(uri).get_metric_history(run_id, "lost_steps")
     assert [m.value for m in history] == [2.0, 6.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("left", "acted", "unheeded"), [(None, False, None), (3.0, False, 3.0), (3.0, True, None)]
+)
+def test_the_controller_hears_of_a_notice_no_step_got_to(left, acted, unheeded) -> None:
+    """What a rank tells Ray Train's controller at its attempt's end: a notice it holds and never acted on
+    (the node went before a step ended), so that the run still says what became of it."""
+    progress = loop.Progress(steps=5, notices=Notices(lambda: left, acted=acted))
+    assert progress.unheeded_notice_s() == unheeded
+    assert loop.Progress().unheeded_notice_s() is None  # before the attempt's loop starts
 
 
 @pytest.mark.parametrize(
