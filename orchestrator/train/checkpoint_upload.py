@@ -38,6 +38,7 @@ class CheckpointUploads:
         self._latest, self._poll_s = latest, poll_s
         self._before: Any = _IDLE  # while one is in flight: the latest stored checkpoint when it was reported
         self.waited_s = 0.0  # how long checkpoints waited for the upload before theirs, in all
+        self._said = False  # that a checkpoint waited long: once an attempt
 
     def report(
         self, metrics: dict[str, Any], write: Callable[[Path], None] | None = None, background: bool = False
@@ -51,9 +52,9 @@ class CheckpointUploads:
         folder = Path(tempfile.mkdtemp(prefix="orchestrator-checkpoint-"))
         handed = False  # to Ray Train, which deletes the folder once the upload is done
         try:
-            before = self._latest()
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             if background:
+                before = self._latest()
                 ray.train.report(
                     metrics,
                     checkpoint=checkpoint,
@@ -78,7 +79,8 @@ class CheckpointUploads:
             time.sleep(self._poll_s)
         self._before = _IDLE
         waited = time.monotonic() - started
-        if waited > 1 and not self.waited_s:
+        if waited > 1 and not self._said:
+            self._said = True
             log.warning(
                 "a checkpoint waited %.1f s for the one before it to be stored: storing one takes longer "
                 "than train.checkpoint_every steps, and training waits for it (said once)",
