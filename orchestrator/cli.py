@@ -586,16 +586,15 @@ def _submit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.report import build_report
+    from orchestrator.report import build_report, how_ended
 
     doc = Path(args.doc) if args.doc else None
     r = build_report(
         args.experiment, Path(args.out), sweep_run_id=args.sweep_run, doc=doc, command=args.command
     )
-    failed = sum(t.status == "FAILED" for t in r.rows)
     print(
-        f"{len(r.rows)} trials ({failed} failed) in {len(r.configurations)} configurations of sweep run "
-        f"{r.sweep_run_id} in experiment {r.experiment!r}"
+        f"{len(r.rows)} trials ({how_ended(r.rows, every=True)}) in {len(r.configurations)} configurations "
+        f"of sweep run {r.sweep_run_id} in experiment {r.experiment!r}"
     )
     e = r.ensemble
     if e and e.gain is not None:
@@ -617,7 +616,7 @@ def _print_outcomes(experiment: str, outcomes: list) -> None:
             f"{m.get('images_per_s', float('nan')):7.2f}"
         )
         if o.error:
-            print(f"  error: {o.error}")
+            print(f"  {'error' if o.status == 'FAILED' else o.status.lower()}: {o.error}")
     print(f"\nMLflow: experiment {experiment!r} at {redact(tracking.tracking_uri())}")
 
 
@@ -765,7 +764,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ensemble(args: argparse.Namespace) -> int:
     from orchestrator import tracking
-    from orchestrator.inference.runs import run_ensemble
+    from orchestrator.inference.runs import ended_early_text, run_ensemble
 
     settings = _settings(args)  # a bad combination fails before any download
     experiment = args.experiment or tracking.latest_sweep_experiment()
@@ -778,6 +777,8 @@ def _ensemble(args: argparse.Namespace) -> int:
     ensemble = (f"ensemble of {len(result.members)} ({args.combine})", result.metrics)
     _print_scores([*rows, ensemble], result.coverage)
     _print_skipped(result.coverage)
+    if result.left_out:
+        print(ended_early_text(result.left_out))
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
     aliases = ", ".join(f"{alias} v{version}" for alias, version in sorted(result.versions.items()))
     print(f"MLflow: registered model {result.model!r} ({aliases}): models:/{result.model}@champion")

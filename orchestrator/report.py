@@ -32,7 +32,8 @@ ARTIFACT_DIR = "report"
 METRIC = "val_miou"
 OFFICIAL = "val_miou_official"  # the BDD100K 2-class rule, where trials log it
 SEED = "train.seed"  # trials that differ only in it are one configuration
-SHOWN = ("FINISHED", "FAILED")  # runs still going (or killed with their driver) have no verdict yet
+# Runs still going (or killed with their driver) have no verdict yet; KILLED: ended early (diverged, stopped).
+SHOWN = ("FINISHED", "FAILED", "KILLED")
 MARKERS = "osD^v<>ph*"
 DODGE = 0.04  # log2 units between the points of neighbouring norms at one batch, where there are error bars
 # Settings every trial of a sweep shares (unless the grid sweeps them): the document's "every trial" line.
@@ -59,8 +60,8 @@ class TrialRow:
     best_val_miou: float | None  # max over the run's history: its checkpoint is its best epoch
     best_official: float | None
     last_epoch: int | None
-    status: str  # FINISHED | FAILED
-    failure: str | None
+    status: str  # FINISHED | FAILED | DIVERGED | STOPPED (tracking.OUTCOMES)
+    failure: str | None  # why it failed, diverged or was stopped
     seed: int | None = None
     config: tuple[tuple[str, str], ...] = ()  # every param but train.seed: equal for the seeds of one setup
     duration_s: float | None = None  # the run's start to end
@@ -334,7 +335,6 @@ def markdown(
     commands: list[str] | None = None,
 ) -> str:
     configs = configurations(rows)
-    failed = sum(r.status == "FAILED" for r in rows)
     seeds = sorted({len(c.trials) for c in configs})
     lines = [
         f"# Normalization study: {sweep.info.run_name}",
@@ -342,7 +342,7 @@ def markdown(
         f"- experiment: `{experiment}`",
         f"- sweep run: `{sweep.info.run_id}` ({sweep.info.status})",
         *_setup(sweep),
-        f"- trials: {len(rows)} ({len(rows) - failed} finished, {failed} failed) in {len(configs)} "
+        f"- trials: {len(rows)} ({how_ended(rows, every=True)}) in {len(configs)} "
         f"configurations of {'/'.join(map(str, seeds))} seed(s)",
         f"- wall time of the sweep: {_wall_time(sweep)}",
         f"- trial durations: {_durations(rows)}",
@@ -375,10 +375,16 @@ def _setup(sweep: Run) -> list[str]:
 
 
 def _norm_by_batch(configs: list[Configuration]) -> list[str]:
-    """One table per facet: a row per norm, a column per batch per GPU, the figure's points as numbers."""
+    """One table per facet: a row per norm, a column per batch per GPU, the figure's points as numbers; a
+    point no trial finished says how its trials ended (diverged: the norm collapsed there)."""
     points = facet_points(configs)
     if not points:
         return []
+    unscored = {
+        (c.first.backbone, c.first.crop, c.first.norm, c.first.batch_per_gpu): how_ended(list(c.trials))
+        for c in configs
+        if c.mean is None
+    }
     lines = [
         "## Best val mIoU by norm and batch per GPU",
         "",
@@ -386,11 +392,17 @@ def _norm_by_batch(configs: list[Configuration]) -> list[str]:
         "",
     ]
     for (backbone, crop), facet in sorted(points.items()):
-        batches = sorted({b for line in facet.values() for b in line})
+        ended = {(n, b) for bb, cc, n, b in unscored if (bb, cc) == (backbone, crop) and b}
+        batches = sorted({b for line in facet.values() for b in line} | {b for _, b in ended})
         lines += [f"### {backbone}, crop {_crop_text(crop)}", ""]
         lines += [_cells(["norm", *(f"{b}/GPU" for b in batches)]), _cells(["---"] * (len(batches) + 1))]
-        for norm, line in sorted(facet.items()):
-            lines.append(_cells([norm, *(_point(line[b]) if b in line else "-" for b in batches)]))
+        for norm in sorted(set(facet) | {n for n, _ in ended}):
+            line = facet.get(norm, {})
+            cells = [
+                _point(line[b]) if b in line else unscored.get((backbone, crop, norm, b), "-")
+                for b in batches
+            ]
+            lines.append(_cells([norm, *cells]))
         lines.append("")
     return lines
 
@@ -412,14 +424,15 @@ def _configuration_table(configs: list[Configuration]) -> list[str]:
     lines = [
         "## Configurations",
         "",
-        "Trials that differ only in `train.seed`; seeds: finished (failed).",
+        "Trials that differ only in `train.seed`; seeds: finished (and how the others ended). Only finished "
+        "trials make the means: a diverged or stopped one is no score of its configuration.",
         "",
     ]
     lines += [_cells(head), _cells(["---"] * len(head))]
     for c in configs:
-        t, failed = c.first, sum(r.status == "FAILED" for r in c.trials)
+        t, others = c.first, how_ended([r for r in c.trials if r.status != "FINISHED"])
         cells = [t.config_name, t.backbone, t.norm, _text(t.batch_per_gpu), t.crop_text]
-        cells += [f"{len(c.values)}" + (f" ({failed})" if failed else ""), _text(c.mean), _range(c)]
+        cells += [f"{len(c.values)}" + (f" ({others})" if others else ""), _text(c.mean), _range(c)]
         cells += [_text(c.mean_official)] if official else []
         cells += [_duration(c.mean_duration_s)]
         lines.append(_cells(cells))
@@ -444,7 +457,7 @@ def _trial_table(rows: list[TrialRow]) -> list[str]:
     official = any(r.best_official is not None for r in rows)
     head = ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU"]
     head += ["best official mIoU"] if official else []
-    head += ["last epoch", "duration", "status", "failure"]
+    head += ["last epoch", "duration", "status", "why it ended"]
     lines = ["## Trials", "", _cells(head), _cells(["---"] * len(head))]
     for r in rows:
         cells = [r.name, r.run_id[:8], r.backbone, r.norm, _text(r.batch_per_gpu), r.crop_text, _text(r.seed)]
@@ -452,6 +465,14 @@ def _trial_table(rows: list[TrialRow]) -> list[str]:
         cells += [_text(r.last_epoch), _duration(r.duration_s), r.status, _text(r.failure)]
         lines.append(_cells(cells))
     return lines
+
+
+def how_ended(rows: list[TrialRow], every: bool = False) -> str:
+    """How the rows' trials ended, counted ("3 finished, 1 diverged"); `every`: finished and failed are
+    counted even at 0."""
+    counts = {o.upper(): sum(r.status == o.upper() for r in rows) for o in tracking.OUTCOMES}
+    shown = [o for o in tracking.OUTCOMES if counts[o.upper()] or (every and o in ("finished", "failed"))]
+    return ", ".join(f"{counts[o.upper()]} {o}" for o in shown)
 
 
 def _wall_time(sweep: Run) -> str:
@@ -517,8 +538,8 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         best_val_miou=_best(run, METRIC, uri),
         best_official=_best(run, OFFICIAL, uri),
         last_epoch=None if epoch is None else int(epoch),
-        status=info.status,
-        failure=run.data.tags.get(tracking.FAILURE),
+        status=tracking.outcome(run).upper(),
+        failure=run.data.tags.get(tracking.FAILURE) or run.data.tags.get(tracking.ENDED_EARLY),
         seed=_int(params.get(SEED, "")),
         config=tuple(sorted((k, v) for k, v in params.items() if k != SEED)),
         duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,

@@ -316,6 +316,18 @@ class TrainSpec(_Section):
     seed: Int = Field(
         0, description="seeds weights, augmentation, mixup and dropout: a CPU run is bit-identical"
     )
+    diverge_nonfinite_steps: Int = Field(
+        3,
+        ge=0,
+        description="the divergence guard: a step whose loss is not finite changes no weight, and this many "
+        "in a row end the trial as diverged (0: the first fails the trial)",
+    )
+    diverge_single_class_epochs: Int = Field(
+        2,
+        ge=0,
+        description="the divergence guard: a trial whose validation predicts one class over the whole split "
+        "at this many epochs in a row, each ending after warmup_steps, ends as diverged (0: off)",
+    )
 
     @field_validator("loss")
     @classmethod
@@ -345,6 +357,12 @@ class TrainSpec(_Section):
     def _warmup_is_polys(self) -> TrainSpec:
         if self.warmup_steps and self.lr_schedule != "poly":
             raise ValueError("train.warmup_steps applies to lr_schedule poly; one_cycle has its own warmup")
+        # Without steps_per_epoch the run's steps come from the data: the loop checks then.
+        if self.steps_per_epoch and self.warmup_steps >= self.epochs * self.steps_per_epoch:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} does not fit a run of {self.epochs} epochs x "
+                f"{self.steps_per_epoch} steps: lower it below {self.epochs * self.steps_per_epoch}"
+            )
         return self
 
     @field_validator("crop")
@@ -415,6 +433,30 @@ class ResourcesSpec(_Section):
     )
 
 
+SCHEDULER_METRICS = {"val_miou": "max", "val_miou_official": "max", "train_loss": "min"}  # -> Tune's mode
+
+
+class SearchSpec(_Section):
+    """How Tune schedules the grid's trials: the sweep's, one for all of them."""
+
+    scheduler: Literal["none", "asha", "median"] = Field(
+        "none",
+        description="none: every trial runs its epochs (a study completes its grid); asha: asynchronous "
+        "successive halving stops the trials below the best 1/reduction_factor at each rung; median: stops "
+        "a trial whose best is below the median of the others' running averages at the same epoch",
+    )
+    metric: Literal[tuple(SCHEDULER_METRICS)] = Field(
+        "val_miou", description="the epoch-end metric the scheduler compares (its direction is known)"
+    )
+    grace_epochs: Int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: Float = Field(
+        2, gt=1, description="asha: the fraction 1/reduction_factor of the trials at a rung goes on"
+    )
+    min_samples: Int = Field(
+        3, ge=1, description="median: trials that must have reached an epoch before one is stopped there"
+    )
+
+
 class TrackingSpec(_Section):
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the spec's name")
 
@@ -430,6 +472,7 @@ class Spec(_Section):
     )
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: Url | None = Field(None, description="URI for Ray Train checkpoints and Tune state")
     storage_shared: bool = Field(
@@ -657,6 +700,8 @@ def validate(raw: dict[str, Any]) -> Spec:
     for key, values in spec.grid.items():
         if key not in allowed:
             errors.append(f"grid.{cut(key)}: unknown key; allowed: {', '.join(allowed)}")
+        elif key.startswith("search."):
+            errors.append(f"grid.{key}: the search section is the sweep's, one for all of its trials")
         elif is_secret(key):
             errors.append(
                 f"grid.{key}: credentials are no grid axis (a trial's key shows in run names, the console "

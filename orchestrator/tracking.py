@@ -44,6 +44,10 @@ COMMAND = "orchestrator.command"  # the orchestrator command line that made a ru
 DEVICE = "orchestrator.device"  # what a trial trained on, as torch names it ("NVIDIA A10G"), or cpu
 PRETRAINED_LEFT_OUT = "orchestrator.pretrained_left_out"  # backbone tensors model.pretrained did not give
 PREEMPTION = "orchestrator.preemption"  # what the last preemption notice of a trial led to
+OUTCOME = "orchestrator.outcome"  # how a trial ended: one of OUTCOMES
+ENDED_EARLY = "orchestrator.ended_early"  # why a diverged or stopped trial ended, and when, one line
+OUTCOMES = ("finished", "failed", "diverged", "stopped")
+EARLY = ("diverged", "stopped")  # ended by the divergence guard or a scheduler: MLflow status KILLED
 PARENT = "mlflow.parentRunId"
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
@@ -241,8 +245,9 @@ def start_trial_run(
     if found:
         run_id = found.info.run_id
         c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        if FAILURE in found.data.tags:  # a resumed trial that failed before starts without the verdict
-            c.delete_tag(run_id, FAILURE)
+        for verdict in (FAILURE, OUTCOME):  # a resumed trial that failed before starts without the verdict
+            if verdict in found.data.tags:
+                c.delete_tag(run_id, verdict)
         return run_id
     run = c.create_run(
         experiment_id, run_name=key, tags={KIND: "trial", PARENT: parent_run_id, TRIAL_KEY: key}
@@ -365,9 +370,32 @@ def trial_costs(sweep_run_id: str, uri: str | None = None) -> dict[str, dict[str
     }
 
 
-def failure(run_id: str, uri: str) -> str | None:
-    """Why the run failed, as its trial recorded it; None if it did not."""
-    return client(uri).get_run(run_id).data.tags.get(FAILURE)
+def end_early(run_id: str, outcome: str, reason: str, uri: str) -> None:
+    """Record that a trial ended before its last epoch (`outcome` one of EARLY), and why; its driver ends
+    the run (end_trial_run)."""
+    set_tags(run_id, {OUTCOME: outcome, ENDED_EARLY: reason[:5000]}, uri)
+
+
+def outcome(run: Run) -> str:
+    """How a trial run ended (one of OUTCOMES), from its tag, else, for runs from before the tag, its
+    status."""
+    return run.data.tags.get(OUTCOME) or ("finished" if run.info.status == "FINISHED" else "failed")
+
+
+def end_trial_run(run_id: str, uri: str, failure: str | None = None) -> tuple[str, str | None]:
+    """End a trial run, with `failure` (what its driver saw fail) or by what its rank 0 recorded: failed (a
+    failure not worth a retry), ended early (diverged, stopped: status KILLED) or finished. Returns the
+    outcome and its reason."""
+    tags = client(uri).get_run(run_id).data.tags
+    if failure or FAILURE in tags:
+        ended, reason, status = "failed", failure or tags[FAILURE], "FAILED"
+    elif tags.get(OUTCOME) in EARLY:
+        ended, reason, status = tags[OUTCOME], tags.get(ENDED_EARLY), "KILLED"
+    else:
+        ended, reason, status = "finished", None, "FINISHED"
+    set_tags(run_id, {OUTCOME: ended, **({FAILURE: reason[:5000]} if ended == "failed" else {})}, uri)
+    client(uri).set_terminated(run_id, status=status)
+    return ended, reason
 
 
 def end_run(run_id: str, uri: str, failed: bool = False, reason: str | None = None) -> None:
@@ -395,6 +423,21 @@ def finished_trial_runs(experiment: str, uri: str | None = None) -> list[Run]:
     if exp is None:
         return []
     return c.search_runs([exp.experiment_id], filter_string=_FINISHED_TRIALS, max_results=10_000)
+
+
+def ended_early(experiment: str, uri: str | None = None) -> dict[str, int]:
+    """How many trial runs of `experiment` ended early, by outcome (EARLY): what no ensemble picks."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{KIND}` = 'trial' and attributes.status = 'KILLED'",
+        max_results=10_000,
+    )
+    counts = {o: sum(r.data.tags.get(OUTCOME) == o for r in runs) for o in EARLY}
+    return {o: n for o, n in counts.items() if n}
 
 
 def top_trial_runs(

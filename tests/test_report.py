@@ -20,6 +20,7 @@ from PIL import Image
 from orchestrator import report, tracking
 from orchestrator.cli import main
 from orchestrator.errors import UsageError
+from orchestrator.inference.runs import run_ensemble
 
 NAN = math.nan
 # backbone, norm, batch per GPU, crop, val_miou per epoch, val_miou_official per epoch, failure reason.
@@ -126,7 +127,7 @@ def test_markdown_table_lists_every_trial_with_its_failure_reason(store, result)
     assert "- trials: 7 (6 finished, 1 failed) in 7 configurations of 1 seed(s)" in md
     head, *rows = _table(md)
     assert head == ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU",
-                    "best official mIoU", "last epoch", "duration", "status", "failure"]  # fmt: skip
+                    "best official mIoU", "last epoch", "duration", "status", "why it ended"]  # fmt: skip
     assert len(rows) == len(EXPECTED)
     assert [(r[2], r[5], r[3], int(r[4])) for r in rows] == list(EXPECTED)
     assert [float(r[7]) for r in rows] == pytest.approx(list(EXPECTED.values()))
@@ -136,6 +137,47 @@ def test_markdown_table_lists_every_trial_with_its_failure_reason(store, result)
     assert failed[11:] == ["FAILED", "non-finite loss at step 12 (lr=0.02 | amp=bf16)"]
     assert {r[11] for r in rows} == {"FINISHED"} and {r[12] for r in rows} == {"-"}
     assert rows[0][0] == "model.backbone=resnet18,norm=bn,train.batch_per_gpu=1,train.crop=64x64"
+
+
+def test_diverged_and_stopped_trials_show_as_such_and_never_as_finished(tmp_path, monkeypatch):
+    """A trial the divergence guard or a scheduler ended is KILLED in MLflow with its outcome tagged: the
+    report names the outcome and the reason, and leaves it out of every mean."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = MlflowClient(uri).create_experiment("screen", artifact_location=(tmp_path / "a").as_uri())
+    sweep = tracking.start_sweep_run(exp, "screen", {"name": "screen"}, uri)
+    ended = {}
+    for norm, batch, history, outcome in [
+        ("bn", 2, [0.40, 0.45], None),
+        ("gn:g8", 2, [0.25, 0.25], ("diverged", "validation predicted a single class ... epoch 2")),
+        ("bn", 1, [0.30], ("stopped", "stopped by asha after epoch 1 (val_miou 0.3000)")),
+        ("gn:g8", 1, [0.20], ("diverged", "loss nan at 3 steps in a row, the last at epoch 1 step 4")),
+    ]:
+        run_id = _trial(exp, sweep, uri, ("resnet18", norm, batch, [64, 64], history, None, None), True)
+        if outcome:
+            tracking.end_early(run_id, *outcome, uri)
+        ended[(norm, batch)] = tracking.end_trial_run(run_id, uri)
+    tracking.end_run(sweep, uri)
+    assert ended[("bn", 2)] == ("finished", None)
+    assert ended[("bn", 1)] == ("stopped", "stopped by asha after epoch 1 (val_miou 0.3000)")
+    runs = tracking.trial_runs(exp, sweep, uri)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED", "KILLED"]
+    assert tracking.finished_trial_runs("screen", uri)[0].data.params["norm"] == "bn"  # ensemble's pool
+    assert tracking.ended_early("screen", uri) == {"diverged": 2, "stopped": 1}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(LookupError, match=r"checkpoint .*; not candidates: 2 diverged, 1 stopped trial\(s\)"):
+        run_ensemble("screen", top=2)
+
+    md = report.build_report("screen", tmp_path / "report", uri=uri).table.read_text()
+    assert "- trials: 4 (1 finished, 0 failed, 2 diverged, 1 stopped) in 4 configurations" in md
+    rows = {(r[3], r[4]): r for r in _table(md)[1:]}
+    assert rows[("bn", "1")][-2:] == ["STOPPED", "stopped by asha after epoch 1 (val_miou 0.3000)"]
+    assert rows[("gn:g8", "2")][-2] == "DIVERGED" and rows[("bn", "2")][-2] == "FINISHED"
+    # The norm-by-batch table: a point no trial finished says how its trials ended, not a score.
+    assert _table(md, "### resnet18, crop 64x64")[1:] == [
+        ["bn", "1 stopped", "0.4500"], ["gn:g8", "1 diverged", "1 diverged"],
+    ]  # fmt: skip
+    configs = {(r[2], r[3]): r for r in _table(md, "## Configurations")[1:]}
+    assert configs[("gn:g8", "2")][5:7] == ["0 (1 diverged)", "-"]
 
 
 def test_figure_has_a_facet_per_backbone_and_crop_and_a_line_per_norm(result):
@@ -397,7 +439,7 @@ def test_document_tables_summarize_configurations_and_list_every_seed(doc):
     assert [[r[0], *r[5:]] for r in rows] == [
         ["norm=bn,train.batch_per_gpu=1", "3", "0.4300", "0.4000..0.4600", "2m 00s"],
         ["norm=bn,train.batch_per_gpu=2", "2", "0.5200", "0.5000..0.5400", "1m 10s"],
-        ["norm=gn:g8,train.batch_per_gpu=1", "1 (1)", "0.4500", "-", "1m 45s"],
+        ["norm=gn:g8,train.batch_per_gpu=1", "1 (1 failed)", "0.4500", "-", "1m 45s"],
         ["norm=gn:g8,train.batch_per_gpu=2", "1", "0.4800", "-", "1m 30s"],
     ]
     head, *rows = _table(md)
@@ -511,7 +553,7 @@ def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
     (log,) = (tmp_path / "runs" / "chain" / "logs").glob("sweep-*.log")
     assert "Started a local Ray instance" in log.read_text()  # Ray's logs, from the driver
     assert "(RayTrainWorker pid=" in log.read_text()  # and the workers' output
-    assert "4 trials (0 failed) in 2 configurations" in out
+    assert "4 trials (4 finished, 0 failed) in 2 configurations" in out
 
     c = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
     (exp,) = [e.experiment_id for e in c.search_experiments() if e.name == "chain"]

@@ -394,6 +394,15 @@ def test_values_that_mean_nothing_are_refused(tmp_path, override, line):
     assert errors_of(tmp_path, MINIMAL, [override]) == [line]
 
 
+def test_a_warmup_longer_than_the_run_is_refused_where_the_spec_gives_its_steps(tmp_path):
+    sets = ["train.epochs=2", "train.steps_per_epoch=3", "train.warmup_steps=6"]
+    assert errors_of(tmp_path, MINIMAL, sets) == [
+        "train: train.warmup_steps=6 does not fit a run of 2 epochs x 3 steps: lower it below 6"
+    ]
+    assert specs.load(write(tmp_path, MINIMAL), [*sets[:2], "train.warmup_steps=5"]).train.warmup_steps == 5
+    assert specs.load(write(tmp_path, MINIMAL), ["train.warmup_steps=500"]).train.steps_per_epoch is None
+
+
 def test_numbers_stay_numbers_where_they_are_meant(tmp_path):
     spec = specs.load(write(tmp_path, MINIMAL), ["train.lr=1e-3", "train.blur_sigma=2", "train.seed=017"])
     assert (spec.train.lr, spec.train.blur_sigma, spec.train.seed) == (0.001, 2.0, 17)

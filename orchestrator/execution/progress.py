@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 from ray import tune
@@ -24,7 +24,8 @@ STATUS = {
     "TERMINATED": "finished",
     "ERROR": "failed",
 }
-SHOWN_FIRST = ("running", "failed", "paused", "finished", "pending")  # on a terminal too short for all
+# "ended": finished before its last epoch (the divergence guard or the search's scheduler ended it).
+SHOWN_FIRST = ("running", "failed", "paused", "ended", "finished", "pending")  # on a terminal too short
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class SweepProgress(tune.Callback):
         for trial in trials:
             key = trial.config["trial"].key
             row = _row(trial.status, trial.last_result or {})
+            if row.status == "finished" and 0 < row.epoch < self.epochs[key]:
+                row = replace(row, status="ended")
             if row != self.rows.get(key):
                 if not self.live:
                     self._print_change(key, self.rows.get(key, Row()), row)
@@ -89,6 +92,8 @@ class SweepProgress(tune.Callback):
             )
         if new.status == "finished" != old.status:
             events.append(f"finished, best val mIoU {_num(new.best)}")
+        elif new.status == "ended" != old.status:
+            events.append(f"ended early (diverged or stopped), best val mIoU {_num(new.best)}")
         elif new.status != old.status:
             events.append(new.status)
         for event in events:
@@ -126,7 +131,7 @@ class SweepProgress(tune.Callback):
         position, key = position_key
         status = self.rows[key].status
         rank = SHOWN_FIRST.index(status) if status in SHOWN_FIRST else len(SHOWN_FIRST)
-        return rank, -position if status == "finished" else position
+        return rank, -position if status in ("finished", "ended") else position
 
 
 def _row(status: str, result: dict) -> Row:

@@ -26,6 +26,8 @@ from orchestrator.data.shards import read_manifest
 from orchestrator.errors import UsageError
 from orchestrator.execution import cluster
 from orchestrator.execution.progress import SweepProgress
+from orchestrator.execution.schedulers import make_scheduler, tune_mode
+from orchestrator.execution.stop_requests import stop_requests
 from orchestrator.execution.tune_report import EpochReportCallback
 from orchestrator.gpus import GPUS
 from orchestrator.masking import redact
@@ -37,9 +39,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrialOutcome:
     key: str
-    status: str  # FINISHED | FAILED
+    status: str  # FINISHED | FAILED | DIVERGED | STOPPED (tracking.OUTCOMES, upper case)
     metrics: dict[str, float]
-    error: str | None = None
+    error: str | None = None  # why it failed, diverged or was stopped
 
 
 def run_sweep(
@@ -61,6 +63,7 @@ def run_sweep(
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
     tune_fs, tune_fs_path = cluster.ray_storage(tune_path)  # before Ray starts: a storage scheme's driver
+    scheduler = make_scheduler(spec.search, expand(spec), tune_path)  # and a scheduler with nothing to do
     cluster.init_ray(worker_output_to_log=quiet)
     trials = fit(expand(spec), gpu, skip_unfit)
     cluster.check_cluster(spec, trials, uri)  # a refused sweep never reaches MLflow
@@ -76,12 +79,15 @@ def run_sweep(
         tracking.tag_command(parent, command, uri)
     # Tune prints its trials' config and saves it on storage: the trials go there without their storage
     # options (s3fs credentials can be in them), which reach the drivers through Ray's object store.
+    if scheduler:
+        stop_requests(tune_path)  # created here: the sweep's process owns it, the trials find it by name
     trainable = tune.with_parameters(
         _tune_trial,
         experiment_id=experiment_id,
         parent_run_id=parent,
         tracking_uri=uri,
         storage_options={t.key: t.spec.data.storage_options for t in trials},
+        sweep=tune_path if scheduler else None,
     )
     trainable = tune.with_resources(trainable, cluster.DRIVER_RESOURCES)
     # Tune saves the trials (objects) as references in its experiment state and takes them again on restore.
@@ -108,8 +114,9 @@ def run_sweep(
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=spec.resources.max_concurrent_trials,
-                metric="val_miou",
-                mode="max",
+                metric=spec.search.metric,
+                mode=tune_mode(spec.search),
+                scheduler=scheduler,
                 # The next trial's driver runs in the last one's process: no new Python to start and
                 # import torch, Ray Train and MLflow into (~4 s of each hand-over on 2 cores).
                 reuse_actors=True,
@@ -123,13 +130,19 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
+    ended = {
+        r.data.tags[tracking.TRIAL_KEY]: (tracking.outcome(r), r.data.tags.get(tracking.ENDED_EARLY))
+        for r in tracking.trial_runs(experiment_id, parent, uri)
+    }
     outcomes = []
     for result in results:
         key = result.config["trial"].key
-        error = None if result.error is None else _reason(result.error)
-        outcomes.append(
-            TrialOutcome(key, "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
-        )
+        metrics = dict(result.metrics or {})
+        if result.error is not None:
+            outcomes.append(TrialOutcome(key, "FAILED", metrics, _reason(result.error)))
+        else:
+            status, reason = ended.get(key, ("finished", None))
+            outcomes.append(TrialOutcome(key, status.upper(), metrics, reason))
     failed = any(o.status == "FAILED" for o in outcomes)
     tracking.set_tags(parent, {"orchestrator.trials": len(outcomes)}, uri)
     tracking.sum_costs(experiment_id, parent, uri)
@@ -151,14 +164,12 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
     tracking.tag_command(parent, command, uri)
     (trial,) = trials
     try:
-        result = run_trial(trial, experiment_id, parent, uri, callbacks=[])
+        outcome = run_trial(trial, experiment_id, parent, uri, callbacks=[])
     except Exception as e:
-        tracking.sum_costs(experiment_id, parent, uri)
-        tracking.end_run(parent, uri, failed=True)
-        return TrialOutcome("base", "FAILED", {}, _reason(e))
+        outcome = TrialOutcome("base", "FAILED", {}, _reason(e))
     tracking.sum_costs(experiment_id, parent, uri)
-    tracking.end_run(parent, uri)
-    return TrialOutcome("base", "FINISHED", result)
+    tracking.end_run(parent, uri, failed=outcome.status == "FAILED")
+    return outcome
 
 
 def fit(trials: list[Trial], gpu: str | None, skip_unfit: bool = False) -> list[Trial]:
@@ -192,18 +203,22 @@ def run_trial(
     tracking_uri: str,
     callbacks: list,
     on_finished: Callable[[dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-    """The driver of one trial: open its MLflow child run, fit a Ray Train trainer, close the run.
+    sweep: str | None = None,
+) -> TrialOutcome:
+    """The driver of one trial: open its MLflow child run, fit a Ray Train trainer, close the run; raises
+    TrialFailed (or the workers' error) for a failed trial.
 
-    A trial whose run already finished (its driver died after it, before Tune recorded it) is not run
-    again: its metrics go to `on_finished` (Tune needs a result) and are returned."""
+    A trial whose run already ended finished, diverged or stopped (its driver died after it, before Tune
+    recorded it) is not run again: its metrics go to `on_finished` (Tune needs a result).
+    sweep: the Tune experiment whose scheduler may ask the trial to stop (execution/stop_requests.py)."""
     spec, key = trial.spec, trial.key
     done = tracking.find_trial_run(experiment_id, parent_run_id, key, tracking_uri)
-    if done and done.info.status == "FINISHED":
-        log.info("trial %s finished in an earlier run of this sweep: kept", key)
+    if done and done.info.status in ("FINISHED", "KILLED") and tracking.outcome(done) != "failed":
+        log.info("trial %s ended in an earlier run of this sweep: kept", key)
         if on_finished:
             on_finished(done.data.metrics)
-        return dict(done.data.metrics)
+        reason = done.data.tags.get(tracking.ENDED_EARLY)
+        return TrialOutcome(key, tracking.outcome(done).upper(), dict(done.data.metrics), reason)
     run_id = tracking.start_trial_run(
         experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri
     )
@@ -211,7 +226,7 @@ def run_trial(
     try:
         repeats = _sample_repeats(spec, run_id, tracking_uri)
     except (LookupError, ValueError) as e:
-        tracking.end_run(run_id, tracking_uri, failed=True, reason=str(e))
+        tracking.end_trial_run(run_id, tracking_uri, failure=str(e))
         raise TrialFailed(str(e)) from None
     # Imported here, in the trial's driver: the sweep's own process never starts a Ray Train run.
     from orchestrator.execution.trainer import Ledger, Trainer, train_loop_per_worker
@@ -226,6 +241,7 @@ def run_trial(
             "mlflow_run_id": run_id,
             "tracking_uri": tracking_uri,
             "repeats": repeats,
+            "stop_requests": stop_requests(sweep) if sweep else None,
         },
         scaling_config=ScalingConfig(
             num_workers=r.workers_per_trial,
@@ -253,13 +269,13 @@ def run_trial(
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.end_run(run_id, tracking_uri, failed=True, reason=_reason(e))
+        tracking.end_trial_run(run_id, tracking_uri, failure=_reason(e))
         raise
-    reason = tracking.failure(run_id, tracking_uri)  # set by rank 0 for a failure not worth a retry
-    tracking.end_run(run_id, tracking_uri, failed=bool(reason))
-    if reason:
+    # Rank 0 records a failure not worth a retry, or why the trial ended early.
+    ended, reason = tracking.end_trial_run(run_id, tracking_uri)
+    if ended == "failed":
         raise TrialFailed(reason)
-    return dict(result.metrics or {})
+    return TrialOutcome(key, ended.upper(), dict(result.metrics or {}), reason)
 
 
 def _log_datasets(spec: Spec, run_id: str, uri: str) -> None:
@@ -291,10 +307,12 @@ def _tune_trial(
     parent_run_id: str,
     tracking_uri: str,
     storage_options: dict[str, dict[str, Any]],
+    sweep: str | None,
 ) -> None:
     trial = config["trial"]
     trial = trial.with_storage_options(storage_options[trial.key])
-    run_trial(trial, experiment_id, parent_run_id, tracking_uri, [EpochReportCallback()], tune.report)
+    callbacks = [EpochReportCallback()]
+    run_trial(trial, experiment_id, parent_run_id, tracking_uri, callbacks, tune.report, sweep)
 
 
 class TrialFailed(RuntimeError):

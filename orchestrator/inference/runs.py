@@ -53,6 +53,7 @@ class EnsembleResult:
     model: str  # the registered model
     versions: dict[str, str]  # its aliases: best_trial, ensemble, champion -> version
     coverage: Coverage
+    left_out: dict[str, int]  # trials that ended early (diverged, stopped), by outcome: never members
 
 
 def run_ensemble(
@@ -79,11 +80,13 @@ def run_ensemble(
     ensemble are registered as pyfunc models of `register` (default: the experiment's name), aliased
     best_trial, ensemble and champion (the better of the two by `metric` on this split)."""
     ranked = tracking.top_trial_runs(experiment, metric, top, filter_string=filter_string)
+    left_out = tracking.ended_early(experiment)
     if len(ranked) < top:
         matching = f" matching {filter_string!r}" if filter_string else ""
+        early = f"; {ended_early_text(left_out)}" if left_out else ""
         raise LookupError(
             f"--top {top}: experiment {experiment!r} has {len(ranked)} finished trial configuration(s)"
-            f"{matching} with metric {metric!r} and a checkpoint (runs of the same params count once)"
+            f"{matching} with metric {metric!r} and a checkpoint (runs of the same params count once){early}"
         )
     runs = [run for run, _ in ranked]
     weights = [best for _, best in ranked] if combine == "weighted" else None
@@ -125,9 +128,13 @@ def run_ensemble(
         name, {**versions, "champion": versions["ensemble" if better else "best_trial"]}
     )
     scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, members, strict=True)]
-    return EnsembleResult(
-        scores, report.metrics, run_id, name, tracking.model_aliases(name), report.evaluation.coverage
-    )
+    aliases, coverage = tracking.model_aliases(name), report.evaluation.coverage
+    return EnsembleResult(scores, report.metrics, run_id, name, aliases, coverage, left_out)
+
+
+def ended_early_text(counts: dict[str, int]) -> str:
+    """Trials that are no ensemble's candidates, in words ("not candidates: 2 diverged, 1 stopped ...")."""
+    return "not candidates: " + ", ".join(f"{n} {o}" for o, n in counts.items()) + " trial(s), unfinished"
 
 
 def _register(

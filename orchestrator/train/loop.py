@@ -28,12 +28,14 @@ from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
 from orchestrator.execution.ray_private import notice_left_s
+from orchestrator.execution.stop_requests import Stopped, StopRequest
 from orchestrator.models.evalnorm import evalnorm_parameters
 from orchestrator.models.pretrained import listed
 from orchestrator.spec import Spec, public_params
 from orchestrator.train import schedules
 from orchestrator.train.checkpoint_upload import CheckpointUploads
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
+from orchestrator.train.divergence import Diverged, DivergenceGuard, NonFiniteLoss
 from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
@@ -41,10 +43,6 @@ from orchestrator.train.preemption import Notices, fits
 from orchestrator.train.step import accumulate_gradients, autocast, out_of_memory
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(ArithmeticError):
-    pass
 
 
 @dataclass
@@ -166,6 +164,7 @@ class Position:
     step: int = 0
     loss_sum: float = 0.0
     skipped: int = 0
+    nonfinite: int = 0  # steps of the epoch skipped for a non-finite loss (the divergence guard)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -207,6 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fresh = not resumed
     notices = PROGRESS.notices = Notices(lambda: notice_left_s(time.time() * 1000))
     uploads = CheckpointUploads()
+    guard = DivergenceGuard.of(w.spec.train)
+    stop = StopRequest.of(config.get("stop_requests"), config["trial"].key)
 
     def save(
         p: Position, report: dict[str, float] | None = None, improved: bool = False, preempted: bool = False
@@ -223,7 +224,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     try:
         while position.epoch < w.spec.train.epochs:
-            trained = train_epoch(w, model, optimizer, position, save, scaler, noticed, notices)
+            trained = train_epoch(
+                w, model, optimizer, position, save, scaler, noticed, notices, guard=guard, stop=stop
+            )
             report = {
                 "epoch": position.epoch + 1,
                 **trained,
@@ -240,6 +243,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if fresh and w.rank == 0:
                 _log_resume(w, config, Position(), preempted=False, fresh=True)
             fresh = False
+            guard.validated(report["val_predicted_classes"], position.epoch, w.global_step(position))
+    except (Diverged, Stopped) as e:
+        # Every rank ends here, at the same step: the trial ended early, its checkpoints kept. Rank 0 says why
+        # on its run; the trial's driver ends the run with it.
+        outcome = "diverged" if isinstance(e, Diverged) else "stopped"
+        log.warning("%s: %s: %s", w.spec.name, outcome, e)
+        if w.rank == 0:
+            from orchestrator import tracking  # see _log_epoch
+
+            tracking.end_early(config["mlflow_run_id"], outcome, str(e), config["tracking_uri"])
     except Exception as e:
         if not (isinstance(e, NonFiniteLoss) or out_of_memory(e)):
             raise  # a worker or node failure: Ray Train restarts the trial from its checkpoint
@@ -339,13 +352,18 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     noticed: Callable[[Position], None] | None = None,
     notices: Notices | None = None,
+    *,
+    guard: DivergenceGuard | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
     """The epoch's optimizer steps (at its stage's crop, batch and LR) from `position` on,
     `train.accumulate` micro-batches each, calling
     `save` every `train.checkpoint_every` steps, and `noticed` at the step where any rank holds one of
     `notices` (a preemption notice: agreed through the step's all-reduce); loss, skipped samples and
     throughput are the trial's (all ranks), not this rank's. fp16 runs scale the loss with `scaler` (kept
-    across epochs by the caller; a fresh one otherwise)."""
+    across epochs by the caller; a fresh one otherwise). `guard` skips the steps of a non-finite loss and
+    raises Diverged after too many (one of the spec's, else); a `stop` request (a Tune scheduler's) raises
+    Stopped on every rank at the step where any of them holds it."""
     t = w.spec.train
     stage, steps = t.stage(position.epoch), w.epoch_steps[position.epoch]
     done, total = sum(w.epoch_steps[: position.epoch]), sum(w.epoch_steps)  # the schedule's steps
@@ -361,41 +379,48 @@ def train_epoch(
     schedule, base_lr = schedules.Schedule(t.lr_schedule, warmup=t.warmup_steps), w.base_lr(position.epoch)
     if scaler is None and t.amp == "fp16":  # fp16 gradients underflow without loss scaling
         scaler = torch.amp.GradScaler(w.device.type)
+    guard = guard or DivergenceGuard.of(t)
+    nonfinite = position.nonfinite
     for step in range(position.step, steps):
         schedules.apply(optimizer, done + step, total, schedule, base_lr)
         optimizer.zero_grad(set_to_none=True)
         micro = [next(batches) for _ in range(t.accumulate)]
         loss = accumulate_gradients(model, micro, w.device, t.amp, w.loss, scaler, t.mixup_alpha)
-        # [loss, ranks holding a preemption notice]: every rank sees a non-finite loss, and a notice, at
-        # the same step.
-        trial = torch.stack(
-            [loss.detach().double(), loss.new_tensor(notices.flag() if notices else 0.0).double()]
-        )
+        # [loss, ranks holding a preemption notice, ranks asked to stop]: every rank sees a non-finite
+        # loss, a notice and a stop request at the same step.
+        flags = [notices.flag() if notices else 0.0, stop.flag() if stop else 0.0]
+        trial = torch.cat([loss.detach().double().reshape(1), loss.new_tensor(flags, dtype=torch.float64)])
         all_reduce(trial)
-        trial_loss = trial[0]
-        if not torch.isfinite(trial_loss):
-            raise NonFiniteLoss(f"loss {float(trial_loss)} at epoch {position.epoch + 1} step {step + 1}")
+        finite = guard.step_is_finite(float(trial[0]), position.epoch + 1, step + 1)
         if scaler:
-            scaler.step(optimizer)  # skips a step whose fp16 gradients overflowed, then lowers the scale
+            # Skips a step whose fp16 gradients overflowed, then lowers the scale: a non-finite loss too.
+            scaler.step(optimizer)
             scaler.update()
-        else:
+        elif finite:
             optimizer.step()
         PROGRESS.steps = done + step + 1
-        sums[0] += loss
+        if finite:
+            sums[0] += loss
+        else:
+            nonfinite += 1
         if w.rank == 0 and (step + 1) % 20 == 0:
             log.info("epoch %d step %d/%d loss %.4f", position.epoch + 1, step + 1, steps, loss.item())
         if save and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
             totals = _trial_sums(sums, loader.skipped)
-            save(Position(position.epoch, step + 1, float(totals[0]), int(totals[1])))
+            save(Position(position.epoch, step + 1, float(totals[0]), int(totals[1]), nonfinite))
         if noticed and trial[1] > 0:
             totals = _trial_sums(sums, loader.skipped)
-            noticed(Position(position.epoch, step + 1, float(totals[0]), int(totals[1])))
+            noticed(Position(position.epoch, step + 1, float(totals[0]), int(totals[1]), nonfinite))
+        if stop and trial[2] > 0:
+            raise Stopped(stop.reason())
     elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64, device=w.device)
     totals = _trial_sums(sums, loader.skipped)
     all_reduce(elapsed, dist.ReduceOp.MAX)
+    applied = steps - nonfinite  # the steps whose loss was finite: the others changed nothing
     return {
-        "train_loss": float(totals[0]) / (steps * w.world),
+        "train_loss": float(totals[0]) / (applied * w.world) if applied else math.nan,
         "skipped_samples": int(totals[1]),
+        "nonfinite_steps": nonfinite,
         "images_per_s": (steps - position.step)
         * t.accumulate
         * stage.batch_per_gpu
@@ -432,7 +457,12 @@ def validate(w: Worker, net: nn.Module) -> dict[str, float]:
     all_reduce(cm)
     skipped = torch.tensor(loader.skipped, device=w.device)
     all_reduce(skipped)
-    return {**metrics.summarize(cm.cpu()), "val_skipped_samples": int(skipped)}
+    predicted = int((cm.sum(0) > 0).sum())  # the columns are predictions: the divergence guard's sign
+    return {
+        **metrics.summarize(cm.cpu()),
+        "val_skipped_samples": int(skipped),
+        "val_predicted_classes": predicted,
+    }
 
 
 def _report(

@@ -251,6 +251,7 @@ def test_job_address_prefers_the_flag_then_rays_variables(monkeypatch):
 TINY = [  # one trial, one step: the point is the path through the cluster, not the training
     "train.epochs=1",
     "train.steps_per_epoch=1",
+    "train.warmup_steps=0",
     "grid.norm=[bn]",
     "grid.train.batch_per_gpu=[2]",
     "data.train=s3://orchestrator/shards/train",

@@ -56,11 +56,12 @@ def test_off_a_terminal_each_trial_event_is_one_line() -> None:
         {0: ("RUNNING", epoch(1, 0.25, 0.25, 7.35))},  # the same result again: nothing
         {0: ("RUNNING", epoch(2, 0.20, 0.25, 8.0))},
         {0: ("TERMINATED", epoch(3, 0.45, 0.45, 7.42)), 1: ("RUNNING", {})},  # result and end in one step
-        {1: ("ERROR", {})},
+        {1: ("ERROR", {}), 2: ("RUNNING", epoch(1, 0.30, 0.30, 7.0))},
+        {2: ("TERMINATED", epoch(1, 0.30, 0.30, 7.0))},  # before its last epoch: diverged or stopped
     ]
     run(SweepProgress(trials, out=out), tune_trials, steps)
     lines = [re.sub(r"^\[\d:\d\d:\d\d\] ", "", line) for line in out.getvalue().splitlines()]
-    a, b = trials[0].key.ljust(32), trials[1].key.ljust(32)
+    a, b, c = (t.key.ljust(32) for t in trials[:3])
     assert lines == [
         f"{a}  running",
         f"{a}  epoch 1/3  val mIoU 0.2500  7.3 img/s",
@@ -69,6 +70,9 @@ def test_off_a_terminal_each_trial_event_is_one_line() -> None:
         f"{a}  finished, best val mIoU 0.4500",
         f"{b}  running",
         f"{b}  failed",
+        f"{c}  epoch 1/3  val mIoU 0.3000  7.0 img/s",
+        f"{c}  running",
+        f"{c}  ended early (diverged or stopped), best val mIoU 0.3000",
     ]
     assert "\x1b" not in out.getvalue()
 

@@ -1,10 +1,12 @@
-"""Faults with real processes: a killed Ray Train worker, a killed sweep driver (`--resume`) and a trial whose
-loss turns NaN. What must hold: finished work is kept, each MLflow run has one value per epoch (no step
-logged twice, none missing), and a trial failing for its own reasons fails alone."""
+"""Faults with real processes: a killed Ray Train worker, a killed sweep driver (`--resume`), a trial whose
+loss turns NaN, one that diverges and one a scheduler stops. What must hold: finished work is kept, each
+MLflow run has one value per epoch (no step logged twice, none missing), a trial failing for its own
+reasons fails alone, and a trial ended early ends on every rank, its checkpoints kept."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +45,8 @@ def workdir(tmp_path: Path, cli_env: dict[str, str]):
             "batch_per_gpu": 2,
             "crop": [64, 64],
             "lr": 0.01,
+            # These few steps on a few synthetic scenes often predict one class: no collapse to end on.
+            "diverge_single_class_epochs": 0,
         },  # fmt: skip
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2},
         "storage": str(tmp_path / "runs"),
@@ -220,6 +224,7 @@ def test_a_trial_whose_loss_turns_nan_fails_alone(workdir) -> None:
     weights["conv1.weight"].fill_(float("nan"))
     torch.save(weights, cwd / "nan.pth")
     overrides = ["--set", f"grid.model.pretrained=[null,{cwd / 'nan.pth'}]", "--set", "train.epochs=1"]
+    overrides += ["--set", "train.diverge_nonfinite_steps=0"]  # the divergence guard off: fail at once
     code, out = finish(start(["sweep", "spec.yaml", *overrides], cwd, env))
     assert code == 1
     assert "NonFiniteLoss: loss nan at epoch 1 step 1" in out
@@ -231,6 +236,55 @@ def test_a_trial_whose_loss_turns_nan_fails_alone(workdir) -> None:
     # Not retried (a restart would meet the same NaN): Ray Train's controller says so in the sweep's log.
     (log,) = (cwd / "runs" / "faults" / "logs").glob("sweep-*.log")
     assert "TrainController" in log.read_text() and "[FailurePolicy]" not in log.read_text() + out
+
+
+def test_a_trial_with_a_huge_lr_ends_as_diverged_within_the_bound(workdir) -> None:
+    cwd, env = workdir
+    code, out = finish(start(["train", "spec.yaml", "--set", "train.lr=1e6"], cwd, env))
+    assert code == 0, out[-6000:]  # a finding about the point, not a failure of the sweep
+    (run,) = trial_runs(env)
+    assert run.info.status == "KILLED" and run.data.tags["orchestrator.outcome"] == "diverged"
+    reason = run.data.tags["orchestrator.ended_early"]
+    assert f"  diverged: {reason}" in out
+    # The default bound: 3 non-finite steps in a row, each skipped; the trial ends at the third.
+    pattern = r"loss nan at 3 steps in a row, the last at epoch (\d) step (\d)"
+    epoch, step = map(int, re.fullmatch(pattern, reason).groups())
+    last = (epoch - 1) * 4 + step  # of the trial's steps
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert [int(m.value) for m in client.get_metric_history(run.info.run_id, "attempt_steps")] == [last - 1]
+    assert epochs_logged(env, run.info.run_id) == list(range(1, epoch))  # no epoch after it
+    if epoch > 1 and step < 3:  # the epoch before counted the skipped steps it held
+        skipped = client.get_metric_history(run.info.run_id, "nonfinite_steps")[-1]
+        assert (skipped.step, skipped.value) == (epoch - 1, 3 - step)
+    assert "[FailurePolicy]" not in out  # ended by the guard: Ray Train had nothing to retry
+
+
+def test_a_trial_stopped_by_asha_ends_on_both_ranks_with_its_checkpoint_and_tag(workdir) -> None:
+    """Two trials, one at a time: the second's loss (10 x CE) is far above the first's at epoch 1, the
+    first rung, so ASHA stops it there; it ends at a step of epoch 2 on both ranks, nothing retried."""
+    cwd, env = workdir
+    overrides = ["--set", "grid.train.loss=[ce,10*ce]", "--set", "search.scheduler=asha"]
+    overrides += ["--set", "search.metric=train_loss"]
+    code, out = finish(start(["sweep", "spec.yaml", *overrides], cwd, env))
+    assert code == 0, out[-6000:]
+    runs = {r.data.params["train.loss"]: r for r in trial_runs(env)}
+    assert runs["ce"].info.status == "FINISHED" and epochs_logged(env, runs["ce"].info.run_id) == [1, 2, 3]
+    stopped = runs["10*ce"]
+    assert stopped.info.status == "KILLED" and stopped.data.tags["orchestrator.outcome"] == "stopped"
+    reason = stopped.data.tags["orchestrator.ended_early"]
+    assert re.fullmatch(r"stopped by asha after epoch 1 \(train_loss \d+\.\d{4}\)", reason), reason
+    assert epochs_logged(env, stopped.info.run_id) == [1]
+    assert re.search(r"train\.loss=10\*ce +STOPPED .*\n  stopped: stopped by asha after epoch 1", out), out
+    (log,) = (cwd / "runs" / "faults" / "logs").glob("sweep-*.log")
+    text = log.read_text()
+    ranks = set(re.findall(r"RayTrainWorker pid=(\d+).*stopped: stopped by asha after epoch 1", text))
+    assert len(ranks) == 2, text[-6000:]  # every rank ended at the same step, by itself
+    assert "[FailurePolicy]" not in text  # no rank died: nothing to restart
+    # Its checkpoints are kept: epoch 1's end, where ASHA judged it, among them.
+    kept = [torch.load(f, weights_only=False) for f in (cwd / "runs").glob("train-*/checkpoint_*/model.pt")]
+    ours = [c["position"] for c in kept if c["config"]["train.loss"] == "10*ce"]
+    assert {"epoch": 1, "step": 0, "loss_sum": 0.0, "skipped": 0, "nonfinite": 0} in ours
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(stopped.info.run_id)  # its best epoch's
 
 
 def test_a_trial_out_of_memory_fails_alone_without_retries(workdir) -> None:
