@@ -13,7 +13,7 @@ Figures, from MLflow:
   GPU-seconds), and the sweep's wall time;
 - the top 3 configurations by best val mIoU among the finished trials of each sweep, and how many of the full
   grid's top 3 ASHA's top 3 holds; ASHA's winner scored in the full grid against the full grid's winner.
-Takes about 25 min on 2 idle cores: not one of `make bench`'s quick figures.
+Takes about 20 min on 2 idle cores: not one of `make bench`'s quick figures.
 """
 
 from __future__ import annotations
