@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,9 +471,9 @@ def _trial_table(rows: list[TrialRow]) -> list[str]:
 def how_ended(rows: list[TrialRow], every: bool = False) -> str:
     """How the rows' trials ended, counted ("3 finished, 1 diverged"); `every`: finished and failed are
     counted even at 0."""
-    counts = {o.upper(): sum(r.status == o.upper() for r in rows) for o in tracking.OUTCOMES}
-    shown = [o for o in tracking.OUTCOMES if counts[o.upper()] or (every and o in ("finished", "failed"))]
-    return ", ".join(f"{counts[o.upper()]} {o}" for o in shown)
+    counts = Counter(r.status.lower() for r in rows)
+    shown = [o for o in tracking.OUTCOMES if counts[o] or (every and o in ("finished", "failed"))]
+    return ", ".join(f"{counts[o]} {o}" for o in shown)
 
 
 def _wall_time(sweep: Run) -> str:

@@ -63,9 +63,10 @@ def run_sweep(
     uri = tracking.tracking_uri()
     tune_path = f"{cluster.storage(spec).rstrip('/')}/{spec.name}"
     tune_fs, tune_fs_path = cluster.ray_storage(tune_path)  # before Ray starts: a storage scheme's driver
-    scheduler = make_scheduler(spec.search, expand(spec), tune_path)  # and a scheduler with nothing to do
+    points = expand(spec)
+    scheduler = make_scheduler(spec.search, points, tune_path)  # and a scheduler with nothing to do
     cluster.init_ray(worker_output_to_log=quiet)
-    trials = fit(expand(spec), gpu, skip_unfit)
+    trials = fit(points, gpu, skip_unfit)
     cluster.check_cluster(spec, trials, uri)  # a refused sweep never reaches MLflow
     tracking.check_reachable(uri)  # an MLflow down fails the sweep here, not in its first trial
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
@@ -213,12 +214,13 @@ def run_trial(
     sweep: the Tune experiment whose scheduler may ask the trial to stop (execution/stop_requests.py)."""
     spec, key = trial.spec, trial.key
     done = tracking.find_trial_run(experiment_id, parent_run_id, key, tracking_uri)
-    if done and done.info.status in ("FINISHED", "KILLED") and tracking.outcome(done) != "failed":
+    ended = done and tracking.outcome(done)
+    if done and done.info.status in ("FINISHED", "KILLED") and ended != "failed":
         log.info("trial %s ended in an earlier run of this sweep: kept", key)
         if on_finished:
             on_finished(done.data.metrics)
         reason = done.data.tags.get(tracking.ENDED_EARLY)
-        return TrialOutcome(key, tracking.outcome(done).upper(), dict(done.data.metrics), reason)
+        return TrialOutcome(key, ended.upper(), dict(done.data.metrics), reason)
     run_id = tracking.start_trial_run(
         experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri
     )

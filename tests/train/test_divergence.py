@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from tiny_worker import tiny_worker
 
-from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.train import loop
 from orchestrator.train.divergence import Diverged, DivergenceGuard, NonFiniteLoss
@@ -44,13 +44,9 @@ def test_single_class_validations_count_only_after_warmup_and_in_a_row() -> None
 
 @pytest.fixture
 def worker(tiny_shards) -> Worker:
-    raw = {
-        "name": "guard",
-        "data": {"train": f"{tiny_shards}/train", "val": f"{tiny_shards}/val", "loader_workers": 0},
-        "model": {"backbone": "resnet18"},
-        "train": {"epochs": 1, "batch_per_gpu": 1, "crop": [32, 32], "diverge_nonfinite_steps": 3},
-    }
-    return Worker(specs.validate(raw))
+    return tiny_worker(
+        tiny_shards, "guard", epochs=1, batch_per_gpu=1, crop=[32, 32], diverge_nonfinite_steps=3
+    )
 
 
 def poisoned(bad_steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:

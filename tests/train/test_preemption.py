@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny_worker import tiny_worker
 
-from orchestrator import spec as specs
 from orchestrator import tracking
 from orchestrator.checkpoints import model_for
 from orchestrator.train import loop, preemption
@@ -18,13 +18,7 @@ from orchestrator.train.preemption import Notices, fits
 
 @pytest.fixture
 def worker(tiny_shards) -> Worker:
-    raw = {
-        "name": "notice",
-        "data": {"train": f"{tiny_shards}/train", "val": f"{tiny_shards}/val", "loader_workers": 0},
-        "model": {"backbone": "resnet18"},
-        "train": {"epochs": 2, "batch_per_gpu": 1, "crop": [32, 32], "checkpoint_every": 3},
-    }
-    return Worker(specs.validate(raw))
+    return tiny_worker(tiny_shards, "notice", epochs=2, batch_per_gpu=1, crop=[32, 32], checkpoint_every=3)
 
 
 def test_a_notice_is_taken_at_the_next_step_once(worker) -> None:
