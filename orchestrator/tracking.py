@@ -245,7 +245,9 @@ def start_trial_run(
     if found:
         run_id = found.info.run_id
         c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        for verdict in (FAILURE, OUTCOME):  # a resumed trial that failed before starts without the verdict
+        # A resumed trial starts without the verdict of an attempt before (failed, or ended early by a
+        # rank 0 whose driver died before it ended the run).
+        for verdict in (FAILURE, OUTCOME, ENDED_EARLY):
             if verdict in found.data.tags:
                 c.delete_tag(run_id, verdict)
         return run_id

@@ -118,3 +118,18 @@ def test_attempts_are_charged_to_their_trial_and_summed_on_the_sweep(tmp_path) -
         "cost_usd": costs["norm=bn"]["cost_usd"],
     }  # fmt: skip
     assert tracking.client(uri).get_run(sweep).data.metrics == totals
+
+
+def test_a_resumed_trial_starts_without_the_verdict_of_the_attempt_before(tmp_path) -> None:
+    """A driver that died after rank 0 said why the trial ended, before it ended the run: the trial runs
+    again, and neither its outcome nor its reason may outlive the attempt that wrote them."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment("e", uri)
+    sweep = tracking.start_sweep_run(exp, "s", {}, uri)
+    run_id = tracking.start_trial_run(exp, sweep, "base", {}, uri)
+    tracking.end_early(run_id, "diverged", "loss nan at 3 steps in a row", uri)
+    tracking.set_tags(run_id, {tracking.FAILURE: "an older failure"}, uri)
+    assert tracking.start_trial_run(exp, sweep, "base", {}, uri) == run_id
+    tags = tracking.client(uri).get_run(run_id).data.tags
+    assert not {tracking.FAILURE, tracking.OUTCOME, tracking.ENDED_EARLY} & set(tags)
+    assert tracking.end_trial_run(run_id, uri) == ("finished", None)
