@@ -700,8 +700,8 @@ def validate(raw: dict[str, Any]) -> Spec:
     for key, values in spec.grid.items():
         if key not in allowed:
             errors.append(f"grid.{cut(key)}: unknown key; allowed: {', '.join(allowed)}")
-        elif key.startswith("search."):
-            errors.append(f"grid.{key}: the search section is the sweep's, one for all of its trials")
+        elif key.startswith("search.") or key == "resources.max_concurrent_trials":
+            errors.append(f"grid.{key}: the sweep's, one for all of its trials")
         elif is_secret(key):
             errors.append(
                 f"grid.{key}: credentials are no grid axis (a trial's key shows in run names, the console "

@@ -28,6 +28,7 @@ from orchestrator.execution import cluster
 from orchestrator.execution.progress import SweepProgress
 from orchestrator.execution.schedulers import make_scheduler, tune_mode
 from orchestrator.execution.stop_requests import stop_requests
+from orchestrator.execution.trial_slots import slot, trial_slots
 from orchestrator.execution.tune_report import EpochReportCallback
 from orchestrator.gpus import GPUS
 from orchestrator.masking import redact
@@ -80,15 +81,18 @@ def run_sweep(
         tracking.tag_command(parent, command, uri)
     # Tune prints its trials' config and saves it on storage: the trials go there without their storage
     # options (s3fs credentials can be in them), which reach the drivers through Ray's object store.
+    # Created here: the sweep's process owns them, its trials find them by name.
+    trial_slots(tune_path, spec.resources.max_concurrent_trials)
     if scheduler:
-        stop_requests(tune_path)  # created here: the sweep's process owns it, the trials find it by name
+        stop_requests(tune_path)
     trainable = tune.with_parameters(
         _tune_trial,
         experiment_id=experiment_id,
         parent_run_id=parent,
         tracking_uri=uri,
         storage_options={t.key: t.spec.data.storage_options for t in trials},
-        sweep=tune_path if scheduler else None,
+        sweep=tune_path,
+        scheduled=scheduler is not None,
     )
     trainable = tune.with_resources(trainable, cluster.DRIVER_RESOURCES)
     # Tune saves the trials (objects) as references in its experiment state and takes them again on restore.
@@ -309,12 +313,16 @@ def _tune_trial(
     parent_run_id: str,
     tracking_uri: str,
     storage_options: dict[str, dict[str, Any]],
-    sweep: str | None,
+    sweep: str,
+    scheduled: bool,
 ) -> None:
     trial = config["trial"]
     trial = trial.with_storage_options(storage_options[trial.key])
     callbacks = [EpochReportCallback()]
-    run_trial(trial, experiment_id, parent_run_id, tracking_uri, callbacks, tune.report, sweep)
+    concurrent = trial.spec.resources.max_concurrent_trials  # one value for the sweep (spec.load)
+    with slot(trial_slots(sweep, concurrent), trial.key, concurrent):
+        stops = sweep if scheduled else None
+        run_trial(trial, experiment_id, parent_run_id, tracking_uri, callbacks, tune.report, stops)
 
 
 class TrialFailed(RuntimeError):

@@ -46,9 +46,11 @@ def test_a_scheduler_with_nothing_to_stop_is_refused_naming_the_field() -> None:
     assert str(e.value).startswith("search.grace_epochs: 4 leaves the asha scheduler nothing to stop")
 
 
-def test_a_grid_over_the_search_section_is_refused() -> None:
-    with pytest.raises(specs.SpecError, match=r"grid\.search\.scheduler: the search section is the sweep's"):
-        specs.validate({**MINIMAL, "grid": {"search.scheduler": ["asha", "none"]}})
+@pytest.mark.parametrize("key", ["search.scheduler", "resources.max_concurrent_trials"])
+def test_a_grid_over_a_setting_of_the_whole_sweep_is_refused(key: str) -> None:
+    values = {"search.scheduler": ["asha", "none"], "resources.max_concurrent_trials": [1, 2]}[key]
+    with pytest.raises(specs.SpecError, match=rf"grid\.{key}: the sweep's, one for all of its trials"):
+        specs.validate({**MINIMAL, "grid": {key: values}})
 
 
 class Inner(TrialScheduler):

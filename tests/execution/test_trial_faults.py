@@ -1,7 +1,8 @@
 """Faults with real processes: a killed Ray Train worker, a killed sweep driver (`--resume`), a trial whose
 loss turns NaN, one that diverges and one a scheduler stops. What must hold: finished work is kept, each
 MLflow run has one value per epoch (no step logged twice, none missing), a trial failing for its own
-reasons fails alone, and a trial ended early ends on every rank, its checkpoints kept."""
+reasons fails alone, a trial ended early ends on every rank, its checkpoints kept, and a resumed sweep runs
+no more trials at once than it may."""
 
 from __future__ import annotations
 
@@ -295,3 +296,29 @@ def test_a_trial_out_of_memory_fails_alone_without_retries(workdir) -> None:
     (run,) = trial_runs(env)
     assert run.info.status == "FAILED" and "can't allocate memory" in run.data.tags["orchestrator.failure"]
     assert "[FailurePolicy]" not in out  # ended by the trial itself: Ray Train had nothing to retry
+
+
+def test_a_resumed_sweep_runs_no_more_trials_at_once_than_max_concurrent_trials(workdir) -> None:
+    # Two trials that fail at their first step, and one that finishes: one at a time, 1 CPU each, on 2 CPUs.
+    cwd, env = workdir
+    weights = ResNet("resnet18").state_dict()
+    weights["conv1.weight"].fill_(float("nan"))
+    for name in ("nan1.pth", "nan2.pth"):
+        torch.save(weights, cwd / name)
+    overrides = ["--set", f"grid.model.pretrained=[{cwd / 'nan1.pth'},{cwd / 'nan2.pth'},null]"]
+    overrides += ["--set", "train.epochs=1", "--set", "train.diverge_nonfinite_steps=0"]
+    overrides += ["--set", "resources.workers_per_trial=1", "--set", "resources.max_concurrent_trials=1"]
+    code, out = finish(start(["sweep", "spec.yaml", *overrides], cwd, env))
+    assert code == 1 and out.count("NonFiniteLoss: loss nan at epoch 1 step 1") >= 2, out[-6000:]
+
+    # Restored, Tune puts both errored trials back at once and would start both (ray-project/ray#40652).
+    proc = start(["sweep", "spec.yaml", *overrides, "--resume"], cwd, env)
+    lifetimes = Lifetimes(proc.pid)
+    lifetimes.start()
+    code, out = finish(proc)
+    lifetimes.done.set()
+    lifetimes.join()
+    assert code == 1, out[-6000:]
+    (first, second) = sorted(lifetimes.seen.values())  # the two failed trials ran again, each one worker
+    assert first[1] < second[0], lifetimes.seen  # the second's worker started after the first's was gone
+    assert sorted(r.info.status for r in trial_runs(env)) == ["FAILED", "FAILED", "FINISHED"]
