@@ -677,14 +677,16 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_json(), indent=1))
         return 0
     width = max(len(p.key) for p in result.points)
-    head = f"{'batch':>5}  {'GiB/GPU':>7}  {'fits':>4}  {'GFLOP/img':>9}  {'img/s/GPU':>10}  {'GPU-h':>7}"
+    head = f"{'batch':>5}  {'GiB/wkr':>7}  {'GPU/wkr':>7}  {'fits':>4}  "
+    head += f"{'GFLOP/img':>9}  {'img/s/GPU':>10}  {'GPU-h':>7}"
     spent_head = f"  {'spent h':>8}  {'x plan':>6}  {'tries':>5}" if args.actual else ""
     print(f"{'grid point':<{width}}  {head}{spent_head}")
     for p in result.points:
         fits, hours, gflops = "yes" if p.fits else "NO", fmt_hours(p.gpu_hours), p.gflops_per_image
         rate = f"{p.images_per_s_per_gpu:.1f}{'*' if p.measured else ' '}"
-        batch, gib = p.batch_per_gpu, p.memory_gib
-        row = f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {fits:>4}  {gflops:9.0f}  {rate:>10}  {hours:>7}"
+        batch, gib, share = p.batch_per_gpu, p.memory_gib, f"{p.gpus_per_worker:g}"
+        row = f"{p.key:<{width}}  {batch:5}  {gib:7.1f}  {share:>7}  {fits:>4}  "
+        row += f"{gflops:9.0f}  {rate:>10}  {hours:>7}"
         if args.actual:
             row += _spent(p)
         print(row)

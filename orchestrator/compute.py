@@ -185,7 +185,9 @@ def largest_batch(one: StepCost, two: StepCost, memory: float, optimizer_states:
     return batch
 
 
-def worker_memory(one: StepCost, two: StepCost, batch: int, optimizer_states: int) -> float:
-    """`tensor_bytes` with the allowance: activations x FRAGMENTATION, plus CONTEXT_GIB."""
+def worker_memory(
+    one: StepCost, two: StepCost, batch: int, optimizer_states: int, cuda: bool = True
+) -> float:
+    """`tensor_bytes` with the allowance: activations x FRAGMENTATION, plus CONTEXT_GIB on a GPU."""
     activations = activation_bytes(one, two, batch) * FRAGMENTATION
-    return weight_bytes(one, optimizer_states) + activations + CONTEXT_GIB * GIB
+    return weight_bytes(one, optimizer_states) + activations + CONTEXT_GIB * GIB * cuda

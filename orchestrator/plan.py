@@ -36,6 +36,11 @@ from orchestrator.spec import Spec, SpecError, TrainSpec, Trial, expand
 from orchestrator.torch_private import MetaShapes
 
 MFU = 0.35  # model FLOPs utilization assumed when nothing was measured
+# Of a GPU's (or a node's) memory, what workers sharing it leave free: the caching allocators of several
+# processes each hold blocks the others cannot use (an allowance no GPU has checked yet).
+PACK_MARGIN = 0.10
+MAX_PER_GPU = 8  # workers `gpus_per_worker: auto` puts on one GPU at most: processes time-slice its cores
+SHARE_STEP = 1e-4  # Ray's resolution for fractional resources: shares are rounded down to it
 BDD100K_TRAIN = 70_000  # images of BDD100K's training split, when the spec's split cannot be read
 
 
@@ -59,9 +64,10 @@ class Spent:
 @dataclass(frozen=True)
 class Point:
     key: str
-    memory_gib: float
-    fits: bool
+    memory_gib: float  # a worker's peak
+    fits: bool  # within its share of a GPU (budget_gib)
     batch_per_gpu: int
+    gpus_per_worker: float  # the share of a GPU each worker holds (`auto` chosen)
     gflops_per_image: float
     images_per_s_per_gpu: float  # training throughput of one GPU
     measured: bool  # throughput from finished trials in MLflow, not the assumed MFU
@@ -129,32 +135,97 @@ def plan(
     else:
         notes = [f"throughput: {assumed} (none measured: {source})"]
     notes.append(f"training images per epoch: {where}")
-    r = spec.resources
-    slots = gpus or math.ceil(r.max_concurrent_trials * r.workers_per_trial * max(r.gpus_per_worker, 1))
+    r, share = spec.resources, max(p.gpus_per_worker for p in points)
+    slots = gpus or max(1, math.ceil(r.max_concurrent_trials * r.workers_per_trial * share))
     return Plan(gpu, kind.memory_gib, slots, kind.usd_per_hour if price is None else price, points, notes)
 
 
-def fit_trials(trials: list[Trial], gpu: str, skip_unfit: bool = False) -> tuple[list[Trial], list[str]]:
-    """The trials to run on GPUs of kind `gpu` (a key of gpus.GPUS), `auto` batches chosen, and a line for
-    each grid point left out. Points that do not fit refuse the lot (SpecError, a line each with its estimate
-    and the GPU's memory), or, with `skip_unfit`, are left out (unless none fits)."""
-    kind, costs = GPUS[gpu], StepCosts()
+def fit_trials(
+    trials: list[Trial], gpu: str | None, nodes: list[dict[str, float]], skip_unfit: bool = False
+) -> tuple[list[Trial], list[str]]:
+    """The trials to run, `auto` batches and GPU shares chosen, and a line for each grid point left out. By
+    `orchestrator plan`'s estimate, a worker must fit what it holds: on GPUs of kind `gpu` (a key of
+    gpus.GPUS), its share of one (budget_gib); on the CPU, its CPUs' share of the memory of a node of
+    `nodes` (Ray's resources of each; the one with the least per CPU that can hold the worker). Trials on
+    GPUs of no known kind (`gpu` None) are not checked. Points that do not fit refuse the lot (SpecError, a
+    line each with its estimate and its share), or, with `skip_unfit`, are left out (unless none fits)."""
+    costs = StepCosts()
     fitted, unfit = [], []
     for trial in trials:
-        trial = _with_auto_batch(trial, kind, costs)
-        point = _point(trial, kind, 0, costs, {})
-        if point.fits:
+        r = trial.spec.resources
+        if r.gpus_per_worker and gpu is None:
+            fitted.append(trial)
+            continue
+        if r.gpus_per_worker:
+            trial, memory = _on_gpu(trial, GPUS[gpu], costs)
+            share = trial.spec.resources.gpus_per_worker
+            budget = budget_gib(GPUS[gpu].memory_gib, share)
+            room = f"{_share(share)} GPU of {GPUS[gpu].memory_gib:g} GiB holds {budget:.1f} GiB"
+            room += f" (its share less {PACK_MARGIN:.0%}, kept free)" if share < 1 else ""
+        else:
+            memory = _peak_memory(trial, costs, cuda=False) / GIB
+            budget, room = _on_cpu(r.cpus_per_worker, nodes)
+        if memory <= budget:
             fitted.append(trial)
         else:
-            unfit.append(f"  {point.key}: {point.memory_gib:.1f} GiB at {point.batch_per_gpu} per GPU")
+            batch = trial.spec.train.batch_per_gpu
+            unfit.append(f"  {trial.key}: {memory:.1f} GiB per worker at batch {batch}; {room}")
     if unfit and not (skip_unfit and fitted):
         others = " or run the others with --skip-unfit" if fitted else " (none does)"
         raise SpecError([
-            f"{len(unfit)} of {len(trials)} grid points do not fit {gpu} ({kind.memory_gib} GiB per GPU) by "
-            f"`orchestrator plan`'s estimate: lower their batch or crop, use a larger GPU (--gpu),{others}",
+            f"{len(unfit)} of {len(trials)} grid points do not fit the memory their workers hold by "
+            "`orchestrator plan`'s estimate: lower their batch or crop, give each worker a larger share "
+            f"(resources.gpus_per_worker, cpus_per_worker) or a larger GPU (--gpu),{others}",
             *unfit,
         ])  # fmt: skip
     return fitted, unfit
+
+
+def budget_gib(memory_gib: float, share: float) -> float:
+    """What a worker holding `share` of a device of `memory_gib` may use: all of it alone on it (share >= 1),
+    else its share less PACK_MARGIN. The shares of the workers on one device sum to 1 at most, so their
+    estimates sum to its memory less the margin at most, however Ray packs them."""
+    return memory_gib if share >= 1 else share * memory_gib * (1 - PACK_MARGIN)
+
+
+def auto_share(memory_gib: float, gpu_gib: float) -> float:
+    """The smallest share of a GPU of `gpu_gib`, 1/n rounded down to Ray's resolution (n <= MAX_PER_GPU),
+    whose budget holds a worker's `memory_gib`; 1 where none less than the whole GPU does."""
+    for n in range(MAX_PER_GPU, 1, -1):
+        share = math.floor(1 / n / SHARE_STEP) * SHARE_STEP
+        if memory_gib <= budget_gib(gpu_gib, share):
+            return share
+    return 1.0
+
+
+def _on_gpu(trial: Trial, gpu: Gpu, costs: StepCosts) -> tuple[Trial, float]:
+    """`trial` with its `auto` batch and share chosen for `gpu`, and a worker's peak memory in GiB there. A
+    trial of several workers takes whole GPUs unless they are spread one per node (spec.ResourcesSpec)."""
+    trial = _with_auto_batch(trial, gpu, costs)
+    memory = _peak_memory(trial, costs, cuda=True) / GIB
+    r = trial.spec.resources
+    if r.gpus_per_worker == "auto":
+        alone = r.workers_per_trial > 1 and r.placement != "strict_spread"
+        trial = trial.with_gpus_per_worker(1.0 if alone else auto_share(memory, gpu.memory_gib))
+    return trial, memory
+
+
+def _on_cpu(cpus: float, nodes: list[dict[str, float]]) -> tuple[float, str]:
+    """The memory budget in GiB of a worker of `cpus` CPUs on the node of `nodes` (Ray's resources: CPU,
+    memory in bytes) that can hold it and has the least memory per CPU, and in words; no limit where Ray
+    gives none."""
+    holding = [n for n in nodes if n.get("CPU", 0) >= cpus and n.get("memory")]
+    if not holding:
+        return math.inf, ""
+    node = min(holding, key=lambda n: n["memory"] / n["CPU"])
+    share, memory = cpus / node["CPU"], node["memory"] / GIB
+    budget = budget_gib(memory, share)
+    words = f"{cpus:g} of the {node['CPU']:g} CPUs of a node of {memory:.1f} GiB hold {budget:.1f} GiB"
+    return budget, words + (f" (less {PACK_MARGIN:.0%}, kept free)" if share < 1 else "")
+
+
+def _share(share: float) -> str:
+    return "a whole" if share == 1 else f"{share:g} of a" if share < 1 else f"{share:g} x a"
 
 
 def _with_auto_batch(trial: Trial, gpu: Gpu, costs: StepCosts) -> Trial:
@@ -171,28 +242,38 @@ def _optimizer_states(t: TrainSpec) -> int:
     return 2 if t.optimizer == "adamw" else 1
 
 
-def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Measured) -> Point:
-    trial = _with_auto_batch(trial, gpu, costs)
+def _peak_memory(trial: Trial, costs: StepCosts, cuda: bool) -> float:
+    """A worker's peak memory in bytes over the trial's stages (compute.worker_memory)."""
     s, t = trial.spec, trial.spec.train
+    peaks = []
+    for crop, batch in {(tuple(t.stage(e).crop), t.stage(e).batch_per_gpu) for e in range(t.epochs)}:
+        one, two = costs(s, crop)
+        peaks.append(compute.worker_memory(one, two, batch, _optimizer_states(t), cuda=cuda))
+    return max(peaks)
+
+
+def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Measured) -> Point:
+    trial, gib = _on_gpu(trial, gpu, costs)
+    s, t = trial.spec, trial.spec.train
+    share = s.resources.gpus_per_worker or 1.0  # a spec for the CPU, planned for GPUs: one each
     workers = s.resources.workers_per_trial
-    memory, seconds, trained, all_measured = 0.0, 0.0, 0, True
+    seconds, trained, all_measured = 0.0, 0, True
     for epoch in range(t.epochs):
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
-        one, two = costs(s, crop)
-        memory = max(memory, compute.worker_memory(one, two, batch, _optimizer_states(t)))
+        one, _ = costs(s, crop)
         per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
         rate = measured.get((s.model.backbone, s.norm, crop))
         all_measured &= rate is not None
         rate = rate or gpu.peak_bf16 * MFU / one.flops
         trained += per_epoch
         seconds += per_epoch / rate
-    gib = memory / GIB
     return Point(
         key=trial.key,
         memory_gib=gib,
-        fits=gib <= gpu.memory_gib,
+        fits=gib <= budget_gib(gpu.memory_gib, share),
         batch_per_gpu=t.batch_per_gpu,
+        gpus_per_worker=share,
         gflops_per_image=one.flops / 1e9,
         images_per_s_per_gpu=rate,
         measured=all_measured,

@@ -225,6 +225,19 @@ def _batch_or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> int | s
 BatchPerGpu = Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], WrapValidator(_batch_or_auto)]
 
 
+def _gpus_or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> float | str:
+    """Ray's rule for a resource: a fraction up to 1, whole numbers above; one error, not one per member of
+    the union (and no True)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value > 1 and value % 1:
+        raise ValueError("allowed are 0 (the CPU), a fraction of a GPU up to 1, whole GPUs, and auto")
+    return float(value)
+
+
+GpusPerWorker = Annotated[float | Literal["auto"], WrapValidator(_gpus_or_auto)]
+
+
 class TrainSpec(_Section):
     epochs: Int = Field(50, ge=1, description="epochs of the run (all stages together)")
     batch_per_gpu: BatchPerGpu = Field(
@@ -405,9 +418,18 @@ class TrainSpec(_Section):
 
 class ResourcesSpec(_Section):
     workers_per_trial: Int = Field(2, ge=1, description="Ray Train workers (DDP ranks) per trial")
-    gpus_per_worker: Float = Field(0, ge=0, description="0 runs on CPU with gloo; >0 on CUDA with nccl")
+    gpus_per_worker: GpusPerWorker = Field(
+        0,
+        description="0 runs on CPU with gloo; >0 on CUDA with nccl. A fraction packs workers of several "
+        "trials on one GPU, each within its fraction of the GPU's memory less 10% by `orchestrator plan`'s "
+        "estimate (a point that would not fit is refused); auto: the smallest fraction 1/n that holds the "
+        "worker, n at most 8 (a trial of several workers takes whole GPUs unless placement is strict_spread)",
+    )
     cpus_per_worker: Float = Field(
-        1, gt=0, description="CPUs each worker holds (its DataLoader processes run on them)"
+        1,
+        gt=0,
+        description="CPUs each worker holds (its DataLoader processes run on them); on the CPU, their share "
+        "of a node's memory (Ray's) less 10% must hold the worker by `orchestrator plan`'s estimate",
     )
     max_concurrent_trials: Int = Field(1, ge=1, description="trials Tune runs at once")
     max_failures: Int = Field(
@@ -431,6 +453,17 @@ class ResourcesSpec(_Section):
         description="on an autoscaling cluster: a trial the current nodes cannot place waits for the nodes "
         "it needs, instead of the sweep being refused",
     )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> ResourcesSpec:
+        g = self.gpus_per_worker
+        if self.workers_per_trial > 1 and g != "auto" and 0 < g < 1 and self.placement != "strict_spread":
+            raise ValueError(
+                f"resources.gpus_per_worker {g:g} with workers_per_trial {self.workers_per_trial}: Ray may "
+                "put two ranks of the trial on one GPU, which NCCL refuses; pack trials of one worker, or "
+                "set placement: strict_spread (one worker per node)"
+            )
+        return self
 
 
 SCHEDULER_METRICS = {"val_miou": "max", "val_miou_official": "max", "train_loss": "min"}  # -> Tune's mode
@@ -577,6 +610,13 @@ class Trial:
         train = self.spec.train.model_copy(update={"batch_per_gpu": batch})
         config = {**self.config, "train.batch_per_gpu": batch}
         return Trial(self.key, config, self.spec.model_copy(update={"train": train}))
+
+    def with_gpus_per_worker(self, share: float) -> Trial:
+        """This trial at `share` of a GPU per worker (what `resources.gpus_per_worker: auto` chose); its key
+        keeps `auto`."""
+        resources = self.spec.resources.model_copy(update={"gpus_per_worker": share})
+        config = {**self.config, "resources.gpus_per_worker": share}
+        return Trial(self.key, config, self.spec.model_copy(update={"resources": resources}))
 
     def with_storage_options(self, options: dict[str, Any]) -> Trial:
         config = {**self.config, "data.storage_options": options}

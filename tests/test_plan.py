@@ -37,7 +37,9 @@ def test_the_json_plan_adds_up(capsys) -> None:
 
     assert main([*argv, "--price", "2", "--gpus", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["grid", "point", "batch", "GiB/GPU", "fits", "GFLOP/img", "img/s/GPU", "GPU-h"]
+    assert out[0].split() == [
+        "grid", "point", "batch", "GiB/wkr", "GPU/wkr", "fits", "GFLOP/img", "img/s/GPU", "GPU-h"
+    ]  # fmt: skip
     assert out[6].startswith("4 trials on l4 (22.5 GiB): 0 do not fit;") and "on 4 GPUs" in out[6]
     assert out[6].endswith("at $2.00/GPU-h")
 
@@ -141,25 +143,28 @@ def test_a_grid_with_points_that_do_not_fit_is_refused_point_by_point_unless_ski
     from orchestrator.plan import fit_trials
 
     overrides = ["train.crop=[256,256]", "grid.train.batch_per_gpu=[2,auto,100000]", "grid.norm=[bn,gn:g8]"]
-    trials = specs.expand(specs.load(SMOKE, overrides))
+    trials = specs.expand(specs.load(SMOKE, [*overrides, "resources.gpus_per_worker=1"]))
     with pytest.raises(specs.SpecError) as refused:
-        fit_trials(trials, "a10g")
+        fit_trials(trials, "a10g", [])
     first, *lines = refused.value.lines
     assert (
-        first.startswith("2 of 6 grid points do not fit a10g (22.5 GiB per GPU)") and "--skip-unfit" in first
+        first.startswith("2 of 6 grid points do not fit the memory their workers hold")
+        and "--skip-unfit" in first
     )
-    assert [line.rsplit(": ", 1)[0].strip() for line in lines] == [
+    assert [line.split(": ", 1)[0].strip() for line in lines] == [
         "norm=bn,train.batch_per_gpu=100000",
         "norm=gn:g8,train.batch_per_gpu=100000",
     ]
-    assert all(line.endswith("GiB at 100000 per GPU") for line in lines)
-    assert float(lines[0].rsplit(": ", 1)[1].split()[0]) > 22.5
+    assert all(line.endswith("at batch 100000; a whole GPU of 22.5 GiB holds 22.5 GiB") for line in lines)
+    assert float(lines[0].split(": ", 1)[1].split()[0]) > 22.5
 
-    kept, skipped = fit_trials(trials, "a10g", skip_unfit=True)
+    kept, skipped = fit_trials(trials, "a10g", [], skip_unfit=True)
     assert [t.key for t in kept] == [t.key for t in trials if "100000" not in t.key]
     assert skipped == lines
     with pytest.raises(specs.SpecError, match=r"^2 of 2 grid points do not fit .*\(--gpu\), \(none does\)"):
-        fit_trials([t for t in trials if "100000" in t.key], "a10g", skip_unfit=True)  # nothing left to run
+        fit_trials(
+            [t for t in trials if "100000" in t.key], "a10g", [], skip_unfit=True
+        )  # nothing left to run
     auto = [t for t in kept if t.key.endswith("=auto")]
     assert len(auto) == 2 and all(
         t.spec.train.batch_per_gpu == t.config["train.batch_per_gpu"] > 2 for t in auto
@@ -255,3 +260,71 @@ def test_plan_actual_sets_what_each_trial_spent_beside_its_plan(tmp_path, monkey
 
     assert main(["plan", SMOKE, "--gpu", "l4", "--actual", keys[0]]) == 2
     assert "is no sweep run at" in capsys.readouterr().err
+
+
+def test_auto_share_is_the_smallest_share_whose_budget_holds_the_worker() -> None:
+    from orchestrator.plan import MAX_PER_GPU, auto_share
+
+    # By hand, on an H200 (140.4 GiB, 90% of it for workers that share it): 1/8 of it holds 15.795 GiB,
+    # 1/7 (0.1428 at Ray's resolution) 18.04, 1/2 63.18.
+    assert [auto_share(m, 140.4) for m in (1.0, 15.7, 15.9, 18.0, 63.1, 63.2)] == [
+        0.125, 0.125, 0.1428, 0.1428, 0.5, 1.0
+    ]  # fmt: skip
+    for tenths in range(5, 1500):  # whatever Ray packs on one GPU at that share overfills nothing
+        memory = tenths / 10
+        share = auto_share(memory, 140.4)
+        if share == 1:
+            assert memory > 140.4 / 2 * 0.9
+            continue
+        n = int(1 / share)
+        assert n * share <= 1 and n * memory <= 140.4 * 0.9
+        assert n == MAX_PER_GPU or memory > int(1e4 / (n + 1)) / 1e4 * 140.4 * 0.9  # and none smaller would
+
+
+def test_a_fraction_of_a_gpu_and_auto_are_checked_against_the_workers_share() -> None:
+    from orchestrator.plan import fit_trials
+
+    overrides = ["resources.workers_per_trial=1", "grid.resources.gpus_per_worker=[0.05,0.125,auto]"]
+    trials = specs.expand(specs.load(SMOKE, [*overrides, "grid.norm=[bn]", "grid.train.batch_per_gpu=[2]"]))
+    with pytest.raises(specs.SpecError) as refused:
+        fit_trials(trials, "a10g", [])
+    _, line = refused.value.lines  # 0.05 x 22.5 GiB x 0.9 = 1.0125 GiB, less than a worker's estimate
+    assert line.startswith("  norm=bn,train.batch_per_gpu=2,resources.gpus_per_worker=0.05: 1.")
+    assert line.endswith("0.05 of a GPU of 22.5 GiB holds 1.0 GiB (its share less 10%, kept free)")
+    kept, _ = fit_trials(trials, "a10g", [], skip_unfit=True)
+    assert [(t.spec.resources.gpus_per_worker, t.config["resources.gpus_per_worker"]) for t in kept] == [
+        (0.125, 0.125), (0.125, 0.125)  # auto: 8 on one GPU, the most it packs
+    ]  # fmt: skip
+    assert kept[1].key.endswith("gpus_per_worker=auto")
+    # Two ranks of one trial must not share a GPU: whole GPUs for them, unless one node each.
+    two = specs.expand(specs.load(SMOKE, ["resources.gpus_per_worker=auto", "grid.norm=[bn]"]))
+    assert {t.spec.resources.gpus_per_worker for t in fit_trials(two, "a10g", [])[0]} == {1.0}
+    spread = specs.load(SMOKE, ["resources.gpus_per_worker=auto", "resources.placement=strict_spread"])
+    assert {t.spec.resources.gpus_per_worker for t in fit_trials(specs.expand(spread), "a10g", [])[0]} == {
+        0.125
+    }
+
+
+def test_a_worker_on_the_cpu_must_fit_its_cpus_share_of_the_node_with_least_memory_per_cpu() -> None:
+    from orchestrator.plan import fit_trials
+
+    trials = specs.expand(
+        specs.load(SMOKE, ["resources.cpus_per_worker=2", "grid.train.crop=[[128,128],[4096,4096]]"])
+    )
+    nodes = [
+        {"CPU": 2, "memory": 4 * GIB},
+        {"CPU": 4, "memory": 4 * GIB},  # the least per CPU: a 2-CPU worker holds half of it, less 10%
+        {"CPU": 1, "memory": 0.1 * GIB},  # holds no 2-CPU worker
+    ]
+    with pytest.raises(specs.SpecError) as refused:
+        fit_trials(trials, None, nodes)
+    first, *lines = refused.value.lines
+    assert first.startswith(
+        f"{len(trials) // 2} of {len(trials)} grid points do not fit the memory their workers"
+    )
+    assert all("train.crop=4096x4096: " in line for line in lines)
+    assert all(
+        line.endswith("; 2 of the 4 CPUs of a node of 4.0 GiB hold 1.8 GiB (less 10%, kept free)")
+        for line in lines
+    )
+    assert fit_trials(trials, None, [])[0] == trials  # Ray gives no memory: nothing to check against

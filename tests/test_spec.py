@@ -350,6 +350,24 @@ def test_a_spec_file_reads_yaml_1_2_booleans(tmp_path):
     assert [t.spec.train.amp for t in specs.expand(spec)] == ["off", "bf16"]
 
 
+@pytest.mark.parametrize("bad", [-1, "half", 1.5, True])
+def test_gpus_per_worker_is_a_fraction_up_to_one_whole_gpus_or_auto(tmp_path, bad):
+    assert errors_of(tmp_path, {**MINIMAL, "resources": {"gpus_per_worker": bad}}) == [
+        "resources.gpus_per_worker: allowed are 0 (the CPU), a fraction of a GPU up to 1, whole GPUs, and "
+        f"auto (got {bad!r})"
+    ]
+    for good in (0, 0.25, 1, 2, "auto"):
+        resources = {"gpus_per_worker": good, "workers_per_trial": 1}
+        assert (
+            specs.load(write(tmp_path, {**MINIMAL, "resources": resources})).resources.gpus_per_worker == good
+        )
+    # Two ranks of one trial on one GPU is what NCCL refuses: a fraction is for trials of one worker.
+    (line,) = errors_of(tmp_path, {**MINIMAL, "resources": {"gpus_per_worker": 0.5, "workers_per_trial": 2}})
+    assert line.startswith("resources: resources.gpus_per_worker 0.5 with workers_per_trial 2: Ray may put")
+    resources = {"gpus_per_worker": 0.5, "workers_per_trial": 2, "placement": "strict_spread"}
+    assert specs.load(write(tmp_path, {**MINIMAL, "resources": resources})).resources.gpus_per_worker == 0.5
+
+
 @pytest.mark.parametrize("bad", [0, "two", 2.5, True])
 def test_a_batch_per_gpu_is_a_whole_number_or_auto(tmp_path, bad):
     assert errors_of(tmp_path, {**MINIMAL, "train": {"batch_per_gpu": bad}}) == [
@@ -384,7 +402,8 @@ EMPTY = "empty; give a path or a URL (or null where the field may be unset)"
         ("train.crop=[true, 64]", "train.crop.0: Input should be a valid integer (got True)"),
         ("train.lr=false", "train.lr: Input should be a valid number (got False)"),
         ("resources.gpus_per_worker=true",
-         "resources.gpus_per_worker: Input should be a valid number (got True)"),
+         "resources.gpus_per_worker: allowed are 0 (the CPU), a fraction of a GPU up to 1, whole GPUs, and "
+         "auto (got True)"),
         ("data.train=''", f"data.train: {EMPTY} (got '')"),
         ("model.pretrained=' '", f"model.pretrained: {EMPTY} (got ' ')"),
         ("data.val=", "--set data.val=: no value; write null to unset a field"),

@@ -178,26 +178,34 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
 
 
 def fit(trials: list[Trial], gpu: str | None, skip_unfit: bool = False) -> list[Trial]:
-    """The trials to run, checked against the memory of GPUs of kind `gpu` (a key of gpus.GPUS), else, for
-    trials on GPUs, of the joined cluster's kind, by `orchestrator plan`'s estimate: `auto` batches chosen,
-    points that cannot fit refused (SpecError) or, with skip_unfit, left out. Without a kind, nothing is
-    checked, and an `auto` batch is refused."""
+    """The trials to run, each worker checked by `orchestrator plan`'s estimate against the memory it holds
+    (plan.fit_trials): on GPUs of kind `gpu` (a key of gpus.GPUS), else of the joined cluster's kind, its
+    share of one, `auto` batches and shares chosen; on the CPU, its CPUs' share of a node's memory. Points
+    that cannot fit are refused (SpecError) or, with skip_unfit, left out. Trials on GPUs of no known kind
+    are not checked, and an `auto` among them is refused."""
+    nodes = cluster.alive_nodes()
     if gpu is None and any(t.spec.resources.gpus_per_worker for t in trials):
-        gpu = cluster.gpu_kind(cluster.alive_nodes())
-    if gpu is None:
-        if any(t.spec.train.batch_per_gpu == "auto" for t in trials):
+        gpu = cluster.gpu_kind(nodes)
+    for t in trials:
+        on_gpu = t.spec.resources.gpus_per_worker
+        if t.spec.train.batch_per_gpu == "auto" and not on_gpu:
             raise SpecError([
-                "train.batch_per_gpu: auto is the largest batch that fits the GPUs, and their kind is not "
-                f"known: pass --gpu ({', '.join(GPUS)}), or run on a cluster with GPU nodes"
+                "train.batch_per_gpu: auto is chosen for a GPU's memory; a trial on the CPU "
+                f"(resources.gpus_per_worker: 0, grid point {t.key}) names its batch"
             ])  # fmt: skip
-        return trials
-    from orchestrator.plan import fit_trials  # torch, for the meta device: only with a kind to plan for
+        if gpu is None and "auto" in (t.spec.train.batch_per_gpu, on_gpu):
+            field = (
+                "train.batch_per_gpu" if t.spec.train.batch_per_gpu == "auto" else "resources.gpus_per_worker"
+            )
+            raise SpecError([
+                f"{field}: auto is chosen for the GPUs' memory, and their kind is not known: pass --gpu "
+                f"({', '.join(GPUS)}), or run on a cluster with GPU nodes"
+            ])  # fmt: skip
+    from orchestrator.plan import fit_trials  # torch, for the meta device
 
-    fitted, skipped = fit_trials(trials, gpu, skip_unfit)
+    fitted, skipped = fit_trials(trials, gpu, nodes, skip_unfit)
     if skipped:
-        log.warning(
-            "skipped, not fitting %s (%s GiB per GPU):\n%s", gpu, GPUS[gpu].memory_gib, "\n".join(skipped)
-        )
+        log.warning("skipped, not fitting the memory their workers hold:\n%s", "\n".join(skipped))
     return fitted
 
 

@@ -5,6 +5,7 @@ after joining the cluster and before MLflow is contacted or a trial starts."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,7 +44,8 @@ def test_a_worker_needs_every_resource_it_asks_for_on_one_node() -> None:
     assert unplaceable(R(workers_per_trial=2, cpus_per_worker=4, gpus_per_worker=1), nodes) == []
     (reason,) = unplaceable(R(workers_per_trial=3, cpus_per_worker=1, gpus_per_worker=1), nodes)
     assert reason == "3 workers of CPU 1, GPU 1 (the nodes hold 2 of them)"
-    assert unplaceable(R(workers_per_trial=4, cpus_per_worker=2, gpus_per_worker=0.5), nodes) == []
+    # Fractions: 0.3 GPU, three on each of 2 GPUs; the spec takes them for trials of one worker.
+    assert unplaceable(R(workers_per_trial=1, cpus_per_worker=2, gpus_per_worker=0.3), nodes) == []
 
 
 def test_strict_spread_needs_a_node_for_each_worker() -> None:
@@ -175,13 +177,26 @@ def test_a_sweep_on_many_nodes_refuses_before_mlflow_or_a_trial(
             1,
             [2, 4096],
             [
-                "error: 1 of 2 grid points do not fit a10g (22.5 GiB per GPU) by `orchestrator plan`",
+                "error: 1 of 2 grid points do not fit the memory their workers hold by `orchestrator plan`",
                 "error:   train.batch_per_gpu=4096: ",
             ],
         ),
-        (0, [2, "auto"], ["error: train.batch_per_gpu: auto is the largest batch that fits the GPUs"]),
+        (
+            0.25,  # of 22.5 GiB, less 10%: 5.06 GiB, less than the estimate at batch 4 (7.3 GiB)
+            [2, 4],
+            [
+                "error: 1 of 2 grid points do not fit the memory their workers hold",
+                "error:   train.batch_per_gpu=4: ",
+                "at batch 4; 0.25 of a GPU of 22.5 GiB holds 5.1 GiB (its share less 10%, kept free)",
+            ],
+        ),
+        (
+            0,
+            [2, "auto"],
+            ["error: train.batch_per_gpu: auto is chosen for a GPU's memory; a trial on the CPU"],
+        ),
     ],
-    ids=["unfit-on-the-clusters-gpus", "auto-without-gpus"],
+    ids=["unfit-on-the-clusters-gpus", "packed-beyond-its-share", "auto-on-the-cpu"],
 )
 def test_points_that_cannot_fit_the_clusters_gpus_are_refused_before_mlflow_or_a_trial(
     two_nodes: str, tripwire, tmp_path: Path, gpus, batches, errors
@@ -204,6 +219,32 @@ def test_points_that_cannot_fit_the_clusters_gpus_are_refused_before_mlflow_or_a
     assert proc.returncode == 2, proc.stderr[-3000:]
     for error in errors:
         assert error in proc.stderr
+    assert contacts == []
+
+
+@pytest.mark.slow
+def test_a_worker_on_the_cpu_beyond_its_nodes_memory_is_refused_before_mlflow_or_a_trial(
+    two_nodes: str, tripwire, tmp_path: Path
+) -> None:
+    mlflow, contacts = tripwire
+    spec = {
+        "name": "refused",
+        "data": {"train": "shards/train", "val": "shards/val"},
+        "train": {"crop": [16384, 16384]},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+        "storage_shared": True,
+        "storage": str(tmp_path / "runs"),
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": two_nodes, "MLFLOW_TRACKING_URI": mlflow}
+    proc = subprocess.run(
+        [*CLI, "train", "spec.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: 1 of 1 grid points do not fit the memory their workers hold" in proc.stderr
+    assert re.search(
+        r"error:   base: [\d.]+ GiB per worker at batch 2; 1 of the 1 CPUs of a node of", proc.stderr
+    )
     assert contacts == []
 
 

@@ -290,8 +290,9 @@ def test_a_trial_stopped_by_asha_ends_on_both_ranks_with_its_checkpoint_and_tag(
 
 def test_a_trial_out_of_memory_fails_alone_without_retries(workdir) -> None:
     cwd, env = workdir
-    # One training crop of 3 x 2^24 x 2^24 floats: more than any address space, refused at once.
-    code, out = finish(start(["train", "spec.yaml", "--set", "train.crop=[16777216,16777216]"], cwd, env))
+    # Scenes scaled 100000x before their 64x64 crop: more than any memory, refused by the allocator at once.
+    # Plan's estimate counts the crop, not the scaled scene it is cut from: nothing refuses it before.
+    code, out = finish(start(["train", "spec.yaml", "--set", "train.scale=[100000,100000]"], cwd, env))
     assert code == 1 and "can't allocate memory" in out
     (run,) = trial_runs(env)
     assert run.info.status == "FAILED" and "can't allocate memory" in run.data.tags["orchestrator.failure"]
