@@ -60,6 +60,7 @@ gpu-wheels: setup
 		--platform any -d .whl/gpu-check pytest
 
 ui: setup
+	@echo "MLflow UI on http://127.0.0.1:5000: sweep, ensemble and report print the link to their runs"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
 		--host 127.0.0.1 --port 5000 --workers 1
 

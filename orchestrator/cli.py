@@ -600,6 +600,9 @@ def _report(args: argparse.Namespace) -> int:
     if e and e.gain is not None:
         print(f"ensemble run {e.run_id}: val mIoU {e.miou:.4f}, {e.gain:+.4f} over its best member")
     print(f"wrote {r.figure} and {r.table}; logged both to MLflow run {r.sweep_run_id} under report/")
+    from orchestrator import tracking
+
+    print(f"  its runs by {tracking.HEADLINE}: {tracking.runs_link(r.experiment)}")
     return 0
 
 
@@ -618,6 +621,7 @@ def _print_outcomes(experiment: str, outcomes: list) -> None:
         if o.error:
             print(f"  {'error' if o.status == 'FAILED' else o.status.lower()}: {o.error}")
     print(f"\nMLflow: experiment {experiment!r} at {redact(tracking.tracking_uri())}")
+    print(f"  its runs by {tracking.HEADLINE}: {tracking.runs_link(experiment)}")
 
 
 def _spec(args: argparse.Namespace) -> int:
@@ -782,6 +786,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     if result.left_out:
         print(ended_early_text(result.left_out))
     print(f"\nMLflow: ensemble run {result.run_id} in experiment {experiment!r}")
+    print(f"  its runs by {tracking.HEADLINE}: {tracking.runs_link(experiment)}")
     aliases = ", ".join(f"{alias} v{version}" for alias, version in sorted(result.versions.items()))
     print(f"MLflow: registered model {result.model!r} ({aliases}): models:/{result.model}@champion")
     return 0

@@ -37,3 +37,18 @@ def cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
 def shown(value: object, limit: int = MAX_VALUE_CHARS) -> str:
     """How an error line quotes a value it was given: its repr, cut to about `limit` characters."""
     return cut(repr(value), limit)
+
+
+def check_version(
+    name: str, version: str, supported: tuple[tuple[int, int], tuple[int, int]], use: str, module: str
+) -> None:
+    """UsageError unless `version` of the package `name` (its display name: "Ray") is in `supported`,
+    [from, to) as (major, minor): what each module of a dependency's private API or unpublished conventions
+    (`module`) checks on import; `use` says what it takes ("uses Ray's private API")."""
+    (low, high), found = supported, tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if not low <= found < high:
+        pin = f"{name.lower()}>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+        raise UsageError(
+            f"orchestrator {use} as of {pin} ({module}); this is {name} {version}: install {pin}, or port "
+            "that module"
+        )

@@ -527,8 +527,10 @@ def _sweep_run(experiment: str | None, run_id: str | None, uri: str) -> Run:
 
 
 def _row(run: Run, uri: str | None) -> TrialRow:
-    params, metrics, info = run.data.params, run.data.metrics, run.info
-    epoch = metrics.get("epoch")
+    params, info = run.data.params, run.info
+    best, last_epoch = (
+        tracking.best_and_last_step(info.run_id, METRIC, uri) if METRIC in run.data.metrics else (None, None)
+    )
     return TrialRow(
         run_id=info.run_id,
         name=info.run_name or run.data.tags.get(tracking.TRIAL_KEY, ""),
@@ -536,9 +538,9 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         norm=params.get("norm", "?"),
         batch_per_gpu=_int(params.get("train.batch_per_gpu", "")),
         crop=tracking.crop_param(params),
-        best_val_miou=_best(run, METRIC, uri),
+        best_val_miou=best,
         best_official=_best(run, OFFICIAL, uri),
-        last_epoch=None if epoch is None else int(epoch),
+        last_epoch=last_epoch,
         status=tracking.outcome(run).upper(),
         failure=run.data.tags.get(tracking.FAILURE) or run.data.tags.get(tracking.ENDED_EARLY),
         seed=_int(params.get(SEED, "")),

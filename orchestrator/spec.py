@@ -15,7 +15,7 @@ import os
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -592,6 +592,7 @@ class Trial:
     key: str  # `norm=bn,train.batch_per_gpu=2`, `base` without a grid
     config: dict[str, Any]  # flat, dotted keys, the backbone's defaults filled in
     spec: Spec
+    name: str = "base"  # its swept values, `bn 2`: its MLflow run's name, short enough to show whole
 
     def __str__(self) -> str:
         return self.key
@@ -609,25 +610,28 @@ class Trial:
         `auto`."""
         train = self.spec.train.model_copy(update={"batch_per_gpu": batch})
         config = {**self.config, "train.batch_per_gpu": batch}
-        return Trial(self.key, config, self.spec.model_copy(update={"train": train}))
+        return replace(self, config=config, spec=self.spec.model_copy(update={"train": train}))
 
     def with_gpus_per_worker(self, share: float) -> Trial:
         """This trial at `share` of a GPU per worker (what `resources.gpus_per_worker: auto` chose); its key
         keeps `auto`."""
         resources = self.spec.resources.model_copy(update={"gpus_per_worker": share})
         config = {**self.config, "resources.gpus_per_worker": share}
-        return Trial(self.key, config, self.spec.model_copy(update={"resources": resources}))
+        return replace(self, config=config, spec=self.spec.model_copy(update={"resources": resources}))
 
     def with_storage_options(self, options: dict[str, Any]) -> Trial:
         config = {**self.config, "data.storage_options": options}
         data = self.spec.data.model_copy(update={"storage_options": options})
-        return Trial(self.key, config, self.spec.model_copy(update={"data": data}))
+        return replace(self, config=config, spec=self.spec.model_copy(update={"data": data}))
 
 
 def expand(spec: Spec) -> list[Trial]:
     """The trials of the spec's grid, in the order of the grid's keys (last varies fastest): the one place
     trials are enumerated."""
-    return [Trial(trial_key(config, spec.grid), config, from_flat(config)) for config in _points(spec)]
+    return [
+        Trial(trial_key(config, spec.grid), config, from_flat(config), trial_name(config, spec.grid))
+        for config in _points(spec)
+    ]
 
 
 def _points(spec: Spec) -> list[dict[str, Any]]:
@@ -647,6 +651,12 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
         "model.head": config["model.head"] or default_head(backbone),
         "model.output_stride": config["model.output_stride"] or output_strides(backbone)[0],
     }
+
+
+def trial_name(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
+    """The swept values of a grid point, `bn 2` (`base` without a grid): distinct as the keys are, and short
+    enough for the MLflow runs table to show whole; the key, which names the fields, is the run's tag."""
+    return " ".join(_compact(config[k]) for k in grid_keys) or "base"
 
 
 def trial_key(config: dict[str, Any], grid_keys: Iterable[str]) -> str:
@@ -826,6 +836,21 @@ def json_schema() -> dict[str, Any]:
     schema = Spec.model_json_schema()
     schema["properties"]["grid"]["propertyNames"] = {"enum": grid_keys()}
     return schema
+
+
+def public_document(spec: Spec) -> dict[str, Any]:
+    """The spec as a nested document of every field (defaults filled in) and its grid, less its secrets
+    (public_params): what a sweep's MLflow run keeps as the spec it ran, loadable as a spec again."""
+    doc: dict[str, Any] = {}
+    for key, value in public_params(flatten(spec)).items():
+        *sections, field = key.split(".")
+        node = doc
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[field] = value
+    if spec.grid:
+        doc["grid"] = {k: v for k, v in spec.grid.items() if not is_secret(k)}
+    return doc
 
 
 def describe_grid(spec: Spec) -> str:

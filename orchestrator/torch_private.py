@@ -20,21 +20,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from orchestrator.errors import UsageError
+from orchestrator.errors import check_version
 
 SUPPORTED = ((2, 11), (2, 15))  # [from, to): 2.13 here, 2.11 on the GPU check's machine, 2.14 in a side venv
 
 
 def check_torch_version(version: str = torch.__version__) -> None:
     """UsageError unless `version` is in SUPPORTED."""
-    (low, high), found = SUPPORTED, tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    if not low <= found < high:
-        supported = f"torch>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
-        raise UsageError(
-            f"orchestrator counts memory with PyTorch's private API as of {supported} "
-            f"(orchestrator/torch_private.py); this is torch {version}: install {supported}, "
-            "or port that module"
-        )
+    check_version(
+        "torch",
+        version,
+        SUPPORTED,
+        "counts memory with PyTorch's private API",
+        "orchestrator/torch_private.py",
+    )
 
 
 check_torch_version()

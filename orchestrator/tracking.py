@@ -8,13 +8,17 @@ that cannot be reached or does not answer into `errors.Unavailable`, one line wi
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import getpass
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import subprocess
 import tempfile
 import time
 import warnings
@@ -26,11 +30,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import yaml
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
+from orchestrator import mlflow_private
 from orchestrator.errors import Unavailable, UsageError, shown
 from orchestrator.gpus import price_of
 from orchestrator.masking import redact
@@ -49,6 +61,12 @@ ENDED_EARLY = "orchestrator.ended_early"  # why a diverged or stopped trial ende
 OUTCOMES = ("finished", "failed", "diverged", "stopped")
 EARLY = ("diverged", "stopped")  # ended by the divergence guard or a scheduler: MLflow status KILLED
 PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+# Every trial's headline, what the runs table and every printed link lead with: its best epoch's val mIoU
+# (the checkpoint it keeps, which ensemble and report use), and that epoch.
+HEADLINE, HEADLINE_EPOCH = "best_val_miou", "best_epoch"
+MAKE_UI = "http://127.0.0.1:5000"  # where `make ui` serves ./mlflow.db
+_ENDED = "\n\nEnded: "  # in a sweep run's description, before how its trials ended
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
 
@@ -205,9 +223,47 @@ def start_sweep_run(
     experiment_id: str, sweep: str, params: dict[str, Any], uri: str, tune_path: str | None = None
 ) -> str:
     tags = {KIND: "sweep", SWEEP: sweep, **({RESUME_PATH: tune_path} if tune_path else {})}
-    run = client(uri).create_run(experiment_id, run_name=sweep, tags=tags)
+    run = _create_run(client(uri), experiment_id, sweep, tags)
     log_params(run.info.run_id, params, uri)
     return run.info.run_id
+
+
+def describe_sweep_run(run_id: str, description: str, spec: dict[str, Any], uri: str) -> None:
+    """The sweep run's description (the UI's) and the spec it runs, as `spec.yaml`."""
+    c = client(uri)
+    c.set_tag(run_id, NOTE, description)
+    c.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), "spec.yaml")
+
+
+def conclude_sweep_run(run_id: str, metrics: dict[str, float], ended: str, uri: str) -> None:
+    """The sweep's summary metrics, and how its trials ended at the end of its description (in place of
+    what a run of it before said: a resumed sweep concludes again)."""
+    c = client(uri)
+    log_metrics(run_id, metrics, step=0, uri=uri)
+    described = c.get_run(run_id).data.tags.get(NOTE, "").split(_ENDED)[0]
+    c.set_tag(run_id, NOTE, f"{described}{_ENDED}{ended}")
+
+
+def share_view(experiment_id: str, grid_keys: list[str], uri: str) -> None:
+    """Save the experiment's runs view that every printed link opens (runs_link): sorted by the headline,
+    it and the swept params shown."""
+    columns = [f"metrics.`{HEADLINE}`", f"metrics.`{HEADLINE_EPOCH}`", *(f"params.`{k}`" for k in grid_keys)]
+    columns += ["metrics.`val_miou`", "metrics.`train_loss`"]
+    client(uri).set_experiment_tag(experiment_id, *mlflow_private.view_tag(columns[0], columns))
+
+
+def runs_link(experiment: str, uri: str | None = None) -> str:
+    """The runs page of the experiment named `experiment`, sorted by the headline metric: on the MLflow
+    server at `uri`, else, for a local store, where `make ui` (or `mlflow ui` on that store) serves it."""
+    uri = uri or tracking_uri()
+    experiment_id = find_experiment_id(experiment, uri)
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):  # without any credentials of the URI: a link is shown and shared
+        server = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        return mlflow_private.runs_url(server, experiment_id)
+    here = uri in ("sqlite:///mlflow.db", f"sqlite:///{Path('mlflow.db').resolve()}")
+    serve = "make ui" if here else f"mlflow ui --backend-store-uri {redact(uri)}"
+    return f"{mlflow_private.runs_url(MAKE_UI, experiment_id)} (once `{serve}` serves it)"
 
 
 def resume_sweep_run(experiment_id: str, tune_path: str, uri: str) -> str | None:
@@ -236,10 +292,15 @@ def find_trial_run(experiment_id: str, parent_run_id: str, key: str, uri: str) -
 
 
 def start_trial_run(
-    experiment_id: str, parent_run_id: str, key: str, params: dict[str, Any], uri: str
+    experiment_id: str,
+    parent_run_id: str,
+    key: str,
+    params: dict[str, Any],
+    uri: str,
+    name: str | None = None,
 ) -> str:
-    """The child run of one grid point; a restarted trial driver finds and continues its own run
-    (same parent, same trial key) instead of opening a second one."""
+    """The child run of one grid point, named `name` (default: its key); a restarted trial driver finds and
+    continues its own run (same parent, same trial key) instead of opening a second one."""
     c = client(uri)
     found = find_trial_run(experiment_id, parent_run_id, key, uri)
     if found:
@@ -251,11 +312,36 @@ def start_trial_run(
             if verdict in found.data.tags:
                 c.delete_tag(run_id, verdict)
         return run_id
-    run = c.create_run(
-        experiment_id, run_name=key, tags={KIND: "trial", PARENT: parent_run_id, TRIAL_KEY: key}
-    )
+    run = _create_run(c, experiment_id, name or key, {KIND: "trial", PARENT: parent_run_id, TRIAL_KEY: key})
     log_params(run.info.run_id, params, uri)
     return run.info.run_id
+
+
+def _create_run(c: MlflowClient, experiment_id: str, name: str, tags: dict[str, str]) -> Run:
+    return c.create_run(experiment_id, run_name=name, tags={**_source_tags(), **tags})
+
+
+@functools.cache
+def _source_tags() -> dict[str, str]:
+    """MLflow's standard tags of where a run comes from (the UI's Source, Version and User columns), which
+    only its fluent API sets: this package, the git commit it runs from where it runs from a checkout, and
+    the user. Once per process."""
+    tags = {MLFLOW_SOURCE_NAME: "orchestrator", MLFLOW_SOURCE_TYPE: "LOCAL"}
+    with contextlib.suppress(KeyError, OSError):  # no name for this uid (a container's)
+        tags[MLFLOW_USER] = getpass.getuser()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return tags
+    if commit.returncode == 0:
+        tags[MLFLOW_GIT_COMMIT] = commit.stdout.strip()
+    return tags
 
 
 def log_params(run_id: str, params: dict[str, Any], uri: str) -> None:
@@ -313,10 +399,10 @@ def _digest(manifest: dict) -> str:
 def log_epoch(
     run_id: str, metrics: dict[str, float], epoch: int, uri: str, tags: dict[str, Any] | None = None
 ) -> bool:
-    """Log one epoch's metrics at step `epoch` (with `tags`) unless the run already has that step: a trial
-    restarted from an older checkpoint runs an epoch again that its first attempt logged. Returns whether
-    it logged."""
-    if any(m.step == epoch for m in client(uri).get_metric_history(run_id, "epoch")):
+    """Log one epoch's metrics (with val_miou among them) at step `epoch`, with `tags`, unless the run
+    already has that step: a trial restarted from an older checkpoint runs an epoch again that its first
+    attempt logged. Returns whether it logged."""
+    if any(m.step == epoch for m in client(uri).get_metric_history(run_id, "val_miou")):
         return False
     log_metrics(run_id, metrics, step=epoch, uri=uri, tags=tags)
     return True
@@ -555,7 +641,7 @@ def log_derived_run(
     metrics, tags naming its sources, and files as artifacts ({artifact folder: local file or folder})."""
     uri = uri or tracking_uri()
     c = client(uri)
-    run = c.create_run(ensure_experiment(experiment, uri), run_name=name, tags={KIND: kind, **(tags or {})})
+    run = _create_run(c, ensure_experiment(experiment, uri), name, {KIND: kind, **(tags or {})})
     run_id = run.info.run_id
     log_params(run_id, params, uri)
     log_metrics(run_id, metrics, step=0, uri=uri)
@@ -635,10 +721,17 @@ def latest_ensemble_run(experiment_id: str, uri: str | None = None) -> Run | Non
 
 
 def best_value(run_id: str, key: str, uri: str | None = None) -> float | None:
-    """The highest finite value the run logged for a metric over all steps; None if it logged none.
-    (A diverged epoch logs NaN, and max() over a NaN depends on its position.)"""
-    values = [m.value for m in client(uri).get_metric_history(run_id, key) if math.isfinite(m.value)]
-    return max(values, default=None)
+    """The highest finite value the run logged for a metric over all steps; None if it logged none."""
+    return best_and_last_step(run_id, key, uri)[0]
+
+
+def best_and_last_step(run_id: str, key: str, uri: str | None = None) -> tuple[float | None, int | None]:
+    """The highest finite value the run logged for a metric over all steps, and its last step (for a
+    per-epoch metric, the last epoch logged); None for what it logged none of. (A diverged epoch logs NaN,
+    and max() over a NaN depends on its position.)"""
+    history = client(uri).get_metric_history(run_id, key)
+    values = [m.value for m in history if math.isfinite(m.value)]
+    return max(values, default=None), max((m.step for m in history), default=None)
 
 
 def log_files(run_id: str, paths: list[Path], folder: str, uri: str | None = None) -> None:

@@ -26,15 +26,15 @@ from pathlib import Path
 import pytest
 from mlflow_server import mlflow_server, stop
 
-from orchestrator import tracking
-from orchestrator.spec import trial_key
+from orchestrator import mlflow_private, tracking
+from orchestrator import spec as specs
+from orchestrator.execution import sweep
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-GRID = {"norm": ["bn", "gn"], "train.batch_per_gpu": [2, 4]}
-BASE = {"model.backbone": "resnet18", "model.head": "deeplabv3plus", "train.crop": 128, "train.epochs": 3}
-SHARE_KEY = "orchestrator-test"
+GRID = {"norm": ["bn", "gn:g8"], "train.batch_per_gpu": [2, 4]}
+SPEC = {"model": {"backbone": "resnet18"}, "train": {"crop": [128, 128], "epochs": 3}}
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -72,33 +72,35 @@ class UI:
 
 
 def _make_sweep(uri: str, artifacts: Path) -> tuple[str, str, dict[str, str], dict[str, dict[str, str]]]:
-    """One sweep run and a trial run per grid point, written as `orchestrator sweep` writes them."""
+    """A sweep run and a trial run per grid point, written by the functions `orchestrator sweep` writes them
+    with (its parent's params, description and view; each trial's name and per-epoch metrics as rank 0 logs
+    them), without training anything."""
     experiment_id = tracking.client(uri).create_experiment("ui-test", artifact_location=artifacts.as_uri())
-    sweep_params = {**{f"grid.{k}": v for k, v in GRID.items()}, **BASE, "trials": 4}
-    sweep_id = tracking.start_sweep_run(experiment_id, "ui-test", sweep_params, uri)
-    trials, params = {}, {}
-    for i, (norm, batch) in enumerate((n, b) for n in GRID["norm"] for b in GRID["train.batch_per_gpu"]):
-        config = {**BASE, "norm": norm, "train.batch_per_gpu": batch, "seed": 0}
-        name = trial_key(config, list(GRID))
-        run_id = tracking.start_trial_run(experiment_id, sweep_id, name, config, uri)
-        for epoch in range(3):
-            metrics = {"epoch": epoch, "train_loss": 1.5 - 0.25 * epoch, "val_miou": 0.125 * (epoch + i)}
-            tracking.log_epoch(run_id, metrics, epoch, uri)
-        tracking.end_run(run_id, uri)
-        trials[name] = run_id
-        params[name] = {"norm": norm, "train.batch_per_gpu": str(batch), "model.backbone": "resnet18"}
-    tracking.end_run(sweep_id, uri)
-    # The view a user saves with "Share": trials flat (ordered by a param), params and metrics as columns.
-    columns = [f"params.`{k}`" for k in ("model.backbone", "norm", "train.batch_per_gpu")]
-    state = {
-        "orderByKey": "params.`norm`",
-        "orderByAsc": True,
-        "selectedColumns": [*columns, "metrics.`val_miou`", "metrics.`train_loss`"],
-    }
-    tracking.client(uri).set_experiment_tag(
-        experiment_id, f"mlflow.sharedViewState.{SHARE_KEY}", json.dumps(state)
+    spec = specs.validate(
+        {"name": "ui-test", "data": {"train": "d/train", "val": "d/val"}, **SPEC, "grid": GRID}
     )
-    return experiment_id, sweep_id, trials, params
+    trials = specs.expand(spec)
+    sweep_id = sweep._start_sweep_run(spec, trials, experiment_id, uri)
+    names, params, outcomes = {}, {}, []
+    for i, trial in enumerate(trials):
+        run_id = tracking.start_trial_run(
+            experiment_id, sweep_id, trial.key, specs.public_params(trial.config), uri, trial.name
+        )
+        best = (-1.0, 0)
+        for epoch in (1, 2, 3):  # trial i peaks at epoch 1 + i % 3: the last epoch is not the best
+            miou = 0.25 + 0.05 * i - 0.02 * abs(epoch - 1 - i % 3)
+            best = max(best, (miou, epoch))
+            metrics = {"train_loss": 1.5 - 0.25 * epoch, "val_miou": miou}
+            tracking.log_epoch(
+                run_id, {**metrics, "best_val_miou": best[0], "best_epoch": best[1]}, epoch, uri
+            )
+        tracking.end_run(run_id, uri)
+        outcomes.append(sweep.TrialOutcome(trial.key, "FINISHED", {"best_val_miou": best[0]}))
+        names[trial.name] = run_id
+        params[trial.name] = {k: str(trial.config[k]) for k in GRID}
+    sweep._end_sweep_run(trials, outcomes, experiment_id, sweep_id, uri)
+    tracking.end_run(sweep_id, uri)
+    return experiment_id, sweep_id, names, params
 
 
 @pytest.fixture(scope="module")
@@ -239,16 +241,65 @@ def test_runs_page_lists_every_trial_run(mlflow_ui: UI) -> None:
         assert name in page.rows[run_id].get("attributes.`Run Name`", ""), page.rows[run_id]
 
 
-def test_params_are_comparable_columns(mlflow_ui: UI) -> None:
-    """A saved view shows each trial's grid params and metrics as columns; its screenshot is the
-    test artifact test-artifacts/mlflow-ui-runs.png."""
+def test_the_printed_link_leads_with_the_headline_and_shows_each_trial_whole(mlflow_ui: UI) -> None:
+    """The link sweep, ensemble and report print opens the sweep's view: every trial a row under its short
+    name, its best val mIoU (not its last epoch's) and the swept params as columns. Its screenshot is
+    test-artifacts/mlflow-ui-runs.png (docs/mlflow-runs.png)."""
     ui = mlflow_ui
-    url = ui.runs_page(f"?viewStateShareKey={SHARE_KEY}")
+    url = tracking.runs_link("ui-test", ui.url)
+    assert url == ui.runs_page(f"?viewStateShareKey={mlflow_private.VIEW_KEY}")
+    # A link is shown and shared: never with the credentials of the tracking URI.
+    assert tracking.runs_link("ui-test", ui.url.replace("http://", "http://someone:secret@")) == url
     page = _load(ui, url, lambda p: all(run_id in p.rows for run_id in ui.trials.values()))
+    client = tracking.client(f"{ui.url}")
+    names = []
     for name, run_id in ui.trials.items():
         cells = page.rows.get(run_id, {})
-        assert name in cells.get("attributes.`Run Name`", ""), f"{name} not on {url}: {page.text[:3000]}"
+        names.append(re.sub(r"^#[0-9a-f]{6} ", "", cells.get("attributes.`Run Name`", "")))  # less its colour
+        assert name in names[-1], f"{name} not on {url}: {page.text[:3000]}"
         shown = {k: cells.get(f"params.`{k}`") for k in ui.params[name]}
         assert shown == ui.params[name], f"{name}: param columns {shown}"
-        assert cells.get("metrics.`val_miou`"), f"{name}: no val_miou column: {cells}"
+        history = client.get_metric_history(run_id, "val_miou")
+        best, last = max(m.value for m in history), max(history, key=lambda m: m.step).value
+        assert float(cells.get("metrics.`best_val_miou`", "nan")) == pytest.approx(best, abs=1e-3), cells
+        assert float(cells.get("metrics.`val_miou`", "nan")) == pytest.approx(last, abs=1e-3), cells
+    assert len(set(names)) == len(names) and max(map(len, names)) <= 12, names  # short: the column shows them
     _screenshot(ui, url, "mlflow-ui-runs.png")
+
+
+def test_a_search_by_a_swept_param_finds_trials_and_not_their_sweep(mlflow_ui: UI) -> None:
+    """The sweep run's params are the grid's axes, not its first point's: `params.norm = 'bn'` matches the
+    bn trials alone (listed flat, as the printed link lists them; nested, the UI shows their sweep run as
+    the group they are in, not as a match)."""
+    ui = mlflow_ui
+    search = {
+        "searchFilter": "params.norm = 'bn'",
+        "orderByKey": "metrics.`best_val_miou`",
+        "orderByAsc": "false",
+    }
+    url = ui.runs_page("?" + urllib.parse.urlencode(search))
+    bn = {run_id for name, run_id in ui.trials.items() if ui.params[name]["norm"] == "bn"}
+    page = _load(ui, url, lambda p: bn <= set(p.rows))
+    assert bn <= set(page.rows), f"{url}: {page.text[:3000]}"
+    assert ui.sweep_id not in page.rows and set(page.rows) == bn, page.rows.keys()
+    assert page.matching_runs() == len(bn), page.text[:2000]
+
+
+def test_the_sweep_run_reads_as_a_sweep(mlflow_ui: UI) -> None:
+    """Its description says what was swept and how its trials ended; its summary metrics and spec.yaml."""
+    ui = mlflow_ui
+    run = tracking.client(ui.url).get_run(ui.sweep_id)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Sweep ui-test: norm (2) x train.batch_per_gpu (2), 4 trials of resnet18")
+    assert note.endswith("Ended: 4 trials: 4 finished; the best, gn:g8 4: best_val_miou 0.4000.")
+    assert run.data.metrics["trials_finished"] == 4 and run.data.metrics["best_trial_val_miou"] == 0.4
+    assert "best_val_miou" not in run.data.metrics  # sorted by the trials' headline, it sorts last
+    assert "norm" not in run.data.params and run.data.params["grid.norm"] == "['bn', 'gn:g8']"
+    page = _load(
+        ui, f"{ui.url}/#/experiments/{ui.experiment_id}/runs/{ui.sweep_id}", lambda p: "Ended:" in p.text
+    )
+    assert "Ended: 4 trials: 4 finished" in page.text, page.text[:3000]
+    compare = f"{ui.url}/#/compare-runs?" + urllib.parse.urlencode(
+        {"runs": json.dumps(list(ui.trials.values())), "experiments": json.dumps([ui.experiment_id])}
+    )
+    _screenshot(ui, compare, "mlflow-ui-compare.png")

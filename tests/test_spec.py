@@ -38,6 +38,10 @@ def test_shipped_specs_are_valid():
         "norm=gn:g8,train.batch_per_gpu=1",
         "norm=gn:g8,train.batch_per_gpu=2",
     ]
+    # Their MLflow run names: the swept values, short enough for the runs table to show whole.
+    assert [t.name for t in specs.expand(smoke)] == ["bn 1", "bn 2", "gn:g8 1", "gn:g8 2"]
+    names = [t.name for t in specs.expand(specs.load(ROOT / "jobs/sweep_norms.yaml"))]
+    assert len(set(names)) == len(names) and max(map(len, names)) <= 40, max(names, key=len)
     for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml", "progressive.yaml"):
         assert specs.expand(specs.load(ROOT / "jobs" / name))
 
@@ -301,6 +305,7 @@ def test_a_trial_shows_its_key_and_carries_its_validated_spec():
     assert [repr(t) for t in trials] == ["Trial('norm=bn')", "Trial('norm=gn:g8')"]  # what Tune prints
     assert [t.spec.norm for t in trials] == ["bn", "gn:g8"] and trials[1].spec.grid == {}
     assert [t.config["norm"] for t in trials] == ["bn", "gn:g8"]
+    assert [t.with_batch(4).name for t in trials] == ["bn", "gn:g8"]  # a chosen batch keeps its name
 
 
 def _text_fields() -> dict[str, bool]:

@@ -13,12 +13,10 @@ def test_an_epoch_is_logged_once_with_its_tags(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = tracking.client(uri).create_run(tracking.ensure_experiment("e", uri)).info.run_id
 
-    assert tracking.log_epoch(run_id, {"epoch": 1, "val_miou": 0.5}, 1, uri, tags={"orchestrator.nodes": 2})
+    assert tracking.log_epoch(run_id, {"val_miou": 0.5}, 1, uri, tags={"orchestrator.nodes": 2})
     # A restarted trial runs epoch 1 again, maybe on other nodes: the first attempt's record stands.
-    assert not tracking.log_epoch(
-        run_id, {"epoch": 1, "val_miou": 0.7}, 1, uri, tags={"orchestrator.nodes": 1}
-    )
-    assert tracking.log_epoch(run_id, {"epoch": 2, "val_miou": 0.6}, 2, uri)
+    assert not tracking.log_epoch(run_id, {"val_miou": 0.7}, 1, uri, tags={"orchestrator.nodes": 1})
+    assert tracking.log_epoch(run_id, {"val_miou": 0.6}, 2, uri)
 
     run = tracking.client(uri).get_run(run_id)
     history = tracking.client(uri).get_metric_history(run_id, "val_miou")
@@ -133,3 +131,25 @@ def test_a_resumed_trial_starts_without_the_verdict_of_the_attempt_before(tmp_pa
     tags = tracking.client(uri).get_run(run_id).data.tags
     assert not {tracking.FAILURE, tracking.OUTCOME, tracking.ENDED_EARLY} & set(tags)
     assert tracking.end_trial_run(run_id, uri) == ("finished", None)
+
+
+def test_runs_carry_their_short_name_the_full_key_and_mlflows_source_tags(tmp_path) -> None:
+    """The UI's Source, Version and User columns: MLflow's fluent API fills them, a client's runs do not."""
+    import getpass
+    import subprocess
+    from pathlib import Path
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment("e", uri)
+    sweep = tracking.start_sweep_run(exp, "e", {}, uri)
+    run_id = tracking.start_trial_run(exp, sweep, "norm=bn,train.batch_per_gpu=2", {}, uri, name="bn 2")
+    run = tracking.client(uri).get_run(run_id)
+    assert (
+        run.info.run_name == "bn 2"
+        and run.data.tags["orchestrator.trial_key"] == "norm=bn,train.batch_per_gpu=2"
+    )
+    package = Path(tracking.__file__).parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True).stdout
+    for tags in (run.data.tags, tracking.client(uri).get_run(sweep).data.tags):
+        assert tags["mlflow.source.name"] == "orchestrator" and tags["mlflow.user"] == getpass.getuser()
+        assert tags["mlflow.source.git.commit"] == commit.strip() != ""

@@ -29,20 +29,16 @@ from typing import Any
 
 import ray
 
-from orchestrator.errors import UsageError
+from orchestrator.errors import check_version
 
 SUPPORTED = ((2, 60), (2, 61))  # [from, to): the releases this module was written and tested against
 
 
 def check_ray_version(version: str = ray.__version__) -> None:
     """UsageError unless `version` is in SUPPORTED."""
-    (low, high), found = SUPPORTED, tuple(int(part) for part in version.split(".")[:2])
-    if not low <= found < high:
-        supported = f"ray>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
-        raise UsageError(
-            f"orchestrator uses Ray's private API as of {supported} (orchestrator/execution/ray_private.py); "
-            f"this is Ray {version}: install {supported}, or port that module to this Ray"
-        )
+    check_version(
+        "Ray", version, SUPPORTED, "uses Ray's private API", "orchestrator/execution/ray_private.py"
+    )
 
 
 check_ray_version()

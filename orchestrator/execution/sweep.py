@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from orchestrator.execution.trial_slots import slot, trial_slots
 from orchestrator.execution.tune_report import EpochReportCallback
 from orchestrator.gpus import GPUS
 from orchestrator.masking import redact
-from orchestrator.spec import Spec, SpecError, Trial, expand, flatten, public_params
+from orchestrator.spec import Spec, SpecError, Trial, expand, flatten, public_document, public_params
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,7 @@ def run_sweep(
         raise UsageError(f"nothing to resume at {tune_path}: run `orchestrator sweep` without --resume")
     parent = resume and tracking.resume_sweep_run(experiment_id, tune_path, uri)
     if not parent:
-        parent = tracking.start_sweep_run(
-            experiment_id, spec.name, _sweep_params(spec, trials), uri, tune_path
-        )
+        parent = _start_sweep_run(spec, trials, experiment_id, uri, tune_path)
         tracking.tag_command(parent, command, uri)
     # Tune prints its trials' config and saves it on storage: the trials go there without their storage
     # options (s3fs credentials can be in them), which reach the drivers through Ray's object store.
@@ -149,8 +148,7 @@ def run_sweep(
             status, reason = ended.get(key, ("finished", None))
             outcomes.append(TrialOutcome(key, status.upper(), metrics, reason))
     failed = any(o.status == "FAILED" for o in outcomes)
-    tracking.set_tags(parent, {"orchestrator.trials": len(outcomes)}, uri)
-    tracking.sum_costs(experiment_id, parent, uri)
+    _end_sweep_run(trials, outcomes, experiment_id, parent, uri)
     tracking.end_run(parent, uri, failed=failed)
     return outcomes
 
@@ -165,14 +163,14 @@ def run_single(spec: Spec, command: str | None = None, gpu: str | None = None) -
     cluster.check_cluster(spec, trials, uri)
     tracking.check_reachable(uri)
     experiment_id = tracking.ensure_experiment(spec.experiment, uri)
-    parent = tracking.start_sweep_run(experiment_id, spec.name, _sweep_params(spec, trials), uri)
+    parent = _start_sweep_run(spec, trials, experiment_id, uri)
     tracking.tag_command(parent, command, uri)
     (trial,) = trials
     try:
         outcome = run_trial(trial, experiment_id, parent, uri, callbacks=[])
     except Exception as e:
         outcome = TrialOutcome("base", "FAILED", {}, _reason(e))
-    tracking.sum_costs(experiment_id, parent, uri)
+    _end_sweep_run(trials, [outcome], experiment_id, parent, uri)
     tracking.end_run(parent, uri, failed=outcome.status == "FAILED")
     return outcome
 
@@ -234,7 +232,7 @@ def run_trial(
         reason = done.data.tags.get(tracking.ENDED_EARLY)
         return TrialOutcome(key, ended.upper(), dict(done.data.metrics), reason)
     run_id = tracking.start_trial_run(
-        experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri
+        experiment_id, parent_run_id, key, public_params(trial.config), tracking_uri, trial.name
     )
     _log_datasets(spec, run_id, tracking_uri)
     try:
@@ -343,11 +341,52 @@ def _reason(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _sweep_params(spec: Spec, trials: list[Trial]) -> dict[str, Any]:
+def _start_sweep_run(
+    spec: Spec, trials: list[Trial], experiment_id: str, uri: str, tune_path: str | None = None
+) -> str:
+    """The sweep's MLflow run, which reads as a sweep: the grid's axes and the settings they do not vary as
+    its params (a point's values are its trials': a search by `params.norm` finds trials alone), what it
+    sweeps as its description, the spec it runs as `spec.yaml`; and the experiment's runs view set to lead
+    with the trials' headline metric."""
     params = {f"grid.{k}": v for k, v in spec.grid.items()}
-    params.update(public_params(flatten(spec)))
+    params |= {k: v for k, v in public_params(flatten(spec)).items() if k not in spec.grid}
     params["trials"] = len(trials)
-    return params
+    run_id = tracking.start_sweep_run(experiment_id, spec.name, params, uri, tune_path)
+    t, m = spec.train, spec.model
+    axes = " x ".join(f"{k} ({len(v)})" for k, v in spec.grid.items()) or "one trial, no grid"
+    description = (
+        f"Sweep {spec.name}: {axes}, {len(trials)} trial{'s' * (len(trials) != 1)} of {m.backbone} "
+        f"({m.head or 'its head'}), {t.epochs} epochs, nested under this run. Its trials lead with "
+        f"{tracking.HEADLINE}: their best epoch's val mIoU ({tracking.HEADLINE_EPOCH}), the checkpoint they "
+        "keep. The spec it runs: spec.yaml."
+    )
+    tracking.describe_sweep_run(run_id, description, public_document(spec), uri)
+    tracking.share_view(experiment_id, list(spec.grid), uri)
+    return run_id
+
+
+def _end_sweep_run(
+    trials: list[Trial], outcomes: list[TrialOutcome], experiment_id: str, run_id: str, uri: str
+) -> None:
+    """What the sweep's trials came to, on its run: how many ended how (metrics trials_finished, ...), the
+    best headline of a finished trial (best_trial_val_miou) and its name, and what they spent
+    (tracking.sum_costs)."""
+    counts = {status: sum(o.status == status.upper() for o in outcomes) for status in tracking.OUTCOMES}
+    metrics = {f"trials_{status}": n for status, n in counts.items()}
+    ended = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    scored = [
+        o
+        for o in outcomes
+        if o.status == "FINISHED" and math.isfinite(o.metrics.get(tracking.HEADLINE, math.nan))
+    ]
+    if scored:
+        best = max(scored, key=lambda o: o.metrics[tracking.HEADLINE])
+        # Named apart from the trials' headline: sorted by it, the runs table lists trials, not the sweep.
+        metrics[f"best_trial_{tracking.HEADLINE.removeprefix('best_')}"] = best.metrics[tracking.HEADLINE]
+        name = {t.key: t.name for t in trials}.get(best.key, best.key)
+        ended += f"; the best, {name}: {tracking.HEADLINE} {best.metrics[tracking.HEADLINE]:.4f}"
+    tracking.conclude_sweep_run(run_id, metrics, f"{len(outcomes)} trials: {ended}.", uri)
+    tracking.sum_costs(experiment_id, run_id, uri)
 
 
 def _digest(*parts: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray.train
 import ray.train.torch
@@ -167,6 +167,16 @@ class Position:
     nonfinite: int = 0  # steps of the epoch skipped for a non-finite loss (the divergence guard)
 
 
+STAGED = ("batch_per_gpu", "crop_width", "crop_height")  # what stages change: per epoch in MLflow, if staged
+
+
+class Best(NamedTuple):
+    """The trial's best validation so far: its mIoU and its epoch (1-based; 0 before any)."""
+
+    miou: float
+    epoch: int
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """`config`: {"trial": the spec.Trial, "mlflow_run_id": child run, "tracking_uri": MLflow store,
     "repeats": the resampling plan or None}."""
@@ -189,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(w.spec, net)
 
     scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
-    position, best = Position(), -math.inf
+    position, best = Position(), Best(-math.inf, 0)
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
@@ -236,8 +246,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
                 precise_bn(net, images, w.spec.train.precise_bn_batches)
             report.update(validate(w, net))
-            improved = report["val_miou"] > best
-            best = report["best_val_miou"] = max(best, report["val_miou"])
+            improved = report["val_miou"] > best.miou
+            if improved:
+                best = Best(report["val_miou"], report["epoch"])
+            report["best_val_miou"], report["best_epoch"] = best  # the headline: what the UI leads with
             position = Position(epoch=position.epoch + 1)
             save(position, report, improved)
             if fresh and w.rank == 0:
@@ -278,7 +290,7 @@ def resume_state(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     position: Position,
-    best: float,
+    best: Best,
     device: torch.device,
 ) -> dict[str, Any]:
     """What a checkpoint holds, besides the weights, to go on exactly where training stands: the optimizer,
@@ -292,7 +304,8 @@ def resume_state(
         "scaler": scaler.state_dict() if scaler else None,
         "rng": rng,
         "position": asdict(position),
-        "best": best,
+        "best": best.miou,
+        "best_epoch": best.epoch,
     }
 
 
@@ -302,9 +315,10 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
-) -> tuple[Position, float]:
+) -> tuple[Position, Best]:
     """Put a checkpoint's weights and resume_state back; returns where training stands and the best
-    val_miou so far. Checkpoints written before the scaler and RNG were saved resume with fresh ones."""
+    val_miou so far. Checkpoints written before the scaler, RNG and best epoch were saved resume with fresh
+    ones (the best epoch 0: unknown)."""
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler and state.get("scaler"):
@@ -313,7 +327,7 @@ def restore(
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    return Position(**state["position"]), state["best"]
+    return Position(**state["position"]), Best(state["best"], state.get("best_epoch", 0))
 
 
 def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
@@ -427,9 +441,7 @@ def train_epoch(
         * w.world
         / float(elapsed),
         "lr": optimizer.param_groups[0]["lr"],
-        "batch_per_gpu": stage.batch_per_gpu,  # what stages change, per epoch in MLflow
-        "crop_width": stage.crop[0],
-        "crop_height": stage.crop[1],
+        **dict(zip(STAGED, (stage.batch_per_gpu, *stage.crop), strict=True)),
     }
 
 
@@ -570,7 +582,10 @@ def _log_epoch(
     epoch = report["epoch"]
     # The nodes tag goes with every epoch: a restarted worker group may be placed on other nodes.
     tags = {"orchestrator.nodes": w.nodes, tracking.DEVICE: w.device_name}
-    if not tracking.log_epoch(run_id, report, int(epoch), uri, tags=tags):
+    # Settings are the run's params, and the step is the epoch: per epoch, only what a staged run changes.
+    settings = {"epoch"} | (set() if w.spec.train.stages else set(STAGED))
+    metrics = {k: v for k, v in report.items() if k not in settings}
+    if not tracking.log_epoch(run_id, metrics, int(epoch), uri, tags=tags):
         return  # logged by an earlier attempt of this trial
     if improved:
         with tempfile.TemporaryDirectory() as best_dir:

@@ -82,10 +82,30 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
         assert trial.data.params["model.backbone"] == "resnet18"
         assert trial.data.params["train.batch_per_gpu"] == "2"
         assert trial.data.tags["orchestrator.device"] == "cpu"  # on CUDA torch's name: plan's throughput key
-        for metric in ("train_loss", "val_miou", "val_iou_direct", "images_per_s"):
+        for metric in (
+            "train_loss",
+            "val_miou",
+            "val_iou_direct",
+            "images_per_s",
+            "best_val_miou",
+            "best_epoch",
+        ):
             history = client.get_metric_history(trial.info.run_id, metric)
             assert [m.step for m in history] == [1, 2], metric
         assert 0 <= trial.data.metrics["val_miou"] <= 1
+        # The headline: the best epoch's val mIoU and that epoch, as the checkpoint kept.
+        history = client.get_metric_history(trial.info.run_id, "val_miou")
+        best = max(history, key=lambda m: (m.value, -m.step))
+        assert (
+            trial.data.metrics["best_val_miou"] == best.value
+            and trial.data.metrics["best_epoch"] == best.step
+        )
+        # Settings are params, not flat per-epoch charts (an unstaged run's batch and crop never change).
+        assert not {"epoch", "batch_per_gpu", "crop_width", "crop_height"} & set(trial.data.metrics)
+        # A short name of the swept values, the full key a tag; MLflow's standard source tags.
+        assert trial.info.run_name == trial.data.params["norm"]
+        assert trial.data.tags["orchestrator.trial_key"] == f"norm={trial.data.params['norm']}"
+        assert {"mlflow.user", "mlflow.source.name", "mlflow.source.git.commit"} <= set(trial.data.tags)
         assert [f.path for f in client.list_artifacts(trial.info.run_id, "checkpoints/best")] == [
             "checkpoints/best/model.pt"
         ]

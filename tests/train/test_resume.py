@@ -11,7 +11,7 @@ import torch
 
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
-from orchestrator.train.loop import Position, Worker, make_optimizer, restore, resume_state, train_epoch
+from orchestrator.train.loop import Best, Position, Worker, make_optimizer, restore, resume_state, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def test_a_run_resumed_mid_epoch_ends_bit_identical_to_one_never_stopped(tiny_sh
     written = io.BytesIO()
 
     def save(position: Position) -> None:  # the first mid-epoch checkpoint, through a file, then death
-        state = resume_state(dying_optimizer, dying_scaler, position, -math.inf, CPU)
+        state = resume_state(dying_optimizer, dying_scaler, position, Best(-math.inf, 0), CPU)
         torch.save({"model": dying.state_dict(), **state}, written)
         raise Died
 
