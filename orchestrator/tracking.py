@@ -62,6 +62,9 @@ OUTCOMES = ("finished", "failed", "diverged", "stopped")
 EARLY = ("diverged", "stopped")  # ended by the divergence guard or a scheduler: MLflow status KILLED
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+SWEEP_RUNS = (
+    "orchestrator.sweep_runs"  # the sweep runs an ensemble's, evaluation's or prediction's sources are from
+)
 # Every trial's headline, what the runs table and every printed link lead with: its best epoch's val mIoU
 # (the checkpoint it keeps, which ensemble and report use), and that epoch.
 HEADLINE, HEADLINE_EPOCH = "best_val_miou", "best_epoch"
@@ -379,6 +382,7 @@ def log_datasets(run_id: str, splits: dict[str, tuple[str, dict]], uri: str) -> 
     per dataset and run, so a restarted trial adds none."""
     inputs = []
     for context, (url, manifest) in splits.items():
+        url = redact(url)  # a password in a URL is never shown
         profile = {"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"])}
         dataset = Dataset(
             name="/".join(url.rstrip("/").split("/")[-2:]),
@@ -636,13 +640,23 @@ def log_derived_run(
     tags: dict[str, str] | None = None,
     files: dict[str, str | Path] | None = None,
     uri: str | None = None,
+    sources: list[str] = (),
+    data: dict[str, tuple[str, dict]] | None = None,
 ) -> str:
     """A finished run made from other runs (an ensemble, a calibrated model, an evaluation): params,
-    metrics, tags naming its sources, and files as artifacts ({artifact folder: local file or folder})."""
+    metrics, tags naming its sources, and files as artifacts ({artifact folder: local file or folder}).
+    sources: the runs it is made from; it is tagged with their sweeps (SWEEP_RUNS), and nested under the
+    sweep where they come from one. data: the splits it read, as dataset inputs (log_datasets)."""
     uri = uri or tracking_uri()
     c = client(uri)
-    run = _create_run(c, ensure_experiment(experiment, uri), name, {KIND: kind, **(tags or {})})
+    sweeps = sorted({sweep for source in sources for sweep in _sweeps_of(c.get_run(source))})
+    tags = {KIND: kind, **(tags or {}), **({SWEEP_RUNS: ",".join(sweeps)} if sweeps else {})}
+    run = _create_run(
+        c, ensure_experiment(experiment, uri), name, tags | ({PARENT: sweeps[0]} if len(sweeps) == 1 else {})
+    )
     run_id = run.info.run_id
+    if data:
+        log_datasets(run_id, data, uri)
     log_params(run_id, params, uri)
     log_metrics(run_id, metrics, step=0, uri=uri)
     for folder, path in (files or {}).items():
@@ -652,6 +666,14 @@ def log_derived_run(
             c.log_artifact(run_id, str(path), folder)
     end_run(run_id, uri)
     return run_id
+
+
+def _sweeps_of(run: Run) -> list[str]:
+    """The sweep runs a run comes from: a trial's parent, a derived run's sweeps."""
+    tags = run.data.tags
+    if tags.get(KIND) == "trial":
+        return [tags[PARENT]]
+    return [s for s in tags.get(SWEEP_RUNS, "").split(",") if s]
 
 
 def _param_text(value: Any) -> str:

@@ -153,3 +153,29 @@ def test_runs_carry_their_short_name_the_full_key_and_mlflows_source_tags(tmp_pa
     for tags in (run.data.tags, tracking.client(uri).get_run(sweep).data.tags):
         assert tags["mlflow.source.name"] == "orchestrator" and tags["mlflow.user"] == getpass.getuser()
         assert tags["mlflow.source.git.commit"] == commit.strip() != ""
+
+
+def test_a_run_made_from_trials_is_linked_to_their_sweep_and_the_data_it_read(tmp_path) -> None:
+    """An ensemble of one sweep's trials is nested under that sweep; a prediction from the ensemble too; an
+    ensemble across two sweeps names both and nests under neither."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment("e", uri)
+    sweeps = [tracking.start_sweep_run(exp, "e", {}, uri) for _ in range(2)]
+    a, b = (tracking.start_trial_run(exp, sweeps[0], key, {}, uri) for key in ("a", "b"))
+    other = tracking.start_trial_run(exp, sweeps[1], "a", {}, uri)
+    manifest = {"num_samples": 4, "shards": [{"name": "shard-000000.tar"}]}
+
+    def derived(kind: str, sources: list[str], **kw) -> dict[str, str]:
+        run_id = tracking.log_derived_run("e", kind, kind, {}, {}, uri=uri, sources=sources, **kw)
+        return tracking.client(uri).get_run(run_id)
+
+    ensemble = derived("ensemble", [a, b], data={"validation": ("s3://u:secret@bucket/val", manifest)})
+    assert ensemble.data.tags["mlflow.parentRunId"] == sweeps[0]
+    assert ensemble.data.tags["orchestrator.sweep_runs"] == sweeps[0]
+    (dataset,) = ensemble.inputs.dataset_inputs
+    assert "secret" not in dataset.dataset.source and dataset.tags[0].value == "validation"
+    prediction = derived("prediction", [ensemble.info.run_id])
+    assert prediction.data.tags["mlflow.parentRunId"] == sweeps[0]
+    across = derived("ensemble", [a, other])
+    assert across.data.tags["orchestrator.sweep_runs"] == ",".join(sorted(sweeps))
+    assert "mlflow.parentRunId" not in across.data.tags

@@ -104,6 +104,7 @@ def calibrate_run(
             metrics={**calibrated, "ema_val_miou": ema["val_miou"]},
             tags={"orchestrator.source_run": run_id},
             files={tracking.CHECKPOINT_DIR: ckpt, "evalnorm": table},
+            sources=[run_id],
         )
     return CalibrationResult(run_id, new_run, ema, calibrated, values)
 

@@ -118,6 +118,8 @@ def run_ensemble(
             },
             tags={"orchestrator.members": ",".join(ids), **tracking.command_tag(command)},
             files={"predictions": out},
+            sources=ids,
+            data={"validation": (report.data, read_manifest(report.data, storage_options))},
         )
     name = register or experiment
     with tempfile.TemporaryDirectory() as d:
@@ -212,6 +214,8 @@ def evaluate_model(
             metrics=report.metrics,
             tags={**({"orchestrator.source_run": source} if source else {}), **tracking.command_tag(command)},
             files={"predictions": out},
+            sources=[source] if source else [],
+            data={"validation": (report.data, read_manifest(report.data, storage_options))},
         )
     return EvaluationResult(name, report.metrics, run_id, experiment, coverage)
 
@@ -297,6 +301,8 @@ def predict_run(
             metrics=scores,
             tags={"orchestrator.source_run": run_id, **tracking.command_tag(command)},
             files={"predictions": _copies(out, names, Path(d), storage_options)},
+            sources=[run_id],
+            data={"prediction": (data, manifest)},
         )
     return PredictionResult(written, coverage, scores, run, experiment)
 

@@ -130,6 +130,10 @@ def test_sweep_then_ensemble_through_s3_ray_and_mlflow(workdir, s3_server, s3_bu
     members = ensembles[0].data.tags["orchestrator.members"].split(",")
     assert sorted(members) == sorted(r.info.run_id for r in trials)
     assert 0 <= ensembles[0].data.metrics["val_miou"] <= 1
+    # Nested under the sweep of its members, the split it scored on as its dataset.
+    assert ensembles[0].data.tags["mlflow.parentRunId"] == sweeps[0].info.run_id
+    (split,) = client.get_run(ensembles[0].info.run_id).inputs.dataset_inputs
+    assert json.loads(split.dataset.source) == {"uri": f"s3://{s3_bucket}/bdd100k/shards/val"}
     # Each member, re-scored from its MLflow checkpoint in one process, scores what its trial reported
     # across 2 ranks at its best epoch: the checkpoint is exactly the model every rank validated.
     best = {
