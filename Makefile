@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export OMP_WAIT_POLICY := PASSIVE
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-quick lint ui bench study clean gpu-check gpu-wheels
+.PHONY: setup demo test test-quick lint ui serve bench study clean gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,15 @@ ui: setup
 	@echo "MLflow UI on http://127.0.0.1:5000: sweep, ensemble and report print the link to their runs"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
 		--host 127.0.0.1 --port 5000 --workers 1
+
+# A registered model's champion over REST on 127.0.0.1 (`make serve MODEL=smoke PORT=5001`): `mlflow models
+# serve` starts uvicorn by name, so the venv goes on PATH; the registry is MLflow's at MLFLOW_TRACKING_URI,
+# else this folder's mlflow.db, as for every orchestrator command.
+MODEL ?= smoke
+PORT ?= 5001
+serve: setup
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
+		$(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf data runs mlruns mlflow.db

@@ -794,6 +794,7 @@ def log_model(
     python_model: str,
     artifacts: dict[str, str],
     registered_name: str,
+    model_name: str = "model",
     uri: str | None = None,
 ) -> str:
     """Log a pyfunc model from code (`python_model`: the file that calls mlflow.models.set_model; images
@@ -817,7 +818,8 @@ def log_model(
     )
     # Made here, in the run's experiment: Model.log would make it in the fluent API's current experiment.
     experiment_id = client(uri).get_run(run_id).info.experiment_id
-    model = client(uri).create_logged_model(experiment_id, "model", source_run_id=run_id)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")  # what MLflow takes in a model's name
+    model = client(uri).create_logged_model(experiment_id, name, source_run_id=run_id)
     mlflow.set_tracking_uri(uri)  # Model.log and registration resolve the store through it
     mlflow.set_registry_uri(uri)
     # Model.log goes through MLflow's fluent API, not `client()`: bounded by the settings client() set
@@ -827,7 +829,7 @@ def log_model(
         info = Model.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
-            name="model",
+            name=name,
             run_id=run_id,
             model_id=model.model_id,
             registered_model_name=registered_name,
@@ -839,6 +841,10 @@ def log_model(
             pip_requirements=[r for r in requires("orchestrator") if "extra ==" not in r],
         )
     return str(info.registered_model_version)
+
+
+def describe_model_version(name: str, version: str, description: str, uri: str | None = None) -> None:
+    client(uri).update_model_version(name, version, description=description)
 
 
 def set_model_aliases(name: str, aliases: dict[str, str], uri: str | None = None) -> None:

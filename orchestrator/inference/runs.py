@@ -123,12 +123,37 @@ def run_ensemble(
         )
     name = register or experiment
     with tempfile.TemporaryDirectory() as d:
-        versions = _register(name, runs[0].info.run_id, run_id, paths, settings, combine, weights, Path(d))
+        names = [r.info.run_name for r in runs]
+        models = {"best_trial": f"best trial {names[0]}", "ensemble": f"ensemble of {len(runs)} ({combine})"}
+        versions = _register(
+            name, runs[0].info.run_id, run_id, paths, settings, combine, weights, Path(d), models
+        )
     key = metric if metric in report.metrics else "val_miou"
     better = report.metrics[key] > members[0][key]  # a tie goes to the single model: cheaper to run
-    tracking.set_model_aliases(
-        name, {**versions, "champion": versions["ensemble" if better else "best_trial"]}
-    )
+    champion = "ensemble" if better else "best_trial"
+    tracking.set_model_aliases(name, {**versions, "champion": versions[champion]})
+    scored = {"best_trial": members[0], "ensemble": report.metrics}
+    split = f"{report.data} ({report.evaluation.coverage.scored} images)"
+    for alias, version in versions.items():
+        if alias == "ensemble" and version == versions["best_trial"]:
+            continue  # an ensemble of one is its best trial
+        why = [
+            f"ensemble: the top {len(names)} trials by {metric} ({', '.join(names)}), combined by {combine}"
+            if alias == "ensemble"
+            else f"best_trial: the best finished trial by {metric}"
+        ]
+        if version == versions[champion]:
+            other = "best_trial" if champion == "ensemble" else "ensemble"
+            why.append(
+                f"champion: the better of best_trial and ensemble by {key} on this split "
+                f"({scored[champion][key] - scored[other][key]:+.4f} over the {other.replace('_', ' ')})"
+            )
+        tracking.describe_model_version(
+            name,
+            version,
+            f"{models[alias]}, from experiment {experiment!r}: {key} {scored[alias][key]:.4f} on {split}.\n\n"
+            + "\n\n".join(why),
+        )
     scores = [(r.info.run_id, r.info.run_name, m) for r, m in zip(runs, members, strict=True)]
     aliases, coverage = tracking.model_aliases(name), report.evaluation.coverage
     return EnsembleResult(scores, report.metrics, run_id, name, aliases, coverage, left_out)
@@ -148,19 +173,22 @@ def _register(
     combine: Combine,
     weights: list[float] | None,
     folder: Path,
+    models: dict[str, str],
 ) -> dict[str, str]:
     """The best trial and the ensemble as pyfunc models (one, when the ensemble has one member), registered
-    under `name`: {"best_trial": version, "ensemble": version}."""
+    under `name`, their logged models named as `models` says ({"best_trial": ..., "ensemble": ...}):
+    {"best_trial": version, "ensemble": version}."""
     from orchestrator.inference.served import CODE, artifacts
 
     (folder / "best").mkdir()
     files = artifacts(paths[:1], settings, "mean", None, folder / "best")
-    best = tracking.log_model(best_run, CODE, files, name)
+    best = tracking.log_model(best_run, CODE, files, name, models["best_trial"])
     if len(paths) == 1:
         return {"best_trial": best, "ensemble": best}
     (folder / "ensemble").mkdir()
     files = artifacts(paths, settings, combine, weights, folder / "ensemble")
-    return {"best_trial": best, "ensemble": tracking.log_model(ensemble_run, CODE, files, name)}
+    ensemble = tracking.log_model(ensemble_run, CODE, files, name, models["ensemble"])
+    return {"best_trial": best, "ensemble": ensemble}
 
 
 @dataclass

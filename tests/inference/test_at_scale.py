@@ -11,6 +11,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import broken_shards as broken
@@ -25,6 +28,7 @@ from PIL import Image
 from pycocotools import mask as coco
 from ray.util.state import list_actors
 
+from bench.local_s3 import free_port
 from orchestrator import checkpoints, tracking
 from orchestrator import spec as specs
 from orchestrator.cli import main
@@ -39,6 +43,7 @@ from orchestrator.inference.predict import InferenceSettings
 from orchestrator.inference.runs import evaluate_model, predict_run, run_ensemble
 from orchestrator.logs import Progress
 
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES = 7  # batches of 2: 4 batches, the last one partial
 
 
@@ -303,6 +308,14 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
     (output,) = c.get_run(ensemble.info.run_id).outputs.model_outputs  # the UI's Models column
     logged = c.get_logged_model(output.model_id)
     assert logged.experiment_id == exp and logged.status == LoggedModelStatus.READY
+    assert logged.name == "ensemble-of-2-mean"  # what it is, not "model"
+    # Each version says what it is, its score, and why it holds its aliases.
+    champion, other = ("2", "1") if better else ("1", "2")
+    described = {v: c.get_model_version("scale", v).description for v in ("1", "2")}
+    assert described["1"].startswith(f"best trial {c.get_run(best).info.run_name}, from experiment 'scale': ")
+    assert described["2"].startswith("ensemble of 2 (mean), from experiment 'scale': val_miou ")
+    assert "champion: the better of best_trial and ensemble by val_miou" in described[champion]
+    assert "champion" not in described[other]
     assert c.get_run(best).outputs.model_outputs  # the best trial's run shows its model too
 
     ids = sorted(p.stem for p in (split / "raw/images/100k/val").iterdir())
@@ -316,7 +329,42 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
             main(["predict", run, "--data", f"{split}/shards/val", "--out", str(out), "--device", "cpu"]) == 0
         )
         assert np.array_equal(predicted, np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in ids]))
+        if alias == ("ensemble" if better else "best_trial"):
+            champion_predicted = predicted
     assert second in ensemble.data.params["members"]
+
+    # The documented serve command, from a shell whose PATH lacks the venv (a fresh clone's): over HTTP, the
+    # champion answers what predict wrote.
+    port = free_port()
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    server = subprocess.Popen(
+        ["make", "-s", "-C", str(ROOT), "serve", "MODEL=scale", f"PORT={port}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        answer = _invoke(f"http://127.0.0.1:{port}", {"inputs": images[:2].tolist()}, server)
+        assert np.array_equal(np.asarray(answer["predictions"], dtype=np.uint8), champion_predicted[:2])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _invoke(url: str, body: dict, server: subprocess.Popen, timeout: float = 180) -> dict:
+    """The served model's JSON answer to `body`, once it answers /ping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                break
+        except OSError:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the model server did not answer /ping"
+            time.sleep(0.5)
+    request = urllib.request.Request(
+        f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
 
 
 def test_unreadable_images_fail_each_command_naming_their_shards_and_nothing_is_made_up(
