@@ -21,7 +21,6 @@ import re
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -794,16 +793,17 @@ def log_model(
     python_model: str,
     artifacts: dict[str, str],
     registered_name: str,
-    model_name: str = "model",
+    model_name: str,
+    requirements: list[str],
+    input_example: Any,
     uri: str | None = None,
 ) -> str:
     """Log a pyfunc model from code (`python_model`: the file that calls mlflow.models.set_model; images
-    uint8 [B, H, W, 3] in, class ids uint8 [B, H, W] out) as an output of `run_id`, the orchestrator
-    package inside it, and register it as a new version of `registered_name`;
-    returns the version. The requirements are the package's own (its metadata), not inferred: inference
-    imports the model in a subprocess, seconds per model."""
-    from importlib.metadata import requires
-
+    uint8 [B, H, W, 3] in, class ids uint8 [B, H, W] out) as an output of `run_id`, named `model_name`, the
+    orchestrator package inside it, and register it as a new version of `registered_name`; returns the
+    version. `requirements`: its pip requirements, given, not inferred (inference would import the model in
+    a subprocess, seconds per model); `input_example`: what a request holds, kept with the model in its
+    Python and REST forms (MLflow loads the model once to check that it serves it)."""
     import mlflow.pyfunc
     import numpy as np
     from mlflow.models import Model, ModelSignature
@@ -824,8 +824,7 @@ def log_model(
     mlflow.set_registry_uri(uri)
     # Model.log goes through MLflow's fluent API, not `client()`: bounded by the settings client() set
     # just above, its network failures translated here.
-    with _unavailable(uri), warnings.catch_warnings():  # no input example: the signature says what goes in
-        warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+    with _unavailable(uri):
         info = Model.log(
             artifact_path=None,
             flavor=mlflow.pyfunc,
@@ -837,8 +836,9 @@ def log_model(
             python_model=python_model,
             artifacts=artifacts,
             signature=signature,
+            input_example=input_example,
             code_paths=[str(Path(orchestrator.__file__).parent)],
-            pip_requirements=[r for r in requires("orchestrator") if "extra ==" not in r],
+            pip_requirements=requirements,
         )
     return str(info.registered_model_version)
 

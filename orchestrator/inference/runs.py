@@ -178,16 +178,17 @@ def _register(
     """The best trial and the ensemble as pyfunc models (one, when the ensemble has one member), registered
     under `name`, their logged models named as `models` says ({"best_trial": ..., "ensemble": ...}):
     {"best_trial": version, "ensemble": version}."""
-    from orchestrator.inference.served import CODE, artifacts
+    from orchestrator.inference.served import CODE, EXAMPLE, artifacts, requirements
 
+    needs = requirements()
     (folder / "best").mkdir()
     files = artifacts(paths[:1], settings, "mean", None, folder / "best")
-    best = tracking.log_model(best_run, CODE, files, name, models["best_trial"])
+    best = tracking.log_model(best_run, CODE, files, name, models["best_trial"], needs, EXAMPLE)
     if len(paths) == 1:
         return {"best_trial": best, "ensemble": best}
     (folder / "ensemble").mkdir()
     files = artifacts(paths, settings, combine, weights, folder / "ensemble")
-    ensemble = tracking.log_model(ensemble_run, CODE, files, name, models["ensemble"])
+    ensemble = tracking.log_model(ensemble_run, CODE, files, name, models["ensemble"], needs, EXAMPLE)
     return {"best_trial": best, "ensemble": ensemble}
 
 

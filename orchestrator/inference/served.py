@@ -22,6 +22,23 @@ from orchestrator.inference.predict import InferenceSettings
 
 SETTINGS = "inference"  # the artifact holding how the members predict
 CODE = __file__  # the model is logged from this file's code (MLflow's models from code), not pickled
+# The distributions this module imports, itself and through the package: the model's requirements. Not
+# Ray, s3fs, pycocotools, simplejpeg or safetensors (tests/inference/test_at_scale.py loads and predicts
+# without them).
+NEEDS = ("torch", "numpy", "mlflow", "pydantic", "pyyaml", "fsspec", "pillow", "tqdm", "matplotlib")
+
+
+# A request: one 8x8 RGB image, uint8 0-255 (a horizontal gradient), kept with the model and in its REST form.
+EXAMPLE = np.broadcast_to(np.linspace(0, 255, 8, dtype=np.uint8)[None, None, :, None], (1, 8, 8, 3)).copy()
+
+
+def requirements() -> list[str]:
+    """The model's pip requirements: NEEDS at the versions this package requires."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    return [r for r in requires("orchestrator") if Requirement(r).name.lower() in NEEDS]
 
 
 class Segmenter(PythonModel):

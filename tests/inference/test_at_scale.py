@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -333,8 +335,22 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
             champion_predicted = predicted
     assert second in ensemble.data.params["members"]
 
+    # What inference needs, and no more: the model loads and predicts with Ray, s3fs, pycocotools, simplejpeg
+    # and safetensors unimportable, and requires none of them.
+    blocked = ["ray", "s3fs", "pycocotools", "simplejpeg", "safetensors"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/scale@champion")).read_text()
+    assert not set(blocked) & set(re.findall(r"^([a-z0-9_-]+)", requirements, re.M)), requirements
+    script = (
+        f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))\n"
+        "import mlflow.pyfunc\n"
+        "model = mlflow.pyfunc.load_model('models:/scale@champion')\n"
+        "print(model.predict(model.input_example).shape)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.splitlines()[-1] == "(1, 8, 8)", loaded.stderr[-3000:]
+
     # The documented serve command, from a shell whose PATH lacks the venv (a fresh clone's): over HTTP, the
-    # champion answers what predict wrote.
+    # champion answers what predict wrote, and its REST example.
     port = free_port()
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     server = subprocess.Popen(
@@ -344,6 +360,16 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
     try:
         answer = _invoke(f"http://127.0.0.1:{port}", {"inputs": images[:2].tolist()}, server)
         assert np.array_equal(np.asarray(answer["predictions"], dtype=np.uint8), champion_predicted[:2])
+        example = json.loads(
+            mlflow.models.Model.load("models:/scale@champion").get_serving_input(
+                mlflow.artifacts.download_artifacts("models:/scale@champion")
+            )
+        )
+        assert np.asarray(_invoke(f"http://127.0.0.1:{port}", example, server)["predictions"]).shape == (
+            1,
+            8,
+            8,
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
