@@ -41,7 +41,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from orchestrator import mlflow_private
+from orchestrator import logs, mlflow_private
 from orchestrator.errors import Unavailable, UsageError, shown
 from orchestrator.gpus import price_of
 from orchestrator.masking import redact
@@ -824,6 +824,9 @@ def log_model(
     mlflow.set_registry_uri(uri)
     # Model.log goes through MLflow's fluent API, not `client()`: bounded by the settings client() set
     # just above, its network failures translated here.
+    # MLflow's INFO lines (validating the input example, registering each version) say on the console what
+    # the command prints once, in its own words.
+    logs.quiet_console("mlflow")
     with _unavailable(uri):
         info = Model.log(
             artifact_path=None,
