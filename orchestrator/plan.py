@@ -157,9 +157,8 @@ def fit_trials(
             fitted.append(trial)
             continue
         if r.gpus_per_worker:
-            trial, memory = _on_gpu(trial, GPUS[gpu], costs)
+            trial, memory, budget = _on_gpu(trial, GPUS[gpu], costs)
             share = trial.spec.resources.gpus_per_worker
-            budget = budget_gib(GPUS[gpu].memory_gib, share)
             room = f"{_share(share)} GPU of {GPUS[gpu].memory_gib:g} GiB holds {budget:.1f} GiB"
             room += f" (its share less {PACK_MARGIN:.0%}, kept free)" if share < 1 else ""
         else:
@@ -198,16 +197,17 @@ def auto_share(memory_gib: float, gpu_gib: float) -> float:
     return 1.0
 
 
-def _on_gpu(trial: Trial, gpu: Gpu, costs: StepCosts) -> tuple[Trial, float]:
-    """`trial` with its `auto` batch and share chosen for `gpu`, and a worker's peak memory in GiB there. A
-    trial of several workers takes whole GPUs unless they are spread one per node (spec.ResourcesSpec)."""
+def _on_gpu(trial: Trial, gpu: Gpu, costs: StepCosts) -> tuple[Trial, float, float]:
+    """`trial` with its `auto` batch and share chosen for `gpu`, a worker's peak memory in GiB there, and the
+    budget of its share (a spec for the CPU, planned for GPUs: a whole one each). A trial of several
+    workers takes whole GPUs unless they are spread one per node (spec.ResourcesSpec)."""
     trial = _with_auto_batch(trial, gpu, costs)
     memory = _peak_memory(trial, costs, cuda=True) / GIB
     r = trial.spec.resources
     if r.gpus_per_worker == "auto":
         alone = r.workers_per_trial > 1 and r.placement != "strict_spread"
         trial = trial.with_gpus_per_worker(1.0 if alone else auto_share(memory, gpu.memory_gib))
-    return trial, memory
+    return trial, memory, budget_gib(gpu.memory_gib, trial.spec.resources.gpus_per_worker or 1.0)
 
 
 def _on_cpu(cpus: float, nodes: list[dict[str, float]]) -> tuple[float, str]:
@@ -253,9 +253,8 @@ def _peak_memory(trial: Trial, costs: StepCosts, cuda: bool) -> float:
 
 
 def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Measured) -> Point:
-    trial, gib = _on_gpu(trial, gpu, costs)
+    trial, gib, budget = _on_gpu(trial, gpu, costs)
     s, t = trial.spec, trial.spec.train
-    share = s.resources.gpus_per_worker or 1.0  # a spec for the CPU, planned for GPUs: one each
     workers = s.resources.workers_per_trial
     seconds, trained, all_measured = 0.0, 0, True
     for epoch in range(t.epochs):
@@ -271,9 +270,9 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Meas
     return Point(
         key=trial.key,
         memory_gib=gib,
-        fits=gib <= budget_gib(gpu.memory_gib, share),
+        fits=gib <= budget,
         batch_per_gpu=t.batch_per_gpu,
-        gpus_per_worker=share,
+        gpus_per_worker=s.resources.gpus_per_worker or 1.0,
         gflops_per_image=one.flops / 1e9,
         images_per_s_per_gpu=rate,
         measured=all_measured,

@@ -61,9 +61,8 @@ OUTCOMES = ("finished", "failed", "diverged", "stopped")
 EARLY = ("diverged", "stopped")  # ended by the divergence guard or a scheduler: MLflow status KILLED
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
-SWEEP_RUNS = (
-    "orchestrator.sweep_runs"  # the sweep runs an ensemble's, evaluation's or prediction's sources are from
-)
+# The sweeps an ensemble's, evaluation's, prediction's or calibrated run's sources come from.
+SWEEP_RUNS = "orchestrator.sweep_runs"
 # Every trial's headline, what the runs table and every printed link lead with: its best epoch's val mIoU
 # (the checkpoint it keeps, which ensemble and report use), and that epoch.
 HEADLINE, HEADLINE_EPOCH = "best_val_miou", "best_epoch"

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -296,7 +297,7 @@ def _log_datasets(spec: Spec, run_id: str, uri: str) -> None:
     splits = {}
     for context, url in (("training", spec.data.train), ("validation", spec.data.val)):
         try:
-            splits[context] = (redact(url), read_manifest(url, spec.data.storage_options))
+            splits[context] = (url, read_manifest(url, spec.data.storage_options))  # redacted there
         except (OSError, ValueError) as e:
             log.info("%s data %s is not logged as an MLflow input: %s", context, redact(url), e)
     tracking.log_datasets(run_id, splits, uri)
@@ -371,9 +372,9 @@ def _end_sweep_run(
     """What the sweep's trials came to, on its run: how many ended how (metrics trials_finished, ...), the
     best headline of a finished trial (best_trial_val_miou) and its name, and what they spent
     (tracking.sum_costs)."""
-    counts = {status: sum(o.status == status.upper() for o in outcomes) for status in tracking.OUTCOMES}
-    metrics = {f"trials_{status}": n for status, n in counts.items()}
-    ended = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    counts = Counter(o.status.lower() for o in outcomes)
+    metrics = {f"trials_{status}": counts[status] for status in tracking.OUTCOMES}
+    ended = ", ".join(f"{counts[status]} {status}" for status in tracking.OUTCOMES if counts[status])
     scored = [
         o
         for o in outcomes
