@@ -45,7 +45,7 @@ class StopRequests:
 
 def stop_requests(sweep: str) -> ray.actor.ActorHandle:
     """The stop requests of the sweep whose Tune experiment is at `sweep` (a path or URL): created by the
-    first process to ask (the sweep's, which owns it), found by the others."""
+    first process to ask (the sweep's, which holds it until its trials end), found by the others."""
     name = "orchestrator-stops-" + hashlib.sha1(sweep.encode()).hexdigest()[:12]
     return StopRequests.options(name=name, get_if_exists=True).remote()
 

@@ -79,12 +79,13 @@ def run_sweep(
     if not parent:
         parent = _start_sweep_run(spec, trials, experiment_id, uri, tune_path)
         tracking.tag_command(parent, command, uri)
+    # The sweep's actors, found by name by its trials: created here and held until the trials end, since a
+    # named actor that is not detached dies once its creator holds no handle to it.
+    owned = [trial_slots(tune_path, spec.resources.max_concurrent_trials)]
+    if scheduler:
+        owned.append(stop_requests(tune_path))
     # Tune prints its trials' config and saves it on storage: the trials go there without their storage
     # options (s3fs credentials can be in them), which reach the drivers through Ray's object store.
-    # Created here: the sweep's process owns them, its trials find them by name.
-    trial_slots(tune_path, spec.resources.max_concurrent_trials)
-    if scheduler:
-        stop_requests(tune_path)
     trainable = tune.with_parameters(
         _tune_trial,
         experiment_id=experiment_id,
@@ -135,6 +136,7 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
+    del owned  # the trials have ended
     ended = {
         r.data.tags[tracking.TRIAL_KEY]: (tracking.outcome(r), r.data.tags.get(tracking.ENDED_EARLY))
         for r in tracking.trial_runs(experiment_id, parent, uri)

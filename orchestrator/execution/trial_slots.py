@@ -53,7 +53,8 @@ TrialSlots = ray.remote(num_cpus=0)(Leases)  # the sweep's: one process keeps th
 
 def trial_slots(sweep: str, count: int) -> ray.actor.ActorHandle:
     """The trial slots of the sweep whose Tune experiment is at `sweep` (a path or URL): created, with
-    `count` slots, by the first process to ask (the sweep's, which owns it), found by the others."""
+    `count` slots, by the first process to ask (the sweep's, which holds it until its trials end), found
+    by the others."""
     name = "orchestrator-slots-" + hashlib.sha1(sweep.encode()).hexdigest()[:12]
     return TrialSlots.options(name=name, get_if_exists=True).remote(count)
 

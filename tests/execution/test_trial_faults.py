@@ -320,6 +320,7 @@ def test_a_resumed_sweep_runs_no_more_trials_at_once_than_max_concurrent_trials(
     lifetimes.done.set()
     lifetimes.join()
     assert code == 1, out[-6000:]
+    assert "references to the actor were removed" not in out, out[-6000:]  # the sweep holds its slots
     (first, second) = sorted(lifetimes.seen.values())  # the two failed trials ran again, each one worker
     assert first[1] < second[0], lifetimes.seen  # the second's worker started after the first's was gone
     assert sorted(r.info.status for r in trial_runs(env)) == ["FAILED", "FAILED", "FINISHED"]
