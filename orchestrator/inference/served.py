@@ -16,7 +16,7 @@ import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from orchestrator import checkpoints
+from orchestrator import checkpoints, mlflow_private
 from orchestrator.inference.evaluate import Combine, predict_labels
 from orchestrator.inference.predict import InferenceSettings
 
@@ -43,6 +43,7 @@ def requirements() -> list[str]:
 
 class Segmenter(PythonModel):
     def load_context(self, context: Any) -> None:
+        mlflow_private.refuse_lossy_json_casts()  # a float pixel sent over REST: 400, not cast to 0
         how = json.loads(Path(context.artifacts[SETTINGS]).read_text())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.members = [

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -370,6 +371,14 @@ def test_the_best_trial_and_the_ensemble_are_registered_models_that_predict_as_p
             8,
             8,
         )
+        # Pixels sent as floats in [0, 1], and an image of one channel: refused, saying why.
+        code, message = _refused(f"http://127.0.0.1:{port}", {"inputs": (images[:1] / 255).tolist()})
+        assert (
+            code == 400
+            and "input is uint8 [-1, -1, -1, 3], integers 0-255: the request holds float64" in message
+        )
+        code, message = _refused(f"http://127.0.0.1:{port}", {"inputs": images[:1, :, :, :1].tolist()})
+        assert code == 400 and "does not match expected shape (-1, -1, -1, 3)" in message
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -386,11 +395,21 @@ def _invoke(url: str, body: dict, server: subprocess.Popen, timeout: float = 180
             assert server.poll() is None, server.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the model server did not answer /ping"
             time.sleep(0.5)
-    request = urllib.request.Request(
+    with urllib.request.urlopen(_request(url, body), timeout=120) as response:
+        return json.loads(response.read())
+
+
+def _refused(url: str, body: dict) -> tuple[int, str]:
+    """The HTTP status and message with which the served model refuses `body`."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(_request(url, body), timeout=120)
+    return refused.value.code, json.loads(refused.value.read())["message"]
+
+
+def _request(url: str, body: dict) -> urllib.request.Request:
+    return urllib.request.Request(
         f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
 
 
 def test_unreadable_images_fail_each_command_naming_their_shards_and_nothing_is_made_up(
