@@ -19,24 +19,11 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from orchestrator.models.build import build_model  # noqa: E402
+from orchestrator.models.catalog import norm_examples  # noqa: E402
 from orchestrator.train.step import accumulate_gradients  # noqa: E402
 
 BENCH = "norms"
-NORMS = (
-    "bn",
-    "syncbn",
-    "frozenbn",
-    "evalnorm",
-    "evalnorm:rule",
-    "gn:g32",
-    "gn:c16",
-    "gn:g32+ws",
-    "bn+ws",
-    "in",
-    "ln",
-    "ibn-a",
-    "ign-a:c16",
-)
+NORMS = (*norm_examples(), "evalnorm:rule", "gn:g32", "gn:g32+ws", "bn+ws")  # every row, and variants
 
 
 def main() -> None:

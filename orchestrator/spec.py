@@ -37,10 +37,10 @@ from orchestrator.masking import is_secret, masked, redact, redact_arg
 from orchestrator.models.catalog import (
     BACKBONES,
     HEADS,
-    NORM_GRAMMAR,
-    NORM_PATTERN,
     check_model,
     default_head,
+    norm_grammar,
+    norm_pattern,
     output_strides,
     parse_norm,
 )
@@ -501,7 +501,7 @@ class Spec(_Section):
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     norm: str = Field(
-        "bn", description=f"norm spec string: {NORM_GRAMMAR}", json_schema_extra={"pattern": NORM_PATTERN}
+        "bn", description=f"norm spec string: {norm_grammar()}", json_schema_extra={"pattern": norm_pattern()}
     )
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -24,11 +24,11 @@ from orchestrator.data.stream import evaluation_loader, input_mean_std, spec_loa
 from orchestrator.errors import UsageError
 from orchestrator.inference.evaluate import evaluate
 from orchestrator.logs import Progress
-from orchestrator.models.catalog import parse_norm
+from orchestrator.models.catalog import NORMS, parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d, calibrate
 from orchestrator.spec import Spec, from_flat, public_params
 
-CALIBRATABLE = ("bn", "syncbn", "evalnorm")
+CALIBRATABLE = tuple(n.name for n in NORMS.values() if n.batch_statistics)  # bn, syncbn, evalnorm
 
 log = logging.getLogger(__name__)
 

@@ -195,7 +195,7 @@ def check_model(backbone: str, head: str, output_stride: int, norm: NormSpec) ->
             f"unknown output_stride {output_stride} for backbone {backbone!r}; allowed: "
             f"{', '.join(map(str, sorted(allowed)))}"
         )
-    if norm.kind in ("ibn-a", "ign-a") and not BACKBONES[backbone].ibn:
+    if NORMS[norm.kind].mixes_instance and not BACKBONES[backbone].ibn:
         ibn = [b.name for b in BACKBONES.values() if b.ibn]
         raise ValueError(
             f"norm {str(norm)!r} places instance norm in ResNet-style blocks; backbone {backbone!r} has none "
@@ -203,27 +203,70 @@ def check_model(backbone: str, head: str, output_stride: int, norm: NormSpec) ->
         )
 
 
-NORM_GRAMMAR = (
-    "bn, syncbn, gn:g<N> (N groups), gn:c<N> (N channels per group), in, ln, frozenbn, evalnorm, "
-    "evalnorm:rule, ibn-a, ign-a:g<N>, ign-a:c<N>; any of them may end in +ws (weight standardization)"
-)
+@dataclass(frozen=True)
+class Norm:
+    """One kind of norm a spec may name (`norm: gn:c16`): its grammar and the class that builds it.
 
-# Kinds that take no argument, and kinds whose argument is a grouping (`g<N>` or `c<N>`); `evalnorm` alone
-# takes an optional `:rule`.
-_PLAIN_KINDS = ("bn", "syncbn", "in", "ln", "frozenbn", "ibn-a")
-_GROUPED_KINDS = ("gn", "ign-a")
+    Its layer is the class at the dotted path `layer`, built by its classmethod `from_spec(spec, channels)`.
+    A new norm is that class and one row in NORMS (and its equation test); the grammar text, the parser,
+    `norms.make_norm` and the layers `norms.convert_norms` replaces all come from the rows.
+    """
 
-# Exactly the valid spec strings, as a JSON-Schema (ECMA-262) compatible regex: plain groups only, anchored.
-# parse_norm reads its groups in order: plain kind, evalnorm, rule, grouped kind, unit, N, +ws.
-NORM_PATTERN = (
-    rf"^(?:({'|'.join(_PLAIN_KINDS)})|(evalnorm)(?::(rule))?|({'|'.join(_GROUPED_KINDS)}):([gc])([1-9][0-9]*))"
-    r"(\+ws)?$"
-)
+    name: str
+    layer: str
+    argument: str = ""  # "": none; "grouping": `:g<N>` (N groups) or `:c<N>` (N channels per group);
+    # "rule": an optional `:rule`
+    mixes_instance: bool = False  # IBN-Net-a: instance norm in ResNet-style blocks (Backbone.ibn) only
+    batch_statistics: bool = False  # keeps BN's running statistics of batches: EvalNorm calibrates it
+
+
+NORMS: dict[str, Norm] = {
+    n.name: n
+    for n in (
+        Norm("bn", "orchestrator.models.norms.BatchNorm2d", batch_statistics=True),
+        Norm("syncbn", "orchestrator.models.norms.SyncBatchNorm", batch_statistics=True),
+        Norm("gn", "orchestrator.models.norms.GroupNorm", "grouping"),
+        Norm("in", "orchestrator.models.norms.InstanceNorm"),
+        Norm("ln", "orchestrator.models.norms.LayerNorm"),
+        Norm("frozenbn", "orchestrator.models.norms.FrozenBatchNorm2d"),
+        Norm("evalnorm", "orchestrator.models.evalnorm.EvalNorm2d", "rule", batch_statistics=True),
+        Norm("ibn-a", "orchestrator.models.norms.IBN", mixes_instance=True),
+        Norm("ign-a", "orchestrator.models.norms.IBN", "grouping", mixes_instance=True),
+    )
+}
+_FORMS = {"": ("{}",), "grouping": ("{}:g<N>", "{}:c<N>"), "rule": ("{}", "{}:rule")}
+
+
+def norm_grammar() -> str:
+    """Every form of norm spec string, from NORMS."""
+    forms = ", ".join(form.format(n.name) for n in NORMS.values() for form in _FORMS[n.argument])
+    return (
+        f"{forms} (g<N>: N groups, c<N>: N channels per group); any of them may end in +ws (weight "
+        "standardization)"
+    )
+
+
+def norm_examples() -> list[str]:
+    """One spec string per row, in its first form (16 channels per group where it takes a grouping): what
+    the contract tests, the bench and the docs run every norm by."""
+    return [f"{n.name}:c16" if n.argument == "grouping" else n.name for n in NORMS.values()]
+
+
+def norm_pattern() -> str:
+    """Exactly the valid spec strings, from NORMS, as a JSON-Schema (ECMA-262) compatible regex: plain
+    groups only, anchored. parse_norm reads its groups in order: plain kind, kind with rule, rule, grouped
+    kind, unit, N, +ws."""
+    # A form no row takes never matches (an empty alternative would match the empty name).
+    kinds = {a: "|".join(n.name for n in NORMS.values() if n.argument == a) or "(?!)" for a in _FORMS}
+    return (
+        rf"^(?:({kinds['']})|({kinds['rule']})(?::(rule))?|({kinds['grouping']}):([gc])([1-9][0-9]*))"
+        r"(\+ws)?$"
+    )
 
 
 @dataclass(frozen=True)
 class NormSpec:
-    kind: str  # one of _PLAIN_KINDS, _GROUPED_KINDS, "evalnorm"
+    kind: str  # a key of NORMS
     groups: int | None = None  # gn:g<N>, ign-a:g<N>
     channels_per_group: int | None = None  # gn:c<N>, ign-a:c<N>
     rule: bool = False  # evalnorm:rule
@@ -231,8 +274,8 @@ class NormSpec:
 
     def __post_init__(self) -> None:
         # The canonical string must be a valid spec: one grammar decides, for parsed and hand-built specs.
-        if not re.fullmatch(NORM_PATTERN, str(self)):
-            raise ValueError(f"invalid norm {self!r}; allowed: {NORM_GRAMMAR}")
+        if not re.fullmatch(norm_pattern(), str(self)):
+            raise ValueError(f"invalid norm {self!r}; allowed: {norm_grammar()}")
 
     def __str__(self) -> str:
         """The canonical spec string, so that `parse_norm(str(spec)) == spec`."""
@@ -247,15 +290,15 @@ class NormSpec:
 
 
 def parse_norm(spec: str | NormSpec) -> NormSpec:
-    """Parse a norm spec string (see NORM_GRAMMAR) into a NormSpec; a NormSpec passes through; ValueError
+    """Parse a norm spec string (see norm_grammar) into a NormSpec; a NormSpec passes through; ValueError
     otherwise."""
     if isinstance(spec, NormSpec):
         return spec
-    match = re.fullmatch(NORM_PATTERN, spec) if isinstance(spec, str) else None
+    match = re.fullmatch(norm_pattern(), spec) if isinstance(spec, str) else None
     if not match:
-        raise ValueError(f"unknown norm {shown(spec)}; allowed: {NORM_GRAMMAR}")
-    plain, evalnorm, rule, grouped, unit, n, ws = match.groups()
+        raise ValueError(f"unknown norm {shown(spec)}; allowed: {norm_grammar()}")
+    plain, ruled, rule, grouped, unit, n, ws = match.groups()
     if grouped:
         grouping = {"groups": int(n)} if unit == "g" else {"channels_per_group": int(n)}
         return NormSpec(grouped, **grouping, ws=bool(ws))
-    return NormSpec(plain or evalnorm, rule=bool(rule), ws=bool(ws))
+    return NormSpec(plain or ruled, rule=bool(rule), ws=bool(ws))

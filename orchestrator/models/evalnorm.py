@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from orchestrator.models.catalog import NormSpec
+
 
 class EvalNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose eval forward uses EvalNorm statistics; a BN state_dict loads with strict=False.
@@ -45,6 +47,10 @@ class EvalNorm2d(nn.BatchNorm2d):
             self.raw_alpha = nn.Parameter(torch.zeros(()))
             self.raw_beta = nn.Parameter(torch.zeros(()))
         self.aux_loss: Tensor | None = None
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> EvalNorm2d:
+        return cls(num_channels, rule=spec.rule)
 
     @property
     def alpha(self) -> Tensor:

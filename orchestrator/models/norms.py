@@ -5,6 +5,7 @@ Models never pick a norm class themselves; they call `make_norm(spec, C)` for ea
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from dataclasses import replace
@@ -13,47 +14,37 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from orchestrator.models.catalog import NormSpec, parse_norm
-from orchestrator.models.evalnorm import EvalNorm2d
+from orchestrator.models.catalog import NORMS, NormSpec, parse_norm
 
 logger = logging.getLogger(__name__)
-
-# The norm each IBN kind uses outside its instance-norm half.
-_IBN_REST = {"ibn-a": "bn", "ign-a": "gn"}
 
 # (spec, C) pairs whose group count was adjusted and already logged: one line per layer shape, not per layer.
 _logged_fallbacks: set[tuple[str, int]] = set()
 
 
 def make_norm(spec: str | NormSpec, num_channels: int, *, instance_half: bool = False) -> nn.Module:
-    """The norm layer for `num_channels` channels described by `spec` (a string or a parsed NormSpec).
+    """The norm layer for `num_channels` channels described by `spec` (a string or a parsed NormSpec): its
+    row's class (catalog.NORMS), built by its `from_spec`.
 
     `instance_half` marks the layers where IBN-Net-a mixes in instance norm (the model decides where): for
     `ibn-a` / `ign-a:*` those get an IBN layer, the others plain BN / GN. Other specs ignore it.
     """
     spec = parse_norm(spec)
-    if spec.kind in _IBN_REST:
-        rest = replace(spec, kind=_IBN_REST[spec.kind])
-        return IBN(num_channels, rest) if instance_half else make_norm(rest, num_channels)
-    if spec.kind == "bn":
-        return nn.BatchNorm2d(num_channels)
-    if spec.kind == "syncbn":
-        # torch's on CUDA (nccl). It refuses CPU tensors, and DDP refuses any nn.SyncBatchNorm (subclasses
-        # too) inside a CPU module, so CPU workers (Ray hides the GPUs from them) get our gloo version.
-        return nn.SyncBatchNorm(num_channels) if torch.cuda.is_available() else SyncBatchNorm(num_channels)
-    if spec.kind == "gn":
-        return GroupNorm(group_count(spec, num_channels), num_channels)
-    if spec.kind == "in":
-        # One channel per group: per sample and channel over (H, W) with a per-channel affine, exactly
-        # InstanceNorm2d(C, affine=True) (which keeps no running stats either), with GN's key names.
-        return GroupNorm(num_channels, num_channels)
-    if spec.kind == "ln":
-        return GroupNorm(1, num_channels)  # per sample over (C, H, W), per-channel affine
-    if spec.kind == "frozenbn":
-        return FrozenBatchNorm2d(num_channels)
-    if spec.kind == "evalnorm":
-        return EvalNorm2d(num_channels, rule=spec.rule)
-    raise ValueError(f"make_norm has no layer for norm {str(spec)!r}")
+    if NORMS[spec.kind].mixes_instance and not instance_half:
+        return make_norm(IBN.rest(spec), num_channels)
+    return layer_class(spec.kind).from_spec(spec, num_channels)
+
+
+def layer_class(kind: str) -> type[nn.Module]:
+    """The class that builds norm `kind`: its row's dotted path (catalog.NORMS), imported."""
+    module, _, name = NORMS[kind].layer.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def norm_layers() -> tuple[type[nn.Module], ...]:
+    """Every class of layer make_norm builds, which convert_norms replaces: the rows' classes, and torch's
+    BatchNorm2d (torchvision's models) and SyncBatchNorm (what syncbn builds on CUDA)."""
+    return (nn.BatchNorm2d, nn.SyncBatchNorm, *{layer_class(kind) for kind in NORMS})
 
 
 def group_count(spec: NormSpec, num_channels: int) -> int:
@@ -89,11 +80,11 @@ def convert_norms(model: nn.Module, spec: str | NormSpec) -> nn.Module:
     layer1-3) is the architecture's, and `+ws` changes the convs; build the model with those instead.
     """
     spec = parse_norm(spec)
-    if spec.kind in _IBN_REST or spec.ws:
+    if NORMS[spec.kind].mixes_instance or spec.ws:
         why = "+ws changes its convs" if spec.ws else "where IBN-a mixes in instance norm is architecture"
         raise ValueError(f"cannot convert a model's norms to {str(spec)!r} ({why}); build the model with it")
     for name, child in model.named_children():
-        if isinstance(child, _NORM_LAYERS):
+        if isinstance(child, norm_layers()):
             setattr(model, name, _converted(child, spec))
         else:
             convert_norms(child, spec)
@@ -119,6 +110,14 @@ def _world_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch's BatchNorm2d: statistics of each GPU's batch."""
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(num_channels)
+
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics span all ranks of the process group, for CPU workers (gloo).
 
@@ -129,6 +128,12 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def __init__(self, num_features: int, process_group: dist.ProcessGroup | None = None, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.process_group = process_group
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        # torch's on CUDA (nccl). It refuses CPU tensors, and DDP refuses any nn.SyncBatchNorm (subclasses
+        # too) inside a CPU module, so CPU workers (Ray hides the GPUs from them) get this gloo version.
+        return nn.SyncBatchNorm(num_channels) if torch.cuda.is_available() else cls(num_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _world_size(self.process_group) > 1):
@@ -209,6 +214,10 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(num_channels)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -235,17 +244,46 @@ class IBN(nn.Module):
         self.IN = make_norm(NormSpec("in"), self.half)
         self.BN = make_norm(rest, num_channels - self.half)
 
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(num_channels, cls.rest(spec))
+
+    @staticmethod
+    def rest(spec: NormSpec) -> NormSpec:
+        """The norm of the channels outside the instance-norm half: BN for ibn-a, GN for ign-a:*."""
+        return replace(spec, kind={"ibn-a": "bn", "ign-a": "gn"}[spec.kind])
+
     def forward(self, x: Tensor) -> Tensor:
         first, rest = x.split((self.half, self.num_channels - self.half), dim=1)
         return keep_layout(x, torch.cat([self.IN(first), self.BN(rest)], dim=1))
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (GN, and IN and LN as its one-channel and one-group cases) whose output keeps its
-    input's memory layout."""
+    """nn.GroupNorm whose output keeps its input's memory layout."""
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(group_count(spec, num_channels), num_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return keep_layout(x, super().forward(x))
+
+
+class InstanceNorm(GroupNorm):
+    """One channel per group: per sample and channel over (H, W) with a per-channel affine, exactly
+    InstanceNorm2d(C, affine=True) (which keeps no running stats either), with GN's key names."""
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(num_channels, num_channels)
+
+
+class LayerNorm(GroupNorm):
+    """One group: per sample over (C, H, W), with a per-channel affine."""
+
+    @classmethod
+    def from_spec(cls, spec: NormSpec, num_channels: int) -> nn.Module:
+        return cls(1, num_channels)
 
 
 def keep_layout(x: Tensor, out: Tensor) -> Tensor:
@@ -256,7 +294,3 @@ def keep_layout(x: Tensor, out: Tensor) -> Tensor:
     if x.dim() == 4 and x.is_contiguous(memory_format=last) and not out.is_contiguous(memory_format=last):
         return out.contiguous(memory_format=last)
     return out
-
-
-# Every layer make_norm builds (BatchNorm2d covers our SyncBatchNorm and EvalNorm2d).
-_NORM_LAYERS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, FrozenBatchNorm2d, IBN)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from orchestrator.models.catalog import NormSpec, check_output_stride, parse_norm
+from orchestrator.models.catalog import NORMS, NormSpec, check_output_stride, parse_norm
 from orchestrator.models.layers import conv, init_conv_weights
 from orchestrator.models.norms import make_norm
 
@@ -149,7 +149,7 @@ class Xception65(nn.Module):
         super().__init__()
         check_output_stride(output_stride)
         norm = parse_norm(norm)
-        if norm.kind in ("ibn-a", "ign-a"):
+        if NORMS[norm.kind].mixes_instance:
             raise ValueError(f"norm {str(norm)!r} places instance norm in ResNet stages; xception65 has none")
         self.stem = nn.Sequential(
             ConvNorm(3, 32, 3, stride=2, norm=norm, relu=True),

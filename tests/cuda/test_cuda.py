@@ -17,13 +17,14 @@ from torch import nn
 
 from orchestrator.data.transforms import IMAGENET, _augment, augment, draw_aug
 from orchestrator.models.build import build_model
+from orchestrator.models.catalog import norm_examples
 from orchestrator.models.norms import IBN, FrozenBatchNorm2d, make_norm
 from orchestrator.train.distributed import distribute, unwrap
 from orchestrator.train.step import AMP_DTYPES, accumulate_gradients, out_of_memory
 
 pytestmark = pytest.mark.cuda
 
-NORM_FAMILIES = ["bn", "syncbn", "frozenbn", "evalnorm", "gn:c16", "gn:g32+ws", "in", "ln", "ibn-a"]
+NORM_FAMILIES = [*norm_examples(), "gn:g32+ws"]  # every row of the catalog, and WS on one
 
 
 def _whole_batch() -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,12 +19,15 @@ from torch import nn
 
 from orchestrator.models import norms
 from orchestrator.models.build import build_model
-from orchestrator.models.catalog import NORM_PATTERN, NormSpec, parse_norm
+from orchestrator.models.catalog import NORMS, NormSpec, norm_grammar, norm_pattern, parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d
 from orchestrator.models.norms import (
     IBN,
+    BatchNorm2d,
     FrozenBatchNorm2d,
     GroupNorm,
+    InstanceNorm,
+    LayerNorm,
     SyncBatchNorm,
     convert_norms,
     make_norm,
@@ -75,13 +79,24 @@ def test_parse_norm_rejects_with_the_value_and_the_grammar(text: str) -> None:
 def test_norm_pattern_is_the_grammar_as_a_schema_pattern() -> None:
     # A schema pattern (JSON Schema: ECMA-262; pydantic: Rust's regex) is searched, not fully matched, and
     # knows no `(?P<name>`. Pydantic's engine, as spec.py's fields use it:
-    assert "(?P<" not in NORM_PATTERN
-    norm = pydantic.TypeAdapter(Annotated[str, pydantic.Field(pattern=NORM_PATTERN)])
+    assert "(?P<" not in norm_pattern()
+    norm = pydantic.TypeAdapter(Annotated[str, pydantic.Field(pattern=norm_pattern())])
     for text, _ in VALID_NORMS:
         norm.validate_python(text)
     for text in INVALID_NORMS:
         with pytest.raises(pydantic.ValidationError):
             norm.validate_python(text)
+
+
+def test_the_grammar_lists_every_form_of_every_row_and_each_parses() -> None:
+    forms = norm_grammar().split(" (g<N>")[0].split(", ")
+    assert {form.split(":")[0] for form in forms} == set(NORMS)
+    for form in forms:
+        spec = parse_norm(form.replace("<N>", "8"))
+        assert spec.kind == form.split(":")[0] and str(spec) == form.replace("<N>", "8")
+        assert parse_norm(f"{spec}+ws").ws
+    for row in NORMS.values():  # the pattern's alternatives and the schema take the names unescaped
+        assert re.fullmatch(r"[a-z][a-z0-9-]*", row.name), row.name
 
 
 @pytest.mark.parametrize(
@@ -141,29 +156,29 @@ def test_group_fallback_is_logged_once_per_spec_and_channels(
 
 
 def test_make_norm_kinds() -> None:
-    assert type(make_norm("bn", 8)) is nn.BatchNorm2d
+    assert type(make_norm("bn", 8)) is BatchNorm2d
     assert type(make_norm(NormSpec("syncbn"), 8)) is SyncBatchNorm
     assert type(make_norm("frozenbn", 8)) is FrozenBatchNorm2d
-    assert type(make_norm("bn+ws", 8)) is nn.BatchNorm2d  # +ws is the convs' business
+    assert type(make_norm("bn+ws", 8)) is BatchNorm2d  # +ws is the convs' business
     assert [(type(n), n.rule) for n in (make_norm("evalnorm", 8), make_norm("evalnorm:rule", 8))] == [
         (EvalNorm2d, False),
         (EvalNorm2d, True),
     ]
-    for spec, groups in [("in", 8), ("ln", 1), ("gn:c2+ws", 4)]:
+    for spec, kind, groups in [("in", InstanceNorm, 8), ("ln", LayerNorm, 1), ("gn:c2+ws", GroupNorm, 4)]:
         layer = make_norm(spec, 8)
-        assert type(layer) is GroupNorm and (layer.num_groups, layer.num_channels) == (groups, 8)
+        assert type(layer) is kind and (layer.num_groups, layer.num_channels) == (groups, 8)
 
 
 @pytest.mark.parametrize(
     ("spec", "instance_half", "expected"),
     [
-        ("ibn-a", False, nn.BatchNorm2d),
+        ("ibn-a", False, BatchNorm2d),
         ("ign-a:c4", False, GroupNorm),
         ("ibn-a", True, IBN),
         ("ign-a:g2+ws", True, IBN),
-        ("bn", True, nn.BatchNorm2d),  # other specs ignore instance_half
+        ("bn", True, BatchNorm2d),  # other specs ignore instance_half
         ("gn:g2", True, GroupNorm),
-        ("in", True, GroupNorm),
+        ("in", True, InstanceNorm),
         ("frozenbn", True, FrozenBatchNorm2d),
     ],
 )
@@ -325,7 +340,7 @@ def test_conversion_keeps_dtype_and_mode_and_merges_ibn_halves() -> None:
     _random_affine(ibn.IN, torch.Generator().manual_seed(0))
     weight = torch.cat([ibn.IN.weight, ibn.BN.weight]).detach()
     convert_norms(model, "bn")
-    assert _count(model, IBN) == 0 and type(model.backbone.layer1[0].bn1) is nn.BatchNorm2d
+    assert _count(model, IBN) == 0 and type(model.backbone.layer1[0].bn1) is BatchNorm2d
     assert torch.equal(model.backbone.layer1[0].bn1.weight, weight)
     assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
     assert not any(m.training for m in model.modules())

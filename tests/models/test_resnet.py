@@ -9,7 +9,7 @@ from torch import nn
 
 from orchestrator.models import catalog, resnet
 from orchestrator.models.build import build_model
-from orchestrator.models.norms import IBN, GroupNorm
+from orchestrator.models.norms import IBN, BatchNorm2d, GroupNorm
 
 # (stride, dilation) of resnet50's 3x3 convs in layer3/4: (first block, other blocks)
 DILATION_PLANS = {
@@ -176,7 +176,7 @@ DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-@pytest.mark.parametrize(("norm", "rest"), [("ibn-a", nn.BatchNorm2d), ("ign-a:c16", GroupNorm)])
+@pytest.mark.parametrize(("norm", "rest"), [("ibn-a", BatchNorm2d), ("ign-a:c16", GroupNorm)])
 def test_ibn_a_mixes_instance_norm_into_the_first_norm_of_the_blocks_of_layer1_to_3(
     backbone: str, norm: str, rest: type
 ) -> None:
