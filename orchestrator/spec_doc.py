@@ -8,6 +8,7 @@ import json
 import re
 from typing import Any
 
+from orchestrator.models.catalog import norm_table
 from orchestrator.spec import json_schema
 
 HEADER = """\
@@ -18,6 +19,10 @@ spec's JSON Schema (`orchestrator spec --schema`): edit the field descriptions i
 not this file. `--set KEY=VALUE` takes these dotted keys (YAML 1.2 values); `grid:` sweeps over any of them
 except `name`. Examples: `jobs/smoke.yaml`, `jobs/sweep_norms.yaml`.
 """
+NORMS_TEXT = (
+    "What `norm` (and `grid.norm`) may name, a line per row of `NORMS` in `orchestrator/models/catalog.py`; "
+    "<N> is a whole number. A new norm is a class and a row there (docs/models.md)."
+)
 _BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
 
 
@@ -42,6 +47,7 @@ def render() -> str:
             cells = [f"`{prefix}{key}`", _cell(_type(prop)), default, _cell(prop.get("description", ""))]
             out.append(f"| {' | '.join(cells)} |")
         out.append("")
+    out += ["## Norms", "", NORMS_TEXT, "", *norm_table(), ""]
     return "\n".join(out)
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator import spec as specs
 from orchestrator.cli import main
-from orchestrator.models.catalog import BACKBONES, norm_grammar
+from orchestrator.models.catalog import BACKBONES, norm_grammar, norm_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"name": "t", "data": {"train": "s3://b/train", "val": "s3://b/val"}}
@@ -42,17 +42,17 @@ def test_shipped_specs_are_valid():
     assert [t.name for t in specs.expand(smoke)] == ["bn 1", "bn 2", "gn:g8 1", "gn:g8 2"]
     names = [t.name for t in specs.expand(specs.load(ROOT / "jobs/sweep_norms.yaml"))]
     assert len(set(names)) == len(names) and max(map(len, names)) <= 40, max(names, key=len)
-    for name in ("sweep_ibn.yaml", "enet.yaml", "recipes.yaml", "progressive.yaml"):
+    for name in ("sweep_ibn.yaml", "sweep_ghost.yaml", "enet.yaml", "recipes.yaml", "progressive.yaml"):
         assert specs.expand(specs.load(ROOT / "jobs" / name))
 
 
-STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule"]
+STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule", "brn"]
 
 
-def test_study_proxy_is_42_trials_that_each_see_the_same_training_images():
+def test_study_proxy_is_48_trials_that_each_see_the_same_training_images():
     spec = specs.load(ROOT / "jobs/study_proxy.yaml")
     trials = [t.config for t in specs.expand(spec)]
-    assert len(trials) == 7 * 3 * 2 == 42
+    assert len(trials) == 8 * 3 * 2 == 48
     assert sorted({(c["norm"], c["train.batch_per_gpu"], c["train.seed"]) for c in trials}) == sorted(
         (n, b, s) for n in STUDY_NORMS for b in (1, 2, 8) for s in (0, 1)
     )
@@ -76,7 +76,7 @@ def test_sweep_norms_is_the_full_scale_twin_of_the_proxy():
         [t.config for t in specs.expand(specs.load(ROOT / "jobs" / n))]
         for n in ("sweep_norms.yaml", "study_proxy.yaml")
     )
-    assert len(full) == 2 * 7 * 4 * 3 * 2
+    assert len(full) == 2 * 8 * 4 * 3 * 2
     assert {c["model.backbone"] for c in full} == {"resnet101", "xception65"}
     assert {tuple(c["train.crop"]) for c in full} == {(513, 513), (720, 720), (1280, 720)}
     assert {c["train.batch_per_gpu"] for c in full} == {1, 2, 4, 8}
@@ -186,6 +186,7 @@ def test_json_schema_accepts_the_shipped_specs_and_rejects_bad_ones():
         "sweep_norms.yaml",
         "study_proxy.yaml",
         "sweep_ibn.yaml",
+        "sweep_ghost.yaml",
         "enet.yaml",
         "recipes.yaml",
         "progressive.yaml",
@@ -224,7 +225,9 @@ def test_docs_spec_md_is_what_the_schema_writes_and_names_every_field(tmp_path):
     assert main(["spec", "--doc", str(tmp_path / "spec.md")]) == 0
     written = (tmp_path / "spec.md").read_text()
     assert written == (ROOT / "docs/spec.md").read_text(), "stale: run `orchestrator spec --doc docs/spec.md`"
-    rows = [line.split(" | ")[0].strip("| `") for line in written.splitlines() if line.startswith("| `")]
+    fields, norms = written.split("\n## Norms\n")
+    rows = [line.split(" | ")[0].strip("| `") for line in fields.splitlines() if line.startswith("| `")]
+    assert [line for line in norms.splitlines() if line.startswith("| `")] == norm_table()[2:]
     stage_fields = list(specs.StageSpec.model_fields)
     assert sorted(rows) == sorted(["name", "grid", *specs.grid_keys(), *stage_fields])
 

@@ -28,7 +28,7 @@ from orchestrator.models.catalog import NORMS, parse_norm
 from orchestrator.models.evalnorm import EvalNorm2d, calibrate
 from orchestrator.spec import Spec, from_flat, public_params
 
-CALIBRATABLE = tuple(n.name for n in NORMS.values() if n.batch_statistics)  # bn, syncbn, evalnorm
+CALIBRATABLE = tuple(n.name for n in NORMS.values() if n.evalnorm_calibrates)  # bn, syncbn, evalnorm
 
 log = logging.getLogger(__name__)
 

@@ -215,52 +215,124 @@ class Norm:
     name: str
     layer: str
     argument: str = ""  # "": none; "grouping": `:g<N>` (N groups) or `:c<N>` (N channels per group);
-    # "rule": an optional `:rule`
+    # "batch": `:b<N>` (virtual batches of N images); "rule": an optional `:rule`
+    about: str = ""  # what it is, for the norms' table (docs/spec.md)
     mixes_instance: bool = False  # IBN-Net-a: instance norm in ResNet-style blocks (Backbone.ibn) only
-    batch_statistics: bool = False  # keeps BN's running statistics of batches: EvalNorm calibrates it
+    evalnorm_calibrates: bool = False  # a model trained with it as BN (its batch at once): EvalNorm applies
 
 
 NORMS: dict[str, Norm] = {
     n.name: n
     for n in (
-        Norm("bn", "orchestrator.models.norms.BatchNorm2d", batch_statistics=True),
-        Norm("syncbn", "orchestrator.models.norms.SyncBatchNorm", batch_statistics=True),
-        Norm("gn", "orchestrator.models.norms.GroupNorm", "grouping"),
-        Norm("in", "orchestrator.models.norms.InstanceNorm"),
-        Norm("ln", "orchestrator.models.norms.LayerNorm"),
-        Norm("frozenbn", "orchestrator.models.norms.FrozenBatchNorm2d"),
-        Norm("evalnorm", "orchestrator.models.evalnorm.EvalNorm2d", "rule", batch_statistics=True),
-        Norm("ibn-a", "orchestrator.models.norms.IBN", mixes_instance=True),
-        Norm("ign-a", "orchestrator.models.norms.IBN", "grouping", mixes_instance=True),
+        Norm(
+            "bn",
+            "orchestrator.models.norms.BatchNorm2d",
+            about="per-GPU BatchNorm: each worker normalizes with its own batch statistics",
+            evalnorm_calibrates=True,
+        ),
+        Norm(
+            "syncbn",
+            "orchestrator.models.norms.SyncBatchNorm",
+            about="statistics over all workers of the trial: torch's SyncBatchNorm on CUDA, ours on CPU "
+            "(gloo)",
+            evalnorm_calibrates=True,
+        ),
+        Norm(
+            "gn",
+            "orchestrator.models.norms.GroupNorm",
+            "grouping",
+            about="GroupNorm with N groups / N channels per group (gcd fallback when C does not divide, "
+            "logged once)",
+        ),
+        Norm("in", "orchestrator.models.norms.InstanceNorm", about="InstanceNorm (per sample and channel)"),
+        Norm("ln", "orchestrator.models.norms.LayerNorm", about="LayerNorm (per sample; affine per channel)"),
+        Norm(
+            "frozenbn",
+            "orchestrator.models.norms.FrozenBatchNorm2d",
+            about="fixed statistics and affine (buffers), for fine-tuning pretrained weights",
+        ),
+        Norm(
+            "evalnorm",
+            "orchestrator.models.evalnorm.EvalNorm2d",
+            "rule",
+            about="BN whose evaluation uses EvalNorm's corrected statistics; alpha/beta per layer learned "
+            "online by a stop-gradient auxiliary loss (model gradients unchanged), or alpha = beta = 1/B^2 "
+            "(`:rule`)",
+            evalnorm_calibrates=True,
+        ),
+        Norm(
+            "ibn-a",
+            "orchestrator.models.norms.IBN",
+            about="IBN-Net-a: InstanceNorm on half the channels of the first norm of every block in stages "
+            "1-3, BN elsewhere (ResNet-style blocks only)",
+            mixes_instance=True,
+        ),
+        Norm(
+            "ign-a",
+            "orchestrator.models.norms.IBN",
+            "grouping",
+            about="IBN-a with GN (N groups / N channels per group) in place of BN",
+            mixes_instance=True,
+        ),
+        Norm(
+            "ghostbn",
+            "orchestrator.models.ghost_bn.GhostBatchNorm2d",
+            "batch",
+            about="Ghost BatchNorm (Hoffer et al. 2017): in training, each run of N images of a worker's "
+            "batch normalized by its own statistics, the running statistics updated once per virtual batch; "
+            "BN in eval. It differs from `bn` only where the batch per GPU exceeds N",
+        ),
+        Norm(
+            "brn",
+            "orchestrator.models.batch_renorm.BatchRenorm2d",
+            about="Batch Renormalization (Ioffe 2017): BN's training output corrected towards the moving "
+            "statistics by r and d, clipped by r_max and d_max, constants in the backward; BN in eval. The "
+            "paper's schedule: r_max = 1, d_max = 0 for 5000 training forwards (K per step with "
+            "`train.accumulate: K`), then linearly to 3 at 40k and 5 at 25k",
+        ),
     )
 }
-_FORMS = {"": ("{}",), "grouping": ("{}:g<N>", "{}:c<N>"), "rule": ("{}", "{}:rule")}
+WS_ABOUT = (
+    "Weight Standardization on every conv a norm follows, but depthwise convs (a standardized single-channel "
+    "filter sums to zero)"
+)
+_FORMS = {"": ("{}",), "grouping": ("{}:g<N>", "{}:c<N>"), "batch": ("{}:b<N>",), "rule": ("{}", "{}:rule")}
 
 
 def norm_grammar() -> str:
     """Every form of norm spec string, from NORMS."""
     forms = ", ".join(form.format(n.name) for n in NORMS.values() for form in _FORMS[n.argument])
     return (
-        f"{forms} (g<N>: N groups, c<N>: N channels per group); any of them may end in +ws (weight "
-        "standardization)"
+        f"{forms} (g<N>: N groups, c<N>: N channels per group, b<N>: virtual batches of N images); any of "
+        "them may end in +ws (weight standardization)"
     )
 
 
+def norm_table() -> list[str]:
+    """The norms' table (markdown): each row's forms and what it is, and the +ws suffix."""
+    lines = ["| norm | what it is |", "|---|---|"]
+    for n in NORMS.values():
+        forms = ", ".join(f"`{form.format(n.name)}`" for form in _FORMS[n.argument])
+        lines.append(f"| {forms} | {n.about} |")
+    return [*lines, f"| `...+ws` (`gn:c16+ws`, `bn+ws`) | {WS_ABOUT} |"]
+
+
 def norm_examples() -> list[str]:
-    """One spec string per row, in its first form (16 channels per group where it takes a grouping): what
-    the contract tests, the bench and the docs run every norm by."""
-    return [f"{n.name}:c16" if n.argument == "grouping" else n.name for n in NORMS.values()]
+    """One spec string per row, in its first form (16 channels per group where it takes a grouping, virtual
+    batches of 2 images): what the contract tests, the bench and the docs run every norm by."""
+    argument = {"": "", "rule": "", "grouping": ":c16", "batch": ":b2"}
+    return [n.name + argument[n.argument] for n in NORMS.values()]
 
 
 def norm_pattern() -> str:
     """Exactly the valid spec strings, from NORMS, as a JSON-Schema (ECMA-262) compatible regex: plain
     groups only, anchored. parse_norm reads its groups in order: plain kind, kind with rule, rule, grouped
-    kind, unit, N, +ws."""
+    kind, unit, N, batched kind, N, +ws."""
     # A form no row takes never matches (an empty alternative would match the empty name).
     kinds = {a: "|".join(n.name for n in NORMS.values() if n.argument == a) or "(?!)" for a in _FORMS}
     return (
-        rf"^(?:({kinds['']})|({kinds['rule']})(?::(rule))?|({kinds['grouping']}):([gc])([1-9][0-9]*))"
-        r"(\+ws)?$"
+        rf"^(?:({kinds['']})|({kinds['rule']})(?::(rule))?|({kinds['grouping']}):([gc])([1-9][0-9]*)"
+        rf"|({kinds['batch']}):b([1-9][0-9]*))(\+ws)?$"
     )
 
 
@@ -269,6 +341,7 @@ class NormSpec:
     kind: str  # a key of NORMS
     groups: int | None = None  # gn:g<N>, ign-a:g<N>
     channels_per_group: int | None = None  # gn:c<N>, ign-a:c<N>
+    virtual_batch: int | None = None  # ghostbn:b<N>
     rule: bool = False  # evalnorm:rule
     ws: bool = False  # +ws: weight-standardized convs before the norms
 
@@ -284,6 +357,8 @@ class NormSpec:
             text += f":g{self.groups}"
         if self.channels_per_group is not None:
             text += f":c{self.channels_per_group}"
+        if self.virtual_batch is not None:
+            text += f":b{self.virtual_batch}"
         if self.rule:
             text += ":rule"
         return text + "+ws" if self.ws else text
@@ -297,7 +372,9 @@ def parse_norm(spec: str | NormSpec) -> NormSpec:
     match = re.fullmatch(norm_pattern(), spec) if isinstance(spec, str) else None
     if not match:
         raise ValueError(f"unknown norm {shown(spec)}; allowed: {norm_grammar()}")
-    plain, ruled, rule, grouped, unit, n, ws = match.groups()
+    plain, ruled, rule, grouped, unit, n, batched, images, ws = match.groups()
+    if batched:
+        return NormSpec(batched, virtual_batch=int(images), ws=bool(ws))
     if grouped:
         grouping = {"groups": int(n)} if unit == "g" else {"channels_per_group": int(n)}
         return NormSpec(grouped, **grouping, ws=bool(ws))

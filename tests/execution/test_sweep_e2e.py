@@ -14,6 +14,8 @@ import s3fs
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.models.catalog import norm_examples
+
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "orchestrator"]
@@ -234,10 +236,7 @@ def test_a_failing_trial_fails_alone_with_its_reason(workdir):
     }
 
 
-ALL_NORMS = [
-    "bn", "syncbn", "frozenbn", "evalnorm", "evalnorm:rule", "gn:g8", "gn:c16", "gn:g8+ws", "bn+ws",
-    "in", "ln", "ibn-a", "ign-a:c16",
-]  # fmt: skip
+ALL_NORMS = [*norm_examples(), "evalnorm:rule", "gn:g8", "gn:g8+ws", "bn+ws"]  # every row, and variants
 
 
 def test_every_norm_trains_in_a_2_worker_trial(workdir):
@@ -260,6 +259,9 @@ def test_every_norm_trains_in_a_2_worker_trial(workdir):
         assert trial.info.status == "FINISHED", trial.data.params["norm"]
         assert trial.data.params["train.accumulate"] == "2"
         assert 0 <= trial.data.metrics["val_miou"] <= 1
+    run_cli(["report", "--experiment", "e2e", "--out", "report"], cwd, env)
+    table = (cwd / "report" / "report.md").read_text()
+    assert all(f"| {norm} |" in table for norm in ALL_NORMS), table  # each a row, like the others
 
 
 def test_storage_options_reach_the_workers_and_nowhere_else(workdir, s3_server):

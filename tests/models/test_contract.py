@@ -225,8 +225,10 @@ def test_a_new_norm_is_one_class_and_one_row(monkeypatch: pytest.MonkeyPatch) ->
     """What CONTRIBUTING.md's "A norm" promises: a class and a row, and the grammar, the spec, make_norm,
     the conversion and the contract's grid take it."""
     from orchestrator import spec as specs
+    from orchestrator import spec_doc
 
-    monkeypatch.setitem(catalog.NORMS, "toy", catalog.Norm("toy", f"{__name__}.ToyNorm"))
+    monkeypatch.setitem(catalog.NORMS, "toy", catalog.Norm("toy", f"{__name__}.ToyNorm", about="a toy"))
+    assert "| `toy` | a toy |" in spec_doc.render().splitlines()  # docs/spec.md's table
     assert "toy+ws" not in catalog.norm_grammar() and ", toy (g<N>" in catalog.norm_grammar()
     spec = specs.validate(
         {"name": "t", "data": {"train": "x", "val": "x"}, "grid": {"norm": ["toy", "toy+ws"]}}

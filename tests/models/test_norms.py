@@ -97,6 +97,7 @@ def test_the_grammar_lists_every_form_of_every_row_and_each_parses() -> None:
         assert parse_norm(f"{spec}+ws").ws
     for row in NORMS.values():  # the pattern's alternatives and the schema take the names unescaped
         assert re.fullmatch(r"[a-z][a-z0-9-]*", row.name), row.name
+        assert row.about, f"{row.name}: the norms' table says what it is"
 
 
 @pytest.mark.parametrize(
