@@ -14,7 +14,7 @@ import pyarrow.fs
 import ray
 
 from orchestrator.data.storage import url_to_fs
-from orchestrator.execution.ray_private import HEAD_NODE_RESOURCE_NAME, send_worker_output
+from orchestrator.execution.ray_private import ON_HEAD, send_worker_output
 from orchestrator.gpus import GPUS, kind_of
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
 
@@ -36,7 +36,7 @@ WORKER_ENV = {
 # (even Tune's 0.01) left a plain 2-CPU head no room for a trial's 2 one-CPU workers, and Ray Train waited for
 # them forever. It runs on the head, as Ray Train's controller then does (on the driver's node): a worker
 # node lost took a driver placed there with it, and the trial failed instead of restarting its workers.
-DRIVER_RESOURCES = {"cpu": 0, HEAD_NODE_RESOURCE_NAME: 0.001}
+DRIVER_RESOURCES = {"cpu": 0, **ON_HEAD}
 
 
 def init_ray(worker_output_to_log: bool = False) -> None:

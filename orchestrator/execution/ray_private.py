@@ -9,7 +9,8 @@ What is taken, and why:
   actor for every run, also one without Ray Datasets (ours stream through fsspec): one more Python process
   per trial on the way to its first step. `TrainerWithoutDatasets` drops it.
 - `HEAD_NODE_RESOURCE_NAME`: the resource only the head node has (Ray pins its own state actors with a
-  sliver of it); trial drivers hold one too (cluster.DRIVER_RESOURCES).
+  sliver of it); trial drivers and the sweep's actors hold one too (`ON_HEAD`), so that no worker host
+  lost or drained takes them down.
 - `global_worker_stdstream_dispatcher`: where a driver receives its workers' stdout and stderr. Ray's one
   public choice is all of it on the console or none of it anywhere near the run (`log_to_driver`);
   `send_worker_output` writes it to the sweep's log file instead, the autoscaler's status reports cut to
@@ -53,8 +54,10 @@ from ray.train.v2._internal.execution.context import get_train_context  # noqa: 
 from ray.train.v2._internal.util import TrainingFramework  # noqa: E402
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: E402
 
+ON_HEAD = {HEAD_NODE_RESOURCE_NAME: 0.001}  # a sliver of the head's own resource: placed on the head
+
 __all__ = [
-    "HEAD_NODE_RESOURCE_NAME",
+    "ON_HEAD",
     "SUPPORTED",
     "TrainerWithoutDatasets",
     "TrainingFramework",

@@ -17,6 +17,8 @@ import hashlib
 
 import ray
 
+from orchestrator.execution.ray_private import ON_HEAD
+
 
 class Stopped(Exception):
     """A trial the sweep's scheduler stopped: its message says who, and when."""
@@ -45,9 +47,10 @@ class StopRequests:
 
 def stop_requests(sweep: str) -> ray.actor.ActorHandle:
     """The stop requests of the sweep whose Tune experiment is at `sweep` (a path or URL): created by the
-    first process to ask (the sweep's, which holds it until its trials end), found by the others."""
+    first process to ask (the sweep's, which holds it until its trials end), found by the others; on the
+    head, as the trial slots."""
     name = "orchestrator-stops-" + hashlib.sha1(sweep.encode()).hexdigest()[:12]
-    return StopRequests.options(name=name, get_if_exists=True).remote()
+    return StopRequests.options(name=name, get_if_exists=True, resources=ON_HEAD).remote()
 
 
 def ask_to_stop(sweep: str, key: str, reason: str) -> None:

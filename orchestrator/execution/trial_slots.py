@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import ray
 
+from orchestrator.execution.ray_private import ON_HEAD
+
 log = logging.getLogger(__name__)
 
 LEASE_S = 60.0  # a slot whose holder has not renewed it for this long is free again
@@ -54,9 +56,10 @@ TrialSlots = ray.remote(num_cpus=0)(Leases)  # the sweep's: one process keeps th
 def trial_slots(sweep: str, count: int) -> ray.actor.ActorHandle:
     """The trial slots of the sweep whose Tune experiment is at `sweep` (a path or URL): created, with
     `count` slots, by the first process to ask (the sweep's, which holds it until its trials end), found
-    by the others."""
+    by the others. On the head, with the sweep and the trials' drivers: a worker host lost or drained
+    would take it down with it."""
     name = "orchestrator-slots-" + hashlib.sha1(sweep.encode()).hexdigest()[:12]
-    return TrialSlots.options(name=name, get_if_exists=True).remote(count)
+    return TrialSlots.options(name=name, get_if_exists=True, resources=ON_HEAD).remote(count)
 
 
 @contextmanager

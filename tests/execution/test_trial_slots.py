@@ -4,8 +4,12 @@ again. The whole path, a resumed sweep held to its limit, is tested in test_tria
 from __future__ import annotations
 
 import pytest
+import ray
+from ray.util.state import list_actors
 
 from orchestrator.execution import trial_slots
+from orchestrator.execution.ray_private import ON_HEAD
+from orchestrator.execution.stop_requests import stop_requests
 from orchestrator.execution.trial_slots import LEASE_S, Leases
 
 
@@ -36,3 +40,18 @@ def test_a_lease_not_renewed_lapses_and_a_renewed_one_does_not(clock: list[float
     assert slots.take("alive") and not slots.take("waiting")
     clock[0] += LEASE_S * 0.2  # past the dead holder's expiry, within the renewed one's
     assert slots.take("waiting") and not slots.take("another")
+
+
+def test_the_sweeps_actors_live_on_the_head_with_it() -> None:
+    """A worker host drained or lost must not take the sweep's slots or stop requests with it (a multi-host
+    CI run lost its trial so: tests/execution/test_multihost.py's drained host held them)."""
+    ray.init(num_cpus=1)
+    try:
+        held = [trial_slots.trial_slots("s3://b/sweep", 1), stop_requests("s3://b/sweep")]
+        ray.get(held[0].take.remote("trial"))
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        needs = {a.class_name: a.required_resources for a in actors}
+        (head,) = ON_HEAD
+        assert needs["Leases"][head] == needs["StopRequests"][head] == ON_HEAD[head]
+    finally:
+        ray.shutdown()
