@@ -30,6 +30,7 @@ from orchestrator import spec as specs  # noqa: E402
 from orchestrator.data.stream import evaluation_loader  # noqa: E402
 from orchestrator.data.transforms import IMAGENET, normalize  # noqa: E402
 from orchestrator.execution.cluster import init_ray  # noqa: E402
+from orchestrator.execution.inference import on_ray  # noqa: E402
 from orchestrator.inference.parts import Pass, run_pass  # noqa: E402
 
 BENCH = "evaluate"
@@ -54,8 +55,8 @@ def main() -> None:
         setups = {
             "forward": lambda: forward(model, batches),
             "one process": lambda: run_pass(job),
-            "1 Ray worker": lambda: run_pass(job, workers=1, gpus_per_worker=0),
-            "2 Ray workers": lambda: run_pass(job, workers=2, gpus_per_worker=0),
+            "1 Ray worker": lambda: run_pass(job, runner=on_ray(1, gpus_per_worker=0)),
+            "2 Ray workers": lambda: run_pass(job, runner=on_ray(2, gpus_per_worker=0)),
         }
         best = {name: 0.0 for name in setups}
         for _ in range(args.rounds):

@@ -471,7 +471,11 @@ def _settings(args: argparse.Namespace):
 def _where(args: argparse.Namespace):
     from orchestrator.inference.runs import Where
 
-    return Where(args.workers, args.gpus_per_worker, args.device)
+    if args.workers is None:
+        return Where(None, args.device)
+    from orchestrator.execution.inference import on_ray
+
+    return Where(on_ray(args.workers, args.gpus_per_worker), args.device)
 
 
 def _names(text: str) -> list[str]:

@@ -13,7 +13,7 @@ from ray.util import ActorPool
 from orchestrator import logs
 from orchestrator.errors import UsageError
 from orchestrator.execution.cluster import init_ray
-from orchestrator.inference.parts import Part, Pass
+from orchestrator.inference.parts import Part, PartsRunner, Pass
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ class _Worker:
             self.job = ray.get(shared[0])
             self.members = self.job.load()
         return self.job.run(self.members, part)
+
+
+def on_ray(workers: int, gpus_per_worker: float | None = None) -> PartsRunner:
+    """A pass's parts on `workers` Ray workers of `gpus_per_worker` GPUs each (run_parts), for run_pass."""
+
+    def runner(job: Pass, progress: logs.Progress) -> list[Part]:
+        return run_parts(job, workers, gpus_per_worker, progress)
+
+    return runner
 
 
 def run_parts(job: Pass, workers: int, gpus_per_worker: float | None, progress: logs.Progress) -> list[Part]:

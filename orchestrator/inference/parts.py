@@ -13,7 +13,7 @@ import bisect
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -148,6 +148,11 @@ class Part:
         return self.per_image.shape[1]
 
 
+# Runs a pass's parts elsewhere, in order (execution.inference.on_ray: Ray workers), the progress bar moving
+# as they come back. Given by the caller: this room does not reach up to Ray's.
+PartsRunner = Callable[[Pass, Progress], list[Part]]
+
+
 def merge(parts: Sequence[Part], members: int, keep: int) -> tuple[Evaluation, list[dict]]:
     """The evaluation (and RLE frames) of the whole pass from its parts, in part order."""
     best = [s for p in parts for s in p.best]
@@ -181,14 +186,13 @@ def evaluate_checkpoints(
     out_dir: str | Path | None = None,
     keep: int = 4,
     device: Device = "auto",
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
+    runner: PartsRunner | None = None,
     storage_options: dict | None = None,
     skip_bad: bool = False,
 ) -> Report:
     """Score local checkpoint files on the packed split `data` (default: the first member's `data.val`):
-    each member, and their ensemble when there are several; in this process, or over `workers` Ray
-    workers (the same result). With `out_dir`, the scored predictor's (the ensemble's, or the single
+    each member, and their ensemble when there are several; in this process, or where `runner` runs the
+    pass's parts (the same result). With `out_dir`, the scored predictor's (the ensemble's, or the single
     model's) per-image CSV, histogram and `keep` best and worst overlays are written there and listed in
     `Report.files`. Unreadable images fail it, or with `skip_bad` are left out (run_pass)."""
     check_combine(combine, weights, len(paths))
@@ -198,25 +202,20 @@ def evaluate_checkpoints(
         states, data, settings, combine, None if weights is None else tuple(weights), batch_size,
         keep if out_dir is not None else 0, device, storage_options=storage_options,
     )  # fmt: skip
-    result, _ = run_pass(job, workers=workers, gpus_per_worker=gpus_per_worker, skip_bad=skip_bad)
+    result, _ = run_pass(job, runner=runner, skip_bad=skip_bad)
     return Report(data, result, [] if out_dir is None else write_report(result, out_dir))
 
 
 def run_pass(
-    job: Pass, *, workers: int | None = None, gpus_per_worker: float | None = None, skip_bad: bool = False
+    job: Pass, *, runner: PartsRunner | None = None, skip_bad: bool = False
 ) -> tuple[Evaluation, list[dict]]:
-    """The whole pass: in this process (workers None), or cut over `workers` Ray workers. Images that
-    cannot be read raise Unavailable naming their shards once the pass is over (so that every broken
-    shard is named, not the first), unless `skip_bad`: then they are left out of the result, listed in
-    `Evaluation.unreadable`."""
+    """The whole pass: in this process (runner None), or its parts where `runner` runs them (Ray workers:
+    `execution.inference.on_ray`). Images that cannot be read raise Unavailable naming their shards once the
+    pass is over (so that every broken shard is named, not the first), unless `skip_bad`: then they are
+    left out of the result, listed in `Evaluation.unreadable`."""
     manifest = read_manifest(job.data, job.storage_options)
     with Progress(manifest["num_samples"], "predict" if job.output else "evaluate", "image", log) as progress:
-        if workers is None:
-            parts = [job.run(job.load(), progress=progress)]
-        else:
-            from orchestrator.execution.inference import run_parts
-
-            parts = run_parts(job, workers, gpus_per_worker, progress)
+        parts = [job.run(job.load(), progress=progress)] if runner is None else runner(job, progress)
     evaluation, frames = merge(parts, len(job.states), job.keep)
     if evaluation.unreadable and not skip_bad:
         raise Unavailable(_unreadable_message(job, manifest, evaluation.unreadable))

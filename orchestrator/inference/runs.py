@@ -2,9 +2,9 @@
 the best trials (members and ensemble scored together in one pass over the split), and `orchestrator
 predict` of a trial or an ensemble run into BDD100K's submission files. Evaluations log their settings,
 metrics, per-image CSV, histogram and best/worst overlays; predictions the files written. Each runs in
-this process or, with `workers`, as Ray work (`Where`). Unreadable images fail each of them, or with
-`skip_bad` are left out: every run logs how many images its scores are over (`Coverage.params`) and
-lists those left out (SKIPPED_FILE)."""
+this process or, with the CLI's `--workers`, as Ray work (`Where`). Unreadable images fail each of them,
+or with `skip_bad` are left out: every run logs how many images its scores are over (`Coverage.params`)
+and lists those left out (SKIPPED_FILE)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from orchestrator.inference.evaluate import SKIPPED_FILE, Combine, Coverage, ski
 from orchestrator.inference.parts import (
     Device,
     Output,
+    PartsRunner,
     Pass,
     evaluate_checkpoints,
     run_pass,
@@ -31,15 +32,11 @@ from orchestrator.inference.submission import RLE_FILE, Format, mask_name, write
 
 @dataclass(frozen=True)
 class Where:
-    """Where inference runs: this process (workers None) or `workers` Ray workers of `gpus_per_worker`
-    GPUs (default: one each where the cluster has GPUs); on `device`."""
+    """Where inference runs: this process (runner None) or where `runner` runs a pass's parts (the CLI's
+    `--workers`: Ray workers, execution.inference.on_ray); on `device`."""
 
-    workers: int | None = None
-    gpus_per_worker: float | None = None
+    runner: PartsRunner | None = None
     device: Device = "auto"
-
-    def args(self) -> dict:
-        return {"workers": self.workers, "gpus_per_worker": self.gpus_per_worker}
 
 
 HERE = Where()
@@ -94,7 +91,7 @@ def run_ensemble(
     with tempfile.TemporaryDirectory() as out:
         report = evaluate_checkpoints(
             paths, data, settings, combine=combine, weights=weights, batch_size=batch_size, out_dir=out,
-            device=where.device, storage_options=storage_options, skip_bad=skip_bad, **where.args(),
+            device=where.device, storage_options=storage_options, skip_bad=skip_bad, runner=where.runner,
         )  # fmt: skip
         ids = [r.info.run_id for r in runs]
         members = report.member_metrics
@@ -227,7 +224,7 @@ def evaluate_model(
         out = Path(d) / "predictions"
         report = evaluate_checkpoints(
             [path], data, settings, batch_size=batch_size, out_dir=out, device=where.device,
-            storage_options=storage_options, skip_bad=skip_bad, **where.args(),
+            storage_options=storage_options, skip_bad=skip_bad, runner=where.runner,
         )  # fmt: skip
         coverage = report.evaluation.coverage
         run_id = tracking.log_derived_run(
@@ -298,7 +295,7 @@ def predict_run(
         states, data, settings, combine, weights, batch_size, device=where.device,
         output=Output(out, format), storage_options=storage_options,
     )  # fmt: skip
-    evaluation, frames = run_pass(job, skip_bad=skip_bad, **where.args())
+    evaluation, frames = run_pass(job, skip_bad=skip_bad, runner=where.runner)
     written = write_rle(out, frames, storage_options) if format == "rle" else out
     manifest = read_manifest(data, storage_options)
     scores = evaluation.summary() if is_labeled(manifest) else {}

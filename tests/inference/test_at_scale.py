@@ -39,7 +39,7 @@ from orchestrator.data.shards import pack, read_manifest
 from orchestrator.data.synth import synthesize
 from orchestrator.data.transforms import IMAGENET
 from orchestrator.errors import MAX_VALUE_CHARS, Unavailable, UsageError
-from orchestrator.execution.inference import run_parts
+from orchestrator.execution.inference import on_ray, run_parts
 from orchestrator.inference.evaluate import SKIPPED_FILE
 from orchestrator.inference.parts import Output, Pass, evaluate_checkpoints, merge, run_pass, sample_ids
 from orchestrator.inference.predict import InferenceSettings
@@ -171,20 +171,23 @@ def test_two_ray_workers_give_the_scores_csv_and_files_of_one_process(
     path, val = split / "model.pt", f"{split}/shards/val"
     settings = InferenceSettings("slide", crop=(64, 64), stride=(32, 32))
     masks = {n: Output(str(tmp_path / f"masks{n}"), "masks") for n in (None, 2)}
+    runners = {None: None, 2: on_ray(2)}  # this process, 2 Ray workers
     try:
         reports = [
             evaluate_checkpoints([path, path], val, settings, combine="vote", out_dir=tmp_path / f"eval{n}",
-                                 keep=2, device="cpu", workers=n)
+                                 keep=2, device="cpu", runner=runners[n])
             for n in (None, 2)
         ]  # fmt: skip
-        predicted = [run_pass(job(split, out, data="test"), workers=n)[0] for n, out in masks.items()]
+        predicted = [run_pass(job(split, out, data="test"), runner=runners[n])[0] for n, out in masks.items()]
         killing = KillAWorker()
         survived, _ = merge(run_parts(job(split), 2, 0, killing), 2, 2)
-        skipping = [run_pass(job(split, data="damaged"), workers=n, skip_bad=True)[0] for n in (None, 2)]
+        skipping = [
+            run_pass(job(split, data="damaged"), runner=runners[n], skip_bad=True)[0] for n in (None, 2)
+        ]
         failures = []
         for n in (None, 2):
             with pytest.raises(Unavailable) as failed:
-                run_pass(job(split, data="damaged"), workers=n)
+                run_pass(job(split, data="damaged"), runner=runners[n])
             failures.append(str(failed.value))
     finally:
         ray.shutdown()
