@@ -11,12 +11,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, parse_norm
-from orchestrator.models.layers import conv_norm_relu, init_conv_weights
+from orchestrator.models.layers import conv_norm_relu, dilation_plan, init_conv_weights
 from orchestrator.models.resnet import BasicBlock, Bottleneck
 
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)  # per level 1-8 (a residual level's planes)
-# (stride, dilation) of levels 3-6, the residual ones.
-_RESIDUAL_LEVELS = ((2, 1), (2, 1), (1, 2), (1, 4))
+# (stride, dilation) of levels 3-6, the residual ones: ResNet's strides of 2 at output stride 8, after the
+# stem's 2, every block of a level dilated alike: ((2, 1), (2, 1), (1, 2), (1, 4)).
+_RESIDUAL_LEVELS = [(stride, dilation) for stride, _, dilation in dilation_plan((2, 2, 2, 2), 2, 8)]
 
 # name -> (block, blocks or convs per level 1-8)
 _ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, ...]]] = {

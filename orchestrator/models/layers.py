@@ -3,6 +3,8 @@ weight-standardized is decided in one place (`conv`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -127,3 +129,19 @@ def init_conv_weights(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def dilation_plan(strides: Sequence[int], reduction: int, output_stride: int) -> list[tuple[int, int, int]]:
+    """For stages (or blocks) of `strides` after a stem that reduces by `reduction`: (stride, the dilation
+    before the stage, the dilation in it). A stride that would take the features past `output_stride`
+    dilates instead (DeepLab): the stage keeps stride 1 and its convs after the first dilate by the
+    stride's factor more. Where the stage's first conv takes the dilation before (torchvision's ResNet, the
+    aligned Xception) or the one in it (the WiderResNet reference) is the backbone's choice."""
+    plan, dilation = [], 1
+    for stride in strides:
+        before = dilation
+        if reduction * stride > output_stride:
+            dilation, stride = dilation * stride, 1
+        reduction *= stride
+        plan.append((stride, before, dilation))
+    return plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, check_output_stride, parse_norm
-from orchestrator.models.layers import conv, conv_norm_relu, init_conv_weights
+from orchestrator.models.layers import conv, conv_norm_relu, dilation_plan, init_conv_weights
 from orchestrator.models.norms import make_norm
 
 
@@ -127,19 +127,10 @@ _ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]
 
 
 def _stage_plan(output_stride: int) -> list[tuple[int, int, int]]:
-    """(stride, first block's dilation, other blocks' dilation) per stage.
-
-    A stage that would push the stride past output_stride dilates instead; as torchvision, its first block
-    keeps the previous dilation. OS16: layer4 dilation 2; OS8: layer3 dilation 2, layer4 dilation 4.
-    """
-    plan, reduction, dilation = [], 4, 1  # the stem reduces by 4
-    for stride in (1, 2, 2, 2):
-        first_dilation = dilation
-        if reduction * stride > output_stride:
-            dilation, stride = dilation * stride, 1
-        reduction *= stride
-        plan.append((stride, first_dilation, dilation))
-    return plan
+    """(stride, first block's dilation, other blocks' dilation) per stage (layers.dilation_plan); as
+    torchvision, a dilated stage's first block keeps the previous dilation. OS16: layer4 dilation 2; OS8:
+    layer3 dilation 2, layer4 dilation 4."""
+    return dilation_plan((1, 2, 2, 2), 4, output_stride)  # after the stem's reduction by 4
 
 
 class ResNet(nn.Module):

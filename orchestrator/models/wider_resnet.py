@@ -14,7 +14,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, check_output_stride, parse_norm
-from orchestrator.models.layers import conv, init_conv_weights
+from orchestrator.models.layers import conv, dilation_plan, init_conv_weights
 from orchestrator.models.norms import make_norm
 
 # mod2..mod7: blocks, conv widths (two: two 3x3 convs; three: a 1x1-3x3-1x1 bottleneck), and the reference's
@@ -91,13 +91,7 @@ def _stage_plan(output_stride: int) -> list[tuple[int, int]]:
     dilation for the whole stage, as the reference's A2 does at output stride 8 (mod5 dilation 2, mod6-mod7
     4). At 16: mod5 strides, mod6-mod7 dilation 2.
     """
-    plan, reduction, dilation = [], 4, 1
-    for stride in (2, 2, 2, 1):
-        if reduction * stride > output_stride:
-            dilation, stride = dilation * stride, 1
-        reduction *= stride
-        plan.append((stride, dilation))
-    return plan
+    return [(stride, dilation) for stride, _, dilation in dilation_plan((2, 2, 2, 1), 4, output_stride)]
 
 
 class WiderResNet38(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NORMS, NormSpec, check_output_stride, parse_norm
-from orchestrator.models.layers import conv, init_conv_weights
+from orchestrator.models.layers import conv, dilation_plan, init_conv_weights
 from orchestrator.models.norms import make_norm
 
 
@@ -156,12 +156,9 @@ class Xception65(nn.Module):
             ConvNorm(32, 64, 3, stride=1, norm=norm, relu=True),
         )
         self.blocks = nn.Sequential()
-        reduction, dilation = 2, 1  # the stem reduces by 2
-        for i, (in_channels, out_channels, stride) in enumerate(_BLOCKS):
-            block_dilation = dilation
-            if reduction * stride > output_stride:
-                dilation, stride = dilation * stride, 1
-            reduction *= stride
+        plan = dilation_plan([stride for _, _, stride in _BLOCKS], 2, output_stride)  # the stem reduces by 2
+        blocks = zip(_BLOCKS, plan, strict=True)
+        for i, ((in_channels, out_channels, _), (stride, block_dilation, _)) in enumerate(blocks):
             self.blocks.add_module(
                 str(i),
                 XceptionModule(

@@ -124,3 +124,16 @@ def test_ws_models_standardize_every_conv_a_norm_follows_and_no_depthwise_one(
     if backbone == "xception65":
         assert len(depthwise - {n for n in depthwise if n.startswith("head.")}) == 21 * 3
     assert not any(isinstance(m, StdConv2d) for m in plain_model.modules())
+
+
+@pytest.mark.parametrize(
+    ("strides", "reduction", "output_stride", "plan"),
+    [
+        ((1, 2, 2, 2), 4, 16, [(1, 1, 1), (2, 1, 1), (2, 1, 1), (1, 1, 2)]),  # ResNet: layer4 dilated
+        ((1, 2, 2, 2), 4, 8, [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4)]),  # layer3 2, layer4 4
+        ((2, 2, 2, 2), 2, 8, [(2, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4)]),  # DRN-D's levels 3-6
+        ((2, 2, 2, 1), 4, 32, [(2, 1, 1), (2, 1, 1), (2, 1, 1), (1, 1, 1)]),  # nothing to dilate
+    ],
+)
+def test_a_stride_past_the_output_stride_becomes_dilation(strides, reduction, output_stride, plan) -> None:
+    assert layers.dilation_plan(strides, reduction, output_stride) == plan
