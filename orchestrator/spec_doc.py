@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from orchestrator.models.catalog import norm_table
+from orchestrator.models.catalog import backbone_table, norm_table
 from orchestrator.spec import json_schema
 
 HEADER = """\
@@ -22,6 +22,11 @@ except `name`. Examples: `jobs/smoke.yaml`, `jobs/sweep_norms.yaml`.
 NORMS_TEXT = (
     "What `norm` (and `grid.norm`) may name, a line per row of `NORMS` in `orchestrator/models/catalog.py`; "
     "<N> is a whole number. A new norm is a class and a row there (docs/models.md)."
+)
+BACKBONES_TEXT = (
+    "What `model.backbone` may name, from the records of `BACKBONES` in `orchestrator/models/catalog.py`: "
+    "parameters as published, without the ImageNet classifier. A new backbone is a module and a record there "
+    "(docs/models.md)."
 )
 _BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
 
@@ -48,6 +53,7 @@ def render() -> str:
             out.append(f"| {' | '.join(cells)} |")
         out.append("")
     out += ["## Norms", "", NORMS_TEXT, "", *norm_table(), ""]
+    out += ["## Backbones", "", BACKBONES_TEXT, "", *backbone_table(), ""]
     return "\n".join(out)
 
 

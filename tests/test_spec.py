@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator import spec as specs
 from orchestrator.cli import main
-from orchestrator.models.catalog import BACKBONES, norm_grammar, norm_table
+from orchestrator.models.catalog import BACKBONES, backbone_table, norm_grammar, norm_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"name": "t", "data": {"train": "s3://b/train", "val": "s3://b/val"}}
@@ -225,9 +225,12 @@ def test_docs_spec_md_is_what_the_schema_writes_and_names_every_field(tmp_path):
     assert main(["spec", "--doc", str(tmp_path / "spec.md")]) == 0
     written = (tmp_path / "spec.md").read_text()
     assert written == (ROOT / "docs/spec.md").read_text(), "stale: run `orchestrator spec --doc docs/spec.md`"
-    fields, norms = written.split("\n## Norms\n")
+    fields, rest = written.split("\n## Norms\n")
+    norms, backbones = rest.split("\n## Backbones\n")
     rows = [line.split(" | ")[0].strip("| `") for line in fields.splitlines() if line.startswith("| `")]
     assert [line for line in norms.splitlines() if line.startswith("| `")] == norm_table()[2:]
+    header, _, *records = backbone_table()
+    assert [line for line in backbones.splitlines() if line.startswith("| `")] == [header, *records]
     stage_fields = list(specs.StageSpec.model_fields)
     assert sorted(rows) == sorted(["name", "grid", *specs.grid_keys(), *stage_fields])
 

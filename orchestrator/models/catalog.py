@@ -5,6 +5,7 @@ No torch import here: the spec validator imports this module and must stay torch
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -34,7 +35,12 @@ class Backbone:
     multi_grid_blocks: int | None = None  # blocks of the last stage, one multi-grid unit rate each
     own_head: str | None = None  # a head that is part of its architecture (ENet's decoder)
     layout: str = ""  # whose parameter names it uses, so that published weights load by name
+    about: str = ""  # what it is, for the backbones' table (docs/spec.md); records alike share one line
 
+
+_RESNET = "torchvision key layout; `model.multi_grid: [1, 2, 4]` (DeepLabv3)"
+_RESNET_D = "ResNet-D (deep stem, pooled shortcuts), timm layout"
+_DRN = "DRN-D without final pooling, fyu/drn layout"
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -48,6 +54,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=2,
             ibn=True,
             layout="torchvision",
+            about=_RESNET,
         ),
         Backbone(
             "resnet50",
@@ -58,6 +65,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=3,
             ibn=True,
             layout="torchvision",
+            about=_RESNET,
         ),
         Backbone(
             "resnet101",
@@ -68,6 +76,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=3,
             ibn=True,
             layout="torchvision",
+            about=_RESNET,
         ),
         Backbone(
             "resnet152",
@@ -78,6 +87,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=3,
             ibn=True,
             layout="torchvision",
+            about=_RESNET,
         ),
         # ResNet-D (deep stem, average-pool shortcuts), as timm's resnet*d
         Backbone(
@@ -89,6 +99,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=3,
             ibn=True,
             layout="timm",
+            about=_RESNET_D,
         ),
         Backbone(
             "resnet101d",
@@ -99,6 +110,7 @@ BACKBONES: dict[str, Backbone] = {
             multi_grid_blocks=3,
             ibn=True,
             layout="timm",
+            about=_RESNET_D,
         ),
         Backbone(
             "xception65",
@@ -108,6 +120,7 @@ BACKBONES: dict[str, Backbone] = {
             source="timm: 39.92M with its 2048x1000 fc",
             tolerance=0.005,
             layout="timm",
+            about="aligned Xception of DeepLabv3+, timm layout",
         ),
         # DRN: ResNet's blocks, dilated to output stride 8 by design
         Backbone(
@@ -120,6 +133,7 @@ BACKBONES: dict[str, Backbone] = {
             output_strides=(8,),
             ibn=True,
             layout="fyu/drn",
+            about=_DRN,
         ),
         Backbone(
             "drn_d_105",
@@ -131,6 +145,7 @@ BACKBONES: dict[str, Backbone] = {
             output_strides=(8,),
             ibn=True,
             layout="fyu/drn",
+            about=_DRN,
         ),
         Backbone(
             "wider_resnet38",
@@ -139,6 +154,7 @@ BACKBONES: dict[str, Backbone] = {
             parameters=105_070_912,
             source="mapillary's wider_resnet38_a2, minus its classifier",
             layout="mapillary",
+            about="WiderResNet38-A2, mapillary layout",
         ),
         # ENet: encoder-decoder at stride 8; the count is the whole model's (3 classes here)
         Backbone(
@@ -150,6 +166,7 @@ BACKBONES: dict[str, Backbone] = {
             tolerance=0.02,
             output_strides=(8,),
             own_head="enet",
+            about="encoder-decoder with its own head `enet`",
         ),
     )
 }
@@ -157,6 +174,20 @@ BACKBONES: dict[str, Backbone] = {
 # Heads that are part of one backbone's architecture, head -> that backbone: valid only together, both ways.
 # Every other head fits every other backbone.
 OWN_HEADS: dict[str, str] = {b.own_head: b.name for b in BACKBONES.values() if b.own_head}
+
+
+def backbone_table() -> list[str]:
+    """The backbones' table (markdown): a line per run of records that say the same `about`."""
+    lines = ["| `model.backbone` | published parameters | default output stride | notes |"]
+    lines.append("|---|---:|---:|---|")
+    for about, run in itertools.groupby(BACKBONES.values(), key=lambda b: b.about):
+        run = list(run)
+        counts = ", ".join(f"{b.parameters / 1e6:.{1 if b.parameters >= 1e6 else 2}f}M" for b in run)
+        strides = run[0].output_strides
+        stride = f"{strides[0]}" + (" (only)" if len(strides) == 1 else "")
+        whole = " (whole model)" if run[0].own_head else ""
+        lines.append(f"| {', '.join(f'`{b.name}`' for b in run)} | {counts}{whole} | {stride} | {about} |")
+    return lines
 
 
 def check_output_stride(output_stride: int) -> None:

@@ -158,14 +158,16 @@ def test_records_name_the_code_that_builds_them() -> None:
         assert callable(build) and build.__module__ == f"orchestrator.models.{record.module}"
         assert record.output_strides and set(record.output_strides) <= set(catalog.OUTPUT_STRIDES)
         assert (record.channels is None) == bool(record.own_head)
+        assert record.about, f"{record.name}: the backbones' table says what it is"
     assert set(HEAD_BUILDERS) | set(catalog.OWN_HEADS) == set(catalog.HEADS)
     assert not set(HEAD_BUILDERS) & set(catalog.OWN_HEADS)
 
 
 def test_a_new_backbone_is_one_module_and_one_record(monkeypatch: pytest.MonkeyPatch) -> None:
     """What docs/models.md's "Adding a backbone" promises: a module with a function named like the backbone
-    and a catalog record, and the spec, build_model and the contract take it."""
+    and a catalog record, and the spec, docs/spec.md's table, build_model and the contract take it."""
     from orchestrator import spec as specs
+    from orchestrator import spec_doc
 
     module = types.ModuleType("orchestrator.models.tinynet")
 
@@ -192,8 +194,10 @@ def test_a_new_backbone_is_one_module_and_one_record(monkeypatch: pytest.MonkeyP
         channels=(8, 16),
         parameters=3 * 8 * 9 + 2 * 8 + 8 * 16 * 9 + 2 * 16,
         source="counted",
+        about="a toy",
     )
     monkeypatch.setitem(catalog.BACKBONES, "tinynet", record)
+    assert "| `tinynet` | 0.00M | 16 | a toy |" in spec_doc.render().splitlines()  # docs/spec.md's table
 
     spec = specs.validate({"name": "t", "data": {"train": "x", "val": "x"}, "model": {"backbone": "tinynet"}})
     (trial,) = specs.expand(spec)
