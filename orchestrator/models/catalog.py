@@ -330,9 +330,14 @@ WS_ABOUT = (
 _FORMS = {"": ("{}",), "grouping": ("{}:g<N>", "{}:c<N>"), "batch": ("{}:b<N>",), "rule": ("{}", "{}:rule")}
 
 
+def _forms(norm: Norm) -> list[str]:
+    """The spec strings a row takes (`gn:g<N>`, `gn:c<N>`)."""
+    return [form.format(norm.name) for form in _FORMS[norm.argument]]
+
+
 def norm_grammar() -> str:
     """Every form of norm spec string, from NORMS."""
-    forms = ", ".join(form.format(n.name) for n in NORMS.values() for form in _FORMS[n.argument])
+    forms = ", ".join(form for n in NORMS.values() for form in _forms(n))
     return (
         f"{forms} (g<N>: N groups, c<N>: N channels per group, b<N>: virtual batches of N images); any of "
         "them may end in +ws (weight standardization)"
@@ -343,7 +348,7 @@ def norm_table() -> list[str]:
     """The norms' table (markdown): each row's forms and what it is, and the +ws suffix."""
     lines = ["| norm | what it is |", "|---|---|"]
     for n in NORMS.values():
-        forms = ", ".join(f"`{form.format(n.name)}`" for form in _FORMS[n.argument])
+        forms = ", ".join(f"`{form}`" for form in _forms(n))
         lines.append(f"| {forms} | {n.about} |")
     return [*lines, f"| `...+ws` (`gn:c16+ws`, `bn+ws`) | {WS_ABOUT} |"]
 

@@ -8,7 +8,6 @@ does at 2, while each step still averages the gradient of 8.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec
@@ -32,19 +31,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return cls(num_channels, spec.virtual_batch)
 
     def forward(self, x: Tensor) -> Tensor:
+        batch_norm = super().forward  # BatchNorm2d's step: statistics, running update, batch count
         if not (self.training and torch.is_grad_enabled()) or x.shape[0] <= self.virtual_batch:
-            return super().forward(x)
-        self._check_input_dim(x)
-        parts = []
-        for part in x.split(self.virtual_batch):
-            momentum = self.momentum
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                if momentum is None:  # cumulative moving average, as BatchNorm
-                    momentum = 1.0 / float(self.num_batches_tracked)
-            stats = (self.running_mean, self.running_var)
-            parts.append(F.batch_norm(part, *stats, self.weight, self.bias, True, momentum, self.eps))
-        return keep_layout(x, torch.cat(parts))
+            return batch_norm(x)
+        return keep_layout(x, torch.cat([batch_norm(part) for part in x.split(self.virtual_batch)]))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"

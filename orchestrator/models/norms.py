@@ -83,11 +83,16 @@ def convert_norms(model: nn.Module, spec: str | NormSpec) -> nn.Module:
     if NORMS[spec.kind].mixes_instance or spec.ws:
         why = "+ws changes its convs" if spec.ws else "where IBN-a mixes in instance norm is architecture"
         raise ValueError(f"cannot convert a model's norms to {str(spec)!r} ({why}); build the model with it")
-    for name, child in model.named_children():
-        if isinstance(child, norm_layers()):
-            setattr(model, name, _converted(child, spec))
-        else:
-            convert_norms(child, spec)
+    layers = norm_layers()
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, layers):
+                setattr(module, name, _converted(child, spec))
+            else:
+                swap(child)
+
+    swap(model)
     return model
 
 
