@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/orchestrator ensemble --top 3 --experiment smoke
 	$(BIN)/orchestrator report --experiment smoke --out data/report
 
-# The normalization study at proxy scale (jobs/study_proxy.yaml: 48 trials, about 2 h 40 min on 2 cores); its
+# The normalization study at proxy scale (jobs/study_proxy.yaml: 54 trials, about 3 h on 2 cores); its
 # document, docs/study-proxy.md, is what `orchestrator report` writes from the MLflow runs. A failed trial is
 # a result (the report gives its reason), so the sweep's exit status does not stop the ensemble and report.
 study: setup

@@ -46,13 +46,13 @@ def test_shipped_specs_are_valid():
         assert specs.expand(specs.load(ROOT / "jobs" / name))
 
 
-STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule", "brn"]
+STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule", "brn", "frn"]
 
 
-def test_study_proxy_is_48_trials_that_each_see_the_same_training_images():
+def test_study_proxy_is_54_trials_that_each_see_the_same_training_images():
     spec = specs.load(ROOT / "jobs/study_proxy.yaml")
     trials = [t.config for t in specs.expand(spec)]
-    assert len(trials) == 8 * 3 * 2 == 48
+    assert len(trials) == len(STUDY_NORMS) * 3 * 2 == 54
     assert sorted({(c["norm"], c["train.batch_per_gpu"], c["train.seed"]) for c in trials}) == sorted(
         (n, b, s) for n in STUDY_NORMS for b in (1, 2, 8) for s in (0, 1)
     )
@@ -76,7 +76,7 @@ def test_sweep_norms_is_the_full_scale_twin_of_the_proxy():
         [t.config for t in specs.expand(specs.load(ROOT / "jobs" / n))]
         for n in ("sweep_norms.yaml", "study_proxy.yaml")
     )
-    assert len(full) == 2 * 8 * 4 * 3 * 2
+    assert len(full) == 2 * len(STUDY_NORMS) * 4 * 3 * 2 == 432
     assert {c["model.backbone"] for c in full} == {"resnet101", "xception65"}
     assert {tuple(c["train.crop"]) for c in full} == {(513, 513), (720, 720), (1280, 720)}
     assert {c["train.batch_per_gpu"] for c in full} == {1, 2, 4, 8}

@@ -250,6 +250,8 @@ class Norm:
     about: str = ""  # what it is, for the norms' table (docs/spec.md)
     mixes_instance: bool = False  # IBN-Net-a: instance norm in ResNet-style blocks (Backbone.ibn) only
     evalnorm_calibrates: bool = False  # a model trained with it as BN (its batch at once): EvalNorm applies
+    activation: str = ""  # dotted path of the class, built as cls(channels), that replaces every activation
+    # of the model (`norms.make_act`): a norm that owns its activation; "" keeps the model's own
 
 
 NORMS: dict[str, Norm] = {
@@ -320,6 +322,14 @@ NORMS: dict[str, Norm] = {
             "statistics by r and d, clipped by r_max and d_max, constants in the backward; BN in eval. The "
             "paper's schedule: r_max = 1, d_max = 0 for 5000 training forwards (K per step with "
             "`train.accumulate: K`), then linearly to 3 at 40k and 5 at 25k",
+        ),
+        Norm(
+            "frn",
+            "orchestrator.models.frn.FilterResponseNorm2d",
+            about="Filter Response Normalization (Singh & Krishnan 2020): each image's channel divided by "
+            "the root mean square of its responses, no mean subtracted; it owns the activation: every "
+            "activation of the model becomes a TLU, max(x, tau) with a learned tau per channel",
+            activation="orchestrator.models.frn.TLU",
         ),
     )
 }

@@ -20,10 +20,11 @@ from orchestrator.models.catalog import NormSpec, check_output_stride, parse_nor
 from orchestrator.models.layers import (
     classifier,
     conv,
-    conv_norm_relu,
+    conv_norm_act,
     init_conv_weights,
-    separable_conv_norm_relu,
+    separable_conv_norm_act,
 )
+from orchestrator.models.norms import make_act
 
 ASPP_RATES_OS16 = (6, 12, 18)  # doubled at output stride 8, where the features are twice as large
 
@@ -48,19 +49,19 @@ class ASPP(nn.Module):
     ) -> None:
         super().__init__()
         atrous = [
-            separable_conv_norm_relu(in_channels, channels, norm=norm, dilation=r)
+            separable_conv_norm_act(in_channels, channels, norm=norm, dilation=r)
             if separable
-            else conv_norm_relu(in_channels, channels, 3, norm=norm, dilation=r)
+            else conv_norm_act(in_channels, channels, 3, norm=norm, dilation=r)
             for r in rates
         ]
-        self.branches = nn.ModuleList([conv_norm_relu(in_channels, channels, 1, norm=norm), *atrous])
+        self.branches = nn.ModuleList([conv_norm_act(in_channels, channels, 1, norm=norm), *atrous])
         # Image pooling works on a 1x1 map: a BN there sees one value per channel at batch 1 per GPU, as the
         # study runs ("Expected more than 1 value per channel when training"). So this branch is a biased conv
         # without a norm, for every norm spec, so that the head's architecture does not vary with the norm.
         self.pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), conv(in_channels, channels, 1, bias=True), nn.ReLU(inplace=True)
+            nn.AdaptiveAvgPool2d(1), conv(in_channels, channels, 1, bias=True), make_act(norm, channels)
         )
-        self.project = conv_norm_relu(channels * (len(rates) + 2), channels, 1, norm=norm)
+        self.project = conv_norm_act(channels * (len(rates) + 2), channels, 1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
@@ -82,9 +83,9 @@ class DeepLabV3PlusHead(nn.Module):
         super().__init__()
         norm = parse_norm(norm)
         self.aspp = ASPP(in_channels, rates=aspp_rates(output_stride), norm=norm, separable=True)
-        self.low_project = conv_norm_relu(low_channels, 48, 1, norm=norm)
+        self.low_project = conv_norm_act(low_channels, 48, 1, norm=norm)
         self.fuse = nn.Sequential(
-            separable_conv_norm_relu(256 + 48, 256, norm=norm), separable_conv_norm_relu(256, 256, norm=norm)
+            separable_conv_norm_act(256 + 48, 256, norm=norm), separable_conv_norm_act(256, 256, norm=norm)
         )
         init_conv_weights(self)
         self.classifier = classifier(256, num_classes)  # after init_conv_weights: keeps its small init

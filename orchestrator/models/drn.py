@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, parse_norm
-from orchestrator.models.layers import conv_norm_relu, dilation_plan, init_conv_weights
+from orchestrator.models.layers import conv_norm_act, dilation_plan, init_conv_weights
 from orchestrator.models.resnet import BasicBlock, Bottleneck
 
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)  # per level 1-8 (a residual level's planes)
@@ -42,7 +42,7 @@ def _conv_level(
         *(
             module
             for i in range(convs)
-            for module in conv_norm_relu(
+            for module in conv_norm_act(
                 in_channels if i == 0 else out_channels,
                 out_channels,
                 kernel_size,

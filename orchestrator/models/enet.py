@@ -21,11 +21,9 @@ from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, parse_norm
 from orchestrator.models.layers import conv, init_conv_weights
-from orchestrator.models.norms import make_norm
+from orchestrator.models.norms import make_act, make_norm, norm_act
 
-
-def _norm_prelu(norm: NormSpec, channels: int) -> list[nn.Module]:
-    return [make_norm(norm, channels), nn.PReLU(channels)]  # one PReLU slope per channel, as the authors'
+ACT = "prelu"  # one slope per channel, as the authors'
 
 
 class ZeroUpsample(nn.Module):
@@ -50,7 +48,7 @@ class InitialBlock(nn.Module):
         super().__init__()
         self.conv = conv(3, 13, 3, stride=2, norm=norm)
         self.pool = nn.MaxPool2d(2)
-        self.norm_act = nn.Sequential(*_norm_prelu(norm, 16))
+        self.norm_act = nn.Sequential(*norm_act(norm, 16, ACT))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm_act(torch.cat([self.conv(x), self.pool(x)], dim=1))
@@ -76,7 +74,7 @@ class Bottleneck(nn.Module):
         if asymmetric:
             middle = [
                 conv(internal, internal, (5, 1), norm=norm),
-                *_norm_prelu(norm, internal),
+                *norm_act(norm, internal, ACT),
                 conv(internal, internal, (1, 5), norm=norm),
             ]
         else:
@@ -84,14 +82,14 @@ class Bottleneck(nn.Module):
         # A downsampling bottleneck's projection is a 2x2 stride-2 conv instead of a 1x1 (paper, section 3).
         self.ext = nn.Sequential(
             conv(in_channels, internal, stride, stride=stride, norm=norm),
-            *_norm_prelu(norm, internal),
+            *norm_act(norm, internal, ACT),
             *middle,
-            *_norm_prelu(norm, internal),
+            *norm_act(norm, internal, ACT),
             conv(internal, out_channels, 1, norm=norm),
             make_norm(norm, out_channels),
             nn.Dropout2d(dropout),
         )
-        self.act = nn.PReLU(out_channels)
+        self.act = make_act(norm, out_channels, ACT)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(x + self.ext(x))
@@ -123,15 +121,15 @@ class UpsamplingBottleneck(nn.Module):
         )
         self.ext = nn.Sequential(
             conv(in_channels, internal, 1, norm=norm),
-            *_norm_prelu(norm, internal),
+            *norm_act(norm, internal, ACT),
             ZeroUpsample(),
             conv(internal, internal, 3, norm=norm),
-            *_norm_prelu(norm, internal),
+            *norm_act(norm, internal, ACT),
             conv(internal, out_channels, 1, norm=norm),
             make_norm(norm, out_channels),
             nn.Dropout2d(dropout),
         )
-        self.act = nn.PReLU(out_channels)
+        self.act = make_act(norm, out_channels, ACT)
 
     def forward(self, x: Tensor, indices: Tensor) -> Tensor:
         shortcut = F.max_unpool2d(self.shortcut(x), indices, kernel_size=2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec
-from orchestrator.models.norms import make_norm
+from orchestrator.models.norms import norm_act
 
 
 def conv(
@@ -71,16 +71,18 @@ class StdConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-def conv_norm_relu(
+def conv_norm_act(
     in_channels: int,
     out_channels: int,
     kernel_size: int,
     *,
     norm: NormSpec,
+    act: str = "relu",
     stride: int = 1,
     dilation: int = 1,
     groups: int = 1,
 ) -> nn.Sequential:
+    """conv -> norm -> activation (`norms.norm_act`: `act`, or the norm's own), indices 0, 1, 2."""
     return nn.Sequential(
         conv(
             in_channels,
@@ -91,20 +93,19 @@ def conv_norm_relu(
             groups=groups,
             norm=norm,
         ),
-        make_norm(norm, out_channels),
-        nn.ReLU(inplace=True),
+        *norm_act(norm, out_channels, act),
     )
 
 
-def separable_conv_norm_relu(
+def separable_conv_norm_act(
     in_channels: int, out_channels: int, *, norm: NormSpec, dilation: int = 1
 ) -> nn.Sequential:
     """DeepLabv3+'s depthwise-separable 3x3 conv: depthwise 3x3 (atrous) + norm + ReLU, then pointwise
     1x1 + norm + ReLU (Chen et al., ECCV 2018, Sec. 3.2). One flat Sequential: index 0 is the depthwise conv.
     """
     return nn.Sequential(
-        *conv_norm_relu(in_channels, in_channels, 3, norm=norm, dilation=dilation, groups=in_channels),
-        *conv_norm_relu(in_channels, out_channels, 1, norm=norm),
+        *conv_norm_act(in_channels, in_channels, 3, norm=norm, dilation=dilation, groups=in_channels),
+        *conv_norm_act(in_channels, out_channels, 1, norm=norm),
     )
 
 

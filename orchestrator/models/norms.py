@@ -1,6 +1,8 @@
 """Every normalization layer: a spec string (see `catalog.parse_norm`) -> an nn.Module for C channels.
 
-Models never pick a norm class themselves; they call `make_norm(spec, C)` for each layer.
+Models never pick a norm or an activation class themselves: they call `make_norm(spec, C)` for each norm,
+`make_act(spec, C, act)` for each activation (a norm may own the activations: FRN's TLU), or `norm_act` for
+the pair.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -35,9 +38,40 @@ def make_norm(spec: str | NormSpec, num_channels: int, *, instance_half: bool = 
     return layer_class(spec.kind).from_spec(spec, num_channels)
 
 
+# The activations a model asks `make_act` for, by name; each built for its C channels, in place or not.
+ACTIVATIONS: dict[str, Callable[[int, bool], nn.Module]] = {
+    "relu": lambda channels, inplace: nn.ReLU(inplace),
+    "leaky_relu": lambda channels, inplace: nn.LeakyReLU(0.01, inplace),  # in-place ABN's slope
+    "prelu": lambda channels, inplace: nn.PReLU(channels),  # one slope per channel
+}
+
+
+def make_act(
+    spec: str | NormSpec, num_channels: int, act: str = "relu", *, inplace: bool = True
+) -> nn.Module:
+    """The activation a model with norm `spec` has where it places activation `act` (ACTIVATIONS), on
+    `num_channels` channels: `act` itself, unless the norm owns the model's activations (its row's
+    `activation`, FRN's TLU). Models call it for every activation, after a norm or not; `inplace=False`
+    where the input is read again (a pre-activation whose input is also the shortcut)."""
+    owned = NORMS[parse_norm(spec).kind].activation
+    return _imported(owned)(num_channels) if owned else ACTIVATIONS[act](num_channels, inplace)
+
+
+def norm_act(
+    spec: str | NormSpec, num_channels: int, act: str = "relu", *, instance_half: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """(norm, activation) for a norm an activation follows: `make_norm` and `make_act`, two modules so
+    that each keeps the name a checkpoint gives it (`bn1`; a ReLU holds no tensors)."""
+    return make_norm(spec, num_channels, instance_half=instance_half), make_act(spec, num_channels, act)
+
+
 def layer_class(kind: str) -> type[nn.Module]:
     """The class that builds norm `kind`: its row's dotted path (catalog.NORMS), imported."""
-    module, _, name = NORMS[kind].layer.rpartition(".")
+    return _imported(NORMS[kind].layer)
+
+
+def _imported(path: str) -> type[nn.Module]:
+    module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
@@ -77,11 +111,24 @@ def convert_norms(model: nn.Module, spec: str | NormSpec) -> nn.Module:
     Affine weights and running stats are copied where both layers have them: BN -> frozenbn freezes a
     trained model's statistics for fine-tuning, BN -> evalnorm keeps everything, BN -> GN keeps the affine.
     Specs that change more than the norms are refused: IBN-a's placement (the first norm of the blocks in
-    layer1-3) is the architecture's, and `+ws` changes the convs; build the model with those instead.
+    layer1-3) is the architecture's, `+ws` changes the convs, and a norm that owns the activations (FRN's
+    TLU) changes those, to or from it; build the model with those instead.
     """
     spec = parse_norm(spec)
-    if NORMS[spec.kind].mixes_instance or spec.ws:
-        why = "+ws changes its convs" if spec.ws else "where IBN-a mixes in instance norm is architecture"
+    row = NORMS[spec.kind]
+    owned = tuple({_imported(n.activation) for n in NORMS.values() if n.activation})
+    why = (
+        "+ws changes its convs"
+        if spec.ws
+        else "where IBN-a mixes in instance norm is architecture"
+        if row.mixes_instance
+        else "it owns the model's activations"
+        if row.activation
+        else "the model's norm owns its activations"
+        if any(isinstance(m, owned) for m in model.modules())
+        else ""
+    )
+    if why:
         raise ValueError(f"cannot convert a model's norms to {str(spec)!r} ({why}); build the model with it")
     layers = norm_layers()
 

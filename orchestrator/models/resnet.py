@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, check_output_stride, parse_norm
-from orchestrator.models.layers import conv, conv_norm_relu, dilation_plan, init_conv_weights
-from orchestrator.models.norms import make_norm
+from orchestrator.models.layers import conv, conv_norm_act, dilation_plan, init_conv_weights
+from orchestrator.models.norms import make_act, make_norm, norm_act
 
 
 class BasicBlock(nn.Module):
@@ -31,20 +31,20 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.conv1 = conv(in_channels, planes, 3, stride=stride, dilation=first_dilation, norm=norm)
-        self.bn1 = make_norm(norm, planes, instance_half=instance_half)
+        self.bn1, self.act1 = norm_act(norm, planes, instance_half=instance_half)
         self.conv2 = conv(planes, planes, 3, dilation=dilation, norm=norm)
         self.bn2 = make_norm(norm, planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.act2 = make_act(norm, planes)  # after the sum
         self.downsample = _shortcut(in_channels, planes, stride, norm, avg_down=avg_down)
 
     def last_norm(self) -> nn.Module:
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return self.act2(out + identity)
 
 
 class Bottleneck(nn.Module):
@@ -67,23 +67,23 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = conv(in_channels, planes, 1, norm=norm)
-        self.bn1 = make_norm(norm, planes, instance_half=instance_half)
+        self.bn1, self.act1 = norm_act(norm, planes, instance_half=instance_half)
         self.conv2 = conv(planes, planes, 3, stride=stride, dilation=first_dilation, norm=norm)
-        self.bn2 = make_norm(norm, planes)
+        self.bn2, self.act2 = norm_act(norm, planes)
         self.conv3 = conv(planes, out_channels, 1, norm=norm)
         self.bn3 = make_norm(norm, out_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.act3 = make_act(norm, out_channels)  # after the sum
         self.downsample = _shortcut(in_channels, out_channels, stride, norm, avg_down=avg_down)
 
     def last_norm(self) -> nn.Module:
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return self.act3(out + identity)
 
 
 def _shortcut(
@@ -111,8 +111,8 @@ def _deep_stem(norm: NormSpec) -> nn.Sequential:
     instead of one 7x7. Laid out as timm's `resnet*d` so its weights load by name: convs `conv1.0`,
     `conv1.3`, `conv1.6`, norms `conv1.1`, `conv1.4`; the last conv's norm is the model's `bn1`."""
     return nn.Sequential(
-        *conv_norm_relu(3, 32, 3, norm=norm, stride=2),
-        *conv_norm_relu(32, 32, 3, norm=norm),
+        *conv_norm_act(3, 32, 3, norm=norm, stride=2),
+        *conv_norm_act(32, 32, 3, norm=norm),
         conv(32, 64, 3, norm=norm),
     )
 
@@ -168,8 +168,7 @@ class ResNet(nn.Module):
             )
         norm = parse_norm(norm)
         self.conv1 = _deep_stem(norm) if deep_stem else conv(3, 64, 7, stride=2, norm=norm)
-        self.bn1 = make_norm(norm, 64)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn1, self.act1 = norm_act(norm, 64)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         in_channels, stages = 64, []
@@ -207,7 +206,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.last_norm().weight)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         low = self.layer1(x)
         out = self.layer4(self.layer3(self.layer2(low)))
         return {"low": low, "out": out}

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from orchestrator.models.catalog import NormSpec, check_output_stride, parse_norm
 from orchestrator.models.layers import conv, dilation_plan, init_conv_weights
-from orchestrator.models.norms import make_norm
+from orchestrator.models.norms import norm_act
+
+# The reference's norm-act is in-place ABN with leaky ReLU 0.01 (its WiderResNet38 ImageNet config).
+ACT = "leaky_relu"
 
 # mod2..mod7: blocks, conv widths (two: two 3x3 convs; three: a 1x1-3x3-1x1 bottleneck), and the reference's
 # spatial dropout before the last conv of each block (mod6, mod7; off in eval).
@@ -27,11 +30,6 @@ _STAGES: tuple[tuple[int, tuple[int, ...], float], ...] = (
     (1, (512, 1024, 2048), 0.3),
     (1, (1024, 2048, 4096), 0.5),
 )
-
-
-def _activation() -> nn.Module:
-    # The reference's norm-act is in-place ABN with leaky ReLU 0.01 (its WiderResNet38 ImageNet config).
-    return nn.LeakyReLU(0.01, inplace=True)
 
 
 class PreActBlock(nn.Module):
@@ -51,15 +49,13 @@ class PreActBlock(nn.Module):
         norm: NormSpec,
     ) -> None:
         super().__init__()
-        self.bn1 = make_norm(norm, in_channels)
-        self.act1 = _activation()
+        self.bn1, self.act1 = norm_act(norm, in_channels, ACT)
         kernels = (3, 3) if len(widths) == 2 else (1, 3, 1)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = in_channels
         for i, (kernel, width) in enumerate(zip(kernels, widths, strict=True), start=1):
             if i > 1:  # the reference's names: conv<i> after bn<i>; bn1 is the block's input norm
-                layers[f"bn{i}"] = make_norm(norm, channels)
-                layers[f"act{i}"] = _activation()
+                layers[f"bn{i}"], layers[f"act{i}"] = norm_act(norm, channels, ACT)
             if i == len(kernels) and dropout:
                 layers["dropout"] = nn.Dropout2d(dropout)
             layers[f"conv{i}"] = conv(
@@ -126,8 +122,7 @@ class WiderResNet38(nn.Module):
                 in_channels = widths[-1]
             stages.append(nn.Sequential(blocks))
         self.mod2, self.mod3, self.mod4, self.mod5, self.mod6, self.mod7 = stages
-        self.bn_out = make_norm(norm, in_channels)
-        self.act_out = _activation()
+        self.bn_out, self.act_out = norm_act(norm, in_channels, ACT)
         init_conv_weights(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

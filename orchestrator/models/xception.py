@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from orchestrator.models.catalog import NORMS, NormSpec, check_output_stride, parse_norm
 from orchestrator.models.layers import conv, dilation_plan, init_conv_weights
-from orchestrator.models.norms import make_norm
+from orchestrator.models.norms import make_act, make_norm
 
 
 class ConvNorm(nn.Module):
@@ -33,7 +33,7 @@ class ConvNorm(nn.Module):
         super().__init__()
         self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, norm=norm)
         self.bn = make_norm(norm, out_channels)
-        self.act = nn.ReLU() if relu else nn.Identity()
+        self.act = make_act(norm, out_channels) if relu else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -58,18 +58,20 @@ class SeparableConv2d(nn.Module):
         relu_first: bool,
     ) -> None:
         super().__init__()
-        self.pre_act = nn.ReLU() if relu_first else nn.Identity()
+        # Not in place: its input is the block's shortcut, or the decoder's low-level feature.
+        self.pre_act = make_act(norm, in_channels, inplace=False) if relu_first else nn.Identity()
         self.conv_dw = conv(
             in_channels, in_channels, 3, stride=stride, dilation=dilation, groups=in_channels, norm=norm
         )
         self.bn_dw = make_norm(norm, in_channels)
+        self.act_dw = nn.Identity() if relu_first else make_act(norm, in_channels)
         self.conv_pw = conv(in_channels, out_channels, 1, norm=norm)
         self.bn_pw = make_norm(norm, out_channels)
-        self.act = nn.Identity() if relu_first else nn.ReLU()
+        self.act_pw = nn.Identity() if relu_first else make_act(norm, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.bn_dw(self.conv_dw(self.pre_act(x))))
-        return self.act(self.bn_pw(self.conv_pw(x)))
+        x = self.act_dw(self.bn_dw(self.conv_dw(self.pre_act(x))))
+        return self.act_pw(self.bn_pw(self.conv_pw(x)))
 
 
 class XceptionModule(nn.Module):

@@ -102,12 +102,13 @@ def test_features_at_every_output_stride_the_record_names(backbone: str, output_
 def test_every_norm_comes_from_make_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     """No model builds a norm of its own: each is the factory's, so a spec's norm reaches every layer."""
     made: list[nn.Module] = []
+    make_norm = norms.make_norm
 
     def recording(*args, **kwargs) -> nn.Module:
-        made.append(norms.make_norm(*args, **kwargs))
+        made.append(make_norm(*args, **kwargs))
         return made[-1]
 
-    for module in MODEL_MODULES:
+    for module in (norms, *MODEL_MODULES):  # norms.norm_act's too
         if hasattr(module, "make_norm"):
             monkeypatch.setattr(module, "make_norm", recording)
     for record in catalog.BACKBONES.values():

@@ -72,6 +72,18 @@ def test_a_bn_file_gives_a_gn_ws_backbone_its_weights_and_drops_the_statistics(t
     assert not _warnings(caplog)
 
 
+def test_a_bn_file_gives_an_frn_backbone_its_weights_and_tlus_start_as_its_relus(tmp_path, caplog):
+    saved = _torchvision_like_file(str(tmp_path / "r18.pth"))
+    with caplog.at_level(logging.INFO, logger="orchestrator.models.pretrained"):
+        model = build_model("resnet18", norm="frn", pretrained=str(tmp_path / "r18.pth"))
+    frn = model.backbone
+    assert torch.equal(frn.layer2[0].bn1.weight, saved["layer2.0.bn1.weight"])
+    assert torch.equal(frn.layer2[0].bn1.bias, saved["layer2.0.bn1.bias"])
+    assert model.pretrained_left_out == [] and not _warnings(caplog)  # a TLU's threshold is not pretrained
+    assert all(not t.abs().sum() for k, t in frn.state_dict().items() if k.endswith(".tau"))  # ReLU: tau 0
+    assert "dropped 60 BN statistics" in caplog.text
+
+
 # --- Strict: a file that would leave part of the backbone as initialized is refused -----------------------
 
 
