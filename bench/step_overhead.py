@@ -71,7 +71,7 @@ def worker_epochs(spec: specs.Spec) -> Iterator[float]:
     w = Worker(spec)
     torch.manual_seed(spec.train.seed)
     model = checkpoints.model_for(spec)
-    optimizer = make_optimizer(spec, model)
+    optimizer = make_optimizer(spec.train, model)
     for epoch in range(spec.train.epochs):
         yield spec.train.batch_per_gpu / train_epoch(w, model, optimizer, Position(epoch))["images_per_s"]
 

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import UsageError, cut, shown
+from orchestrator.loss_spec import LOSS_GRAMMAR, LOSS_PATTERN, parse_loss
 from orchestrator.masking import is_secret, masked, redact, redact_arg
 from orchestrator.models.catalog import (
     BACKBONES,
@@ -45,7 +46,6 @@ from orchestrator.models.catalog import (
     parse_norm,
 )
 from orchestrator.spec_yaml import read_yaml
-from orchestrator.train.loss_spec import LOSS_GRAMMAR, LOSS_PATTERN, parse_loss
 
 MAX_POINT_ERRORS = 10  # lines about invalid grid combinations before the rest are counted
 MAX_TRIALS_ENV = "ORCHESTRATOR_MAX_TRIALS"  # a grid of more trials is refused before it is expanded

@@ -1,7 +1,7 @@
 """BDD100K drivable-area data: layout, synthetic scenes, tar shards and streaming loaders.
 
-Modules (import what you need; this package imports nothing heavy itself):
-    storage     fsspec URLs (s3://, gs://, file://, local paths) -> filesystem, URL joins
+Modules (import what you need; this package imports nothing heavy itself; URLs become filesystems in
+orchestrator/storage.py, which the models and checkpoints use too):
     layout      the official BDD100K directory layout: images, where each label format lives, class names
     labels      every official drivable-label format (masks, colormaps, RLE and polygon JSON, 2018 ids) read
                 as the current masks' class ids

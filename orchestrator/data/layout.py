@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from orchestrator.data.storage import join
+from orchestrator.storage import join
 
 CLASS_NAMES = ("direct", "alternative", "background")
 NUM_CLASSES = len(CLASS_NAMES)

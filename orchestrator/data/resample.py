@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from orchestrator.data.shards import read_manifest, shard_ids
-from orchestrator.spec import Spec
+from orchestrator.spec import DataSpec, TrainSpec
 
 
 def sample_repeats(
@@ -67,10 +67,12 @@ def repeated(ids: list[str], repeats: Mapping[str, int]) -> tuple[int, ...]:
     return tuple(i for i, sample_id in enumerate(ids) for _ in range(repeats.get(sample_id, 1)))
 
 
-def plan(spec: Spec, scores: Mapping[str, float]) -> tuple[dict[str, int], dict[str, int]]:
+def plan(
+    data: DataSpec, train: TrainSpec, scores: Mapping[str, float]
+) -> tuple[dict[str, int], dict[str, int]]:
     """`train.sample_weights_from` as copies per training sample id (what the workers' loaders take), and
-    what it did to the split (a trial's resample.* params)."""
-    t, d = spec.train, spec.data
+    what it did to the split (a trial's resample.* params): from the spec's `data` and `train` sections."""
+    t, d = train, data
     ids = [i for shard in split_ids(read_manifest(d.train, d.storage_options), d.train) for i in shard]
     repeats = sample_repeats(
         scores, ids, repeat_below=t.repeat_below, repeat_times=t.repeat_times, drop_below=t.drop_below

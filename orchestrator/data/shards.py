@@ -43,8 +43,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from orchestrator.data import labels, layout
 from orchestrator.data.labels import SampleLabel
 from orchestrator.data.layout import LabelSource
-from orchestrator.data.storage import join, url_to_fs
 from orchestrator.errors import UsageError, shown
+from orchestrator.storage import join, url_to_fs
 
 FORMAT = "orchestrator-shards/1"
 MANIFEST = "manifest.json"

@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.resample import repeated, split_ids
 from orchestrator.data.shards import decode_image, decode_pair, is_labeled, read_manifest
-from orchestrator.data.storage import RETRIES, backoff, is_transient, join, url_to_fs
 from orchestrator.data.transforms import (
     IMAGENET,
     MeanStd,
@@ -47,7 +46,8 @@ from orchestrator.data.transforms import (
     to_chw,
 )
 from orchestrator.errors import UsageError
-from orchestrator.spec import Spec
+from orchestrator.spec import DataSpec, TrainSpec
+from orchestrator.storage import RETRIES, backoff, is_transient, join, url_to_fs
 
 SHUFFLE_BUFFER = 256  # encoded samples per worker (~40 MB at 1280x720); decoded would be ~14x larger
 _BLOCK_SIZE = 32 << 20  # one GET per shard; cache_type "none" would cost ~9 range GETs per member
@@ -393,15 +393,17 @@ def make_loader(
     return Loader(dataloader, num_batches, device)
 
 
-def input_mean_std(spec: Spec) -> MeanStd:
-    """The input normalization a spec trains with: its training split's RGB statistics or ImageNet's."""
-    if spec.data.normalize == "imagenet":
+def input_mean_std(data: DataSpec) -> MeanStd:
+    """The input normalization a spec's `data` trains with: its training split's RGB statistics or
+    ImageNet's."""
+    if data.normalize == "imagenet":
         return IMAGENET
-    return dataset_mean_std(spec.data.train, spec.data.storage_options)
+    return dataset_mean_std(data.train, data.storage_options)
 
 
 def spec_loader(
-    spec: Spec,
+    data: DataSpec,
+    recipe: TrainSpec,
     *,
     train: bool,
     mean_std: MeanStd,
@@ -412,9 +414,10 @@ def spec_loader(
     device: torch.device | None = None,
     repeats: Mapping[str, int] | None = None,
 ) -> Loader:
-    """A rank's loader of an epoch as a spec asks: training at the epoch's stage (crop, batch) with the
-    spec's augmentation, validation of whole images at train.batch_per_gpu."""
-    t, d = spec.train, spec.data
+    """A rank's loader of an epoch as a spec's `data` and `train` (`recipe`) sections ask: training at the
+    epoch's stage (crop, batch) with the recipe's augmentation, validation of whole images at
+    train.batch_per_gpu."""
+    t, d = recipe, data
     stage = t.stage(epoch)
     return make_loader(
         d.train if train else d.val,

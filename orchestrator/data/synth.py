@@ -13,7 +13,7 @@ import simplejpeg
 
 from orchestrator.data import layout
 from orchestrator.data.labels import encode_png
-from orchestrator.data.storage import url_to_fs
+from orchestrator.storage import url_to_fs
 
 _WRITE_BATCH = 64  # samples per fs.pipe call: concurrent uploads on S3, bounded memory
 _WHITE, _YELLOW = (235.0, 235.0, 230.0), (230.0, 190.0, 40.0)

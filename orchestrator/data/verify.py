@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from orchestrator.data.layout import names
 from orchestrator.data.shards import MANIFEST, decode_image, decode_pair, is_labeled, read_manifest
-from orchestrator.data.storage import join, url_to_fs
 from orchestrator.errors import UsageError
+from orchestrator.storage import join, url_to_fs
 
 
 @dataclass

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pyarrow.fs
 import ray
 
-from orchestrator.data.storage import url_to_fs
 from orchestrator.execution.ray_private import ON_HEAD, send_worker_output
 from orchestrator.gpus import GPUS, kind_of
 from orchestrator.spec import ResourcesSpec, Spec, SpecError, Trial
+from orchestrator.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 Tune stops a trial by stopping its driver's actor: the Ray Train controller and workers it owns would die
 with it, mid-step, their MLflow run left running (ray-project/ray#21848). Instead the sweep's scheduler
 (execution/schedulers.py) asks, through one actor of the sweep (`StopRequests`), and lets the trial go on;
-each rank polls its request at every step without waiting (`StopRequest`) and, through the step's
+each rank polls its request at every step without waiting (train/stopping.py) and, through the step's
 all-reduce, every rank ends at the same step (train/loop.py). The trial's driver then returns as for a
 finished trial, and Tune frees its slot.
 
-Ray only: imported by the sweep, the trials' drivers and the workers.
+Ray only: imported by the sweep and the trials' drivers.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ import hashlib
 import ray
 
 from orchestrator.execution.ray_private import ON_HEAD
-
-
-class Stopped(Exception):
-    """A trial the sweep's scheduler stopped: its message says who, and when."""
 
 
 @ray.remote(num_cpus=0)
@@ -56,26 +52,3 @@ def stop_requests(sweep: str) -> ray.actor.ActorHandle:
 def ask_to_stop(sweep: str, key: str, reason: str) -> None:
     """Ask the ranks of the trial `key` of the sweep at `sweep` to stop, for `reason`."""
     ray.get(stop_requests(sweep).ask.remote(key, reason), timeout=60)
-
-
-class StopRequest:
-    """One rank's view of its trial's stop request: polled at every step without waiting."""
-
-    def __init__(self, requests: ray.actor.ActorHandle, key: str) -> None:
-        self._answer = requests.wait.remote(key)
-
-    @classmethod
-    def of(cls, requests: ray.actor.ActorHandle | None, key: str) -> StopRequest | None:
-        return None if requests is None else cls(requests, key)
-
-    def flag(self) -> float:
-        """1.0 once the trial is asked to stop, else 0.0 (the step's all-reduce sums the ranks')."""
-        ready, _ = ray.wait([self._answer], timeout=0)
-        return 1.0 if ready else 0.0
-
-    def reason(self, timeout_s: float = 10) -> str:
-        """Who asked, and when; a rank that learnt of the request from another waits for its own answer."""
-        try:
-            return ray.get(self._answer, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            return "stopped by the sweep's scheduler"

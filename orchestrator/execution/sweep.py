@@ -311,7 +311,7 @@ def _sample_repeats(spec: Spec, run_id: str, uri: str) -> dict[str, int] | None:
     if spec.train.sample_weights_from is None:
         return None
     scores = tracking.per_image_scores(spec.train.sample_weights_from, spec.train.sample_score, uri)
-    repeats, summary = resample.plan(spec, scores)
+    repeats, summary = resample.plan(spec.data, spec.train, scores)
     tracking.log_params(run_id, summary, uri)
     return repeats
 

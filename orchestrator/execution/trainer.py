@@ -23,16 +23,22 @@ from typing import Any
 import ray
 from ray.train.backend import Backend, BackendConfig
 
-from orchestrator.execution.ray_private import TrainerWithoutDatasets, TrainingFramework, rank_zero_url
+from orchestrator.execution.ray_private import (
+    TrainerWithoutDatasets,
+    TrainingFramework,
+    notice_left_s,
+    persist_checkpoint,
+    rank_zero_url,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every rank."""
+    """Ray Train's entry point on every rank: the training loop, given what it needs of Ray's private API."""
     from orchestrator.train.loop import train_loop_per_worker as run
 
-    run(config)
+    run(config, notice_left_s=notice_left_s, persist_checkpoint=persist_checkpoint)
 
 
 class Trainer(TrainerWithoutDatasets):

@@ -120,9 +120,8 @@ def _training_images(spec: Spec, batch: int, storage_options: dict | None) -> It
     """Augmented training batches of the trial's crop, epoch after epoch, as long as asked: the
     training loop's own loader, in this process, at the calibration batch size."""
     data = spec.data.model_copy(update={"storage_options": storage_options or {}, "loader_workers": 0})
-    train = spec.train.model_copy(update={"batch_per_gpu": batch})
-    spec = spec.model_copy(update={"data": data, "train": train})
-    mean_std = input_mean_std(spec)
+    recipe = spec.train.model_copy(update={"batch_per_gpu": batch})
+    mean_std = input_mean_std(data)
     for epoch in itertools.count():
-        for images, _ in spec_loader(spec, train=True, mean_std=mean_std, epoch=epoch):
+        for images, _ in spec_loader(data, recipe, train=True, mean_std=mean_std, epoch=epoch):
             yield images

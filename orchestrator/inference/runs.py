@@ -14,7 +14,6 @@ from pathlib import Path
 
 from orchestrator import checkpoints, tracking
 from orchestrator.data.shards import is_labeled, read_manifest
-from orchestrator.data.storage import join, url_to_fs
 from orchestrator.errors import UsageError, shown
 from orchestrator.inference.evaluate import SKIPPED_FILE, Combine, Coverage, skipped_text
 from orchestrator.inference.parts import (
@@ -28,6 +27,7 @@ from orchestrator.inference.parts import (
 )
 from orchestrator.inference.predict import WHOLE, InferenceSettings
 from orchestrator.inference.submission import RLE_FILE, Format, mask_name, write_rle
+from orchestrator.storage import join, url_to_fs
 
 
 @dataclass(frozen=True)

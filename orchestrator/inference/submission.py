@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from orchestrator.data.labels import CATEGORY_IDS, encode_png
-from orchestrator.data.storage import join, url_to_fs
+from orchestrator.storage import join, url_to_fs
 
 Format = Literal["masks", "rle"]
 RLE_FILE = "predictions.json"

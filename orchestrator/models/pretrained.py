@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from orchestrator.data.storage import url_to_fs
 from orchestrator.errors import UsageError, cut, shown
+from orchestrator.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
 

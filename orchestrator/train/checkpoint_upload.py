@@ -23,19 +23,24 @@ from typing import Any
 import ray.train
 from ray.train import CheckpointUploadMode
 
-from orchestrator.execution.ray_private import persist_checkpoint
-
 log = logging.getLogger(__name__)
 
 _IDLE = object()  # no upload in flight
 
 
-class CheckpointUploads:
-    """One attempt's checkpoint reports. `latest` is what Ray Train holds as the last stored checkpoint (a new
-    object once an upload lands): how the next checkpoint learns that the one before it is stored."""
+Persist = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
 
-    def __init__(self, latest: Callable[[], Any] = ray.train.get_checkpoint, poll_s: float = 0.05) -> None:
-        self._latest, self._poll_s = latest, poll_s
+
+class CheckpointUploads:
+    """One attempt's checkpoint reports. `persist(checkpoint, dir_name)` stores a written folder as Ray Train
+    would (execution/ray_private.persist_checkpoint: Ray's private API, handed in). `latest` is what Ray
+    Train holds as the last stored checkpoint (a new object once an upload lands): how the next checkpoint
+    learns that the one before it is stored."""
+
+    def __init__(
+        self, persist: Persist, latest: Callable[[], Any] = ray.train.get_checkpoint, poll_s: float = 0.05
+    ) -> None:
+        self._persist, self._latest, self._poll_s = persist, latest, poll_s
         self._before: Any = _IDLE  # while one is in flight: the latest stored checkpoint when it was reported
         self.waited_s = 0.0  # how long checkpoints waited for the upload before theirs, in all
         self._said = False  # that a checkpoint waited long: once an attempt
@@ -59,7 +64,7 @@ class CheckpointUploads:
                     metrics,
                     checkpoint=checkpoint,
                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                    checkpoint_upload_fn=partial(_write_and_store, write, folder),
+                    checkpoint_upload_fn=partial(_write_and_store, self._persist, write, folder),
                 )
                 handed, self._before = True, before
             else:
@@ -90,8 +95,12 @@ class CheckpointUploads:
 
 
 def _write_and_store(
-    write: Callable[[Path], None], folder: Path, checkpoint: ray.train.Checkpoint, dir_name: str
+    persist: Persist,
+    write: Callable[[Path], None],
+    folder: Path,
+    checkpoint: ray.train.Checkpoint,
+    dir_name: str,
 ) -> ray.train.Checkpoint:
     """Ray Train's upload function for a background checkpoint: its files written, then stored."""
     write(folder)
-    return persist_checkpoint(checkpoint, dir_name)
+    return persist(checkpoint, dir_name)

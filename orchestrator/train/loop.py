@@ -27,20 +27,19 @@ from orchestrator.data.layout import NUM_CLASSES
 from orchestrator.data.shards import read_manifest
 from orchestrator.data.stream import Loader, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
-from orchestrator.execution.ray_private import notice_left_s
-from orchestrator.execution.stop_requests import Stopped, StopRequest
+from orchestrator.loss_spec import parse_loss
 from orchestrator.models.evalnorm import evalnorm_parameters
 from orchestrator.models.pretrained import listed
-from orchestrator.spec import Spec, public_params
+from orchestrator.spec import Spec, TrainSpec, public_params
 from orchestrator.train import schedules
 from orchestrator.train.checkpoint_upload import CheckpointUploads
 from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
 from orchestrator.train.divergence import Diverged, DivergenceGuard, NonFiniteLoss
-from orchestrator.train.loss_spec import parse_loss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
 from orchestrator.train.preemption import Notices, fits
 from orchestrator.train.step import accumulate_gradients, autocast, out_of_memory
+from orchestrator.train.stopping import Stopped, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +88,13 @@ class Worker:
     @cached_property
     def mean_std(self) -> MeanStd:
         """The input normalization: the training split's RGB statistics or ImageNet's."""
-        return input_mean_std(self.spec)
+        return input_mean_std(self.spec.data)
 
     def loader(self, *, train: bool, epoch: int = 0, start_batch: int = 0) -> Loader:
         """This rank's loader of an epoch (see data.stream.spec_loader)."""
         return spec_loader(
-            self.spec,
+            self.spec.data,
+            self.spec.train,
             train=train,
             mean_std=self.mean_std,
             rank=self.rank,
@@ -177,9 +177,18 @@ class Best(NamedTuple):
     epoch: int
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(
+    config: dict[str, Any],
+    *,
+    notice_left_s: Callable[[float], float | None],
+    persist_checkpoint: Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint],
+) -> None:
     """`config`: {"trial": the spec.Trial, "mlflow_run_id": child run, "tracking_uri": MLflow store,
-    "repeats": the resampling plan or None}."""
+    "repeats": the resampling plan or None, "stop_requests": the sweep's (train/stopping.py) or None}.
+
+    What the loop takes from Ray Train's private API comes from the caller (execution/trainer.py, where
+    that API's adapter lives): `notice_left_s(now_ms)`, the seconds this worker has left after a
+    preemption notice, and `persist_checkpoint`, Ray Train's own copy of a checkpoint folder to storage."""
     ctx = ray.train.get_context()
     w = Worker(
         config["trial"].spec,
@@ -196,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Only model.pretrained_strict: false leaves something out; ENet, a whole model, takes no pretrained file.
     if w.rank == 0 and w.spec.model.pretrained_uri and net.pretrained_left_out:
         _tag_pretrained_left_out(config, net.pretrained_left_out)
-    optimizer = make_optimizer(w.spec, net)
+    optimizer = make_optimizer(w.spec.train, net)
 
     scaler = torch.amp.GradScaler(w.device.type) if w.spec.train.amp == "fp16" else None
     position, best = Position(), Best(-math.inf, 0)
@@ -215,14 +224,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # has MLflow imported, at its first epoch's end.
     fresh = not resumed
     notices = PROGRESS.notices = Notices(lambda: notice_left_s(time.time() * 1000))
-    uploads = CheckpointUploads()
+    uploads = CheckpointUploads(persist_checkpoint)
     guard = DivergenceGuard.of(w.spec.train)
     stop = StopRequest.of(config.get("stop_requests"), config["trial"].key)
 
     def save(
         p: Position, report: dict[str, float] | None = None, improved: bool = False, preempted: bool = False
     ) -> None:
-        background = upload_in_background(w.spec, epoch_end=report is not None, preempted=preempted)
+        background = upload_in_background(w.spec.train, epoch_end=report is not None, preempted=preempted)
         started = time.monotonic()
         state = {**resume_state(optimizer, scaler, p, best, w.device), "preempted": preempted}
         _report(w, config, net, state, report, improved, uploads, background)
@@ -279,11 +288,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracking.set_tags(config["mlflow_run_id"], {tracking.FAILURE: reason}, config["tracking_uri"])
 
 
-def upload_in_background(spec: Spec, epoch_end: bool, preempted: bool) -> bool:
+def upload_in_background(train: TrainSpec, epoch_end: bool, preempted: bool) -> bool:
     """Whether a checkpoint's upload may run while training goes on: only an interval checkpoint's. An epoch's
     metrics reach MLflow once its checkpoint is stored, and a preempted node must not go before its
     checkpoint does."""
-    return spec.train.checkpoint_upload == "background" and not (epoch_end or preempted)
+    return train.checkpoint_upload == "background" and not (epoch_end or preempted)
 
 
 def resume_state(
@@ -330,13 +339,12 @@ def restore(
     return Position(**state["position"]), Best(state["best"], state.get("best_epoch", 0))
 
 
-def make_optimizer(spec: Spec, net: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(t: TrainSpec, net: nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW (`train.optimizer`) over parameter groups: the head at `head_lr_mult` x the
     backbone's learning rate (set per step by train_epoch from `train.lr_schedule`); no weight decay on
     norm weights and biases unless `decay_norm_and_bias` (decaying a norm's scale fights the
     normalization it follows); EvalNorm's alpha/beta never decay, since decay would pull them to 0,
     towards plain BN evaluation, whatever the data says."""
-    t = spec.train
     estimators = {id(p) for p in evalnorm_parameters(net)}
     groups = []
     for part, lr_mult in ((net.backbone, 1.0), (net.head, t.head_lr_mult)):

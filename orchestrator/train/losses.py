@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.data.layout import IGNORE_INDEX, NUM_CLASSES
-from orchestrator.train.loss_spec import LossSpec, LossTerm, parse_loss
+from orchestrator.loss_spec import LossSpec, LossTerm, parse_loss
 
 DICE_SMOOTH = 1.0  # added to each class's Dice numerator and denominator (pixels)
 _OHEM_ROUNDING = 1e-6  # p N that float arithmetic puts just above an integer keeps that integer

@@ -2,11 +2,11 @@
 
 A cloud gives 30-120 s of notice before it takes a spot node; Ray drains the node (`ray drain-node --reason
 DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N`) and Ray Train marks every worker of the group
-(execution/ray_private.notice_left_s). The training loop asks at every step, and the ranks agree through
-the step's own all-reduce, so that all of them write one checkpoint at the same step: the restarted trial
-goes on from there, not from its last interval checkpoint, and Ray counts the restart against
-resources.max_preemptions, not max_failures. Then the workers wait to be taken: Ray Train tears the group
-down at the deadline.
+(execution/ray_private.notice_left_s, handed to the loop). The training loop asks at every step, and the
+ranks agree through the step's own all-reduce, so that all of them write one checkpoint at the same step:
+the restarted trial goes on from there, not from its last interval checkpoint, and Ray counts the restart
+against resources.max_preemptions, not max_failures. Then the workers wait to be taken: Ray Train tears the
+group down at the deadline.
 """
 
 from __future__ import annotations

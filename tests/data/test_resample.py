@@ -23,11 +23,11 @@ from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.data.resample import sample_repeats
 from orchestrator.data.shards import read_manifest
-from orchestrator.data.storage import join, url_to_fs
 from orchestrator.data.stream import _read_piece, make_loader
 from orchestrator.data.verify import verify
 from orchestrator.inference.parts import evaluate_checkpoints
 from orchestrator.inference.predict import WHOLE
+from orchestrator.storage import join, url_to_fs
 from orchestrator.train.loop import Worker
 
 NAN = float("nan")

@@ -30,12 +30,12 @@ from fsspec.registry import _registry, known_implementations
 from bench.local_s3 import free_port
 from orchestrator.cli import main
 from orchestrator.data.shards import pack
-from orchestrator.data.storage import url_to_fs
 from orchestrator.data.stream import evaluation_loader
 from orchestrator.data.synth import synthesize
 from orchestrator.errors import Unavailable, UsageError
 from orchestrator.execution import cluster
 from orchestrator.models.pretrained import load_pretrained
+from orchestrator.storage import url_to_fs
 
 CLI = [sys.executable, "-m", "orchestrator"]
 PACKAGES = {"gcs": "gcsfs", "azure": "adlfs"}  # the extra -> the driver it installs

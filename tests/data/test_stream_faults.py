@@ -198,7 +198,7 @@ def test_training_resumed_mid_epoch_ends_exactly_as_an_uninterrupted_epoch(damag
     def fresh():
         torch.manual_seed(0)
         model = model_for(spec)
-        return model, make_optimizer(spec, model)
+        return model, make_optimizer(spec.train, model)
 
     uninterrupted, optimizer = fresh()
     saved: list[Position] = []

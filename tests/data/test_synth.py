@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.data.storage import join, url_to_fs
 from orchestrator.data.synth import render, synthesize
+from orchestrator.storage import join, url_to_fs
 
 
 def _files(root: Path) -> dict[str, bytes]:

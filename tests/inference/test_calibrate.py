@@ -40,7 +40,7 @@ def trained_trial(tmp_path: Path, norm: str) -> str:
     torch.manual_seed(0)
     model = checkpoints.model_for(spec)
     w = Worker(spec)
-    train_epoch(w, model, make_optimizer(spec, model), Position())
+    train_epoch(w, model, make_optimizer(spec.train, model), Position())
     config = specs.public_params(specs.flatten(spec))
     uri = tracking.tracking_uri()
     exp = tracking.ensure_experiment("cal", uri)

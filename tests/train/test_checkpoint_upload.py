@@ -37,13 +37,14 @@ class SlowStore(pyarrow.fs.FSSpecHandler):
 
 
 def _three_checkpoints(config: dict) -> dict:
+    from orchestrator.execution.ray_private import persist_checkpoint
     from orchestrator.train.checkpoint_upload import CheckpointUploads
 
     def write(i: int, folder: Path) -> None:
         time.sleep(WRITE_S)
         (folder / "i").write_text(str(i))
 
-    uploads, took = CheckpointUploads(), []
+    uploads, took = CheckpointUploads(persist_checkpoint), []
     for i, background in enumerate(config["background"]):
         started = time.monotonic()
         uploads.report({"i": i}, partial(write, i), background)
@@ -97,4 +98,4 @@ def test_background_uploads_leave_the_step_one_in_flight_and_all_land_in_order(t
 def test_only_interval_checkpoints_upload_in_the_background(setting, epoch_end, preempted, background):
     raw = {"name": "up", "data": {"train": "t", "val": "v"}, "train": {"checkpoint_upload": setting}}
     spec = specs.validate(raw)
-    assert upload_in_background(spec, epoch_end=epoch_end, preempted=preempted) is background
+    assert upload_in_background(spec.train, epoch_end=epoch_end, preempted=preempted) is background

@@ -67,7 +67,7 @@ def poisoned(bad_steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_nonfinite_step_changes_no_weight_and_training_goes_on(worker, monkeypatch) -> None:
     poisoned({1, 2}, monkeypatch)
     model = model_for(worker.spec)
-    report = train_epoch(worker, model, make_optimizer(worker.spec, model), Position())
+    report = train_epoch(worker, model, make_optimizer(worker.spec.train, model), Position())
     assert report["nonfinite_steps"] == 2
     assert math.isfinite(report["train_loss"])  # the mean of the finite steps
     assert all(torch.isfinite(p).all() for p in model.parameters())  # a NaN step applied would spread
@@ -77,7 +77,7 @@ def test_nonfinite_steps_up_to_the_bound_end_the_trial_as_diverged(worker, monke
     poisoned({1, 2, 3}, monkeypatch)
     model = model_for(worker.spec)
     with pytest.raises(Diverged, match=r"at 3 steps in a row, the last at epoch 1 step 4$"):
-        train_epoch(worker, model, make_optimizer(worker.spec, model), Position())
+        train_epoch(worker, model, make_optimizer(worker.spec.train, model), Position())
 
 
 def test_validation_counts_the_classes_it_predicted_over_the_whole_split(worker) -> None:

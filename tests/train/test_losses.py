@@ -19,8 +19,7 @@ from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.data.layout import IGNORE_INDEX
 from orchestrator.data.shards import read_manifest
-from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
-from orchestrator.train.loss_spec import (
+from orchestrator.loss_spec import (
     LOSS_GRAMMAR,
     LOSS_PATTERN,
     PER_BATCH,
@@ -29,6 +28,7 @@ from orchestrator.train.loss_spec import (
     LossTerm,
     parse_loss,
 )
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
 from orchestrator.train.losses import TERMS, Loss, balanced_weights, make_loss
 
 # The ignore label's count is large: a frequency that counted it would be far off.
@@ -428,7 +428,7 @@ def test_every_name_has_its_code() -> None:
 
 
 def test_loss_spec_does_not_import_torch() -> None:
-    code = "import sys, orchestrator.train.loss_spec; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, orchestrator.loss_spec; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
@@ -448,5 +448,5 @@ def test_the_training_loop_uses_train_loss_with_the_manifests_class_pixels(
         pixels = read_manifest(f"{tiny_shards}/train")["class_pixels"]
         assert torch.equal(w.loss.class_weights, balanced_weights(pixels))
     model = model_for(w.spec)
-    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
+    report = train_epoch(w, model, make_optimizer(w.spec.train, model), Position())
     assert math.isfinite(report["train_loss"]) and report["train_loss"] > 0

@@ -15,7 +15,7 @@ def optimizer_for(norm: str, **train) -> tuple[torch.nn.Module, torch.optim.Opti
          "train": {"weight_decay": 1e-4, "head_lr_mult": 10, **train}}
     )  # fmt: skip
     model = checkpoints.model_for(spec)
-    return model, make_optimizer(spec, model)
+    return model, make_optimizer(spec.train, model)
 
 
 def settings(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float]]:

@@ -32,8 +32,8 @@ def test_a_notice_is_taken_at_the_next_step_once(worker) -> None:
         seen.append((p.epoch, p.step))
         notices.acted = True
 
-    train_epoch(worker, model, make_optimizer(worker.spec, model), Position(), saved.append, None, noticed,
-                notices)  # fmt: skip
+    optimizer = make_optimizer(worker.spec.train, model)
+    train_epoch(worker, model, optimizer, Position(), saved.append, None, noticed, notices)
     assert seen == [(0, 2)]
     assert [(p.epoch, p.step) for p in saved] == [(0, 3), (0, 6)]  # checkpoint_every goes on as before
     assert saved[0].loss_sum > 0

@@ -39,7 +39,7 @@ def test_mixed_precision_trains_without_nan_and_keeps_norm_statistics_in_fp32(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dtypes = set()  # of a convolution's output inside the loop's forward: the claim that it runs in amp
     model.backbone.layer1[0].conv1.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
-    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
+    report = train_epoch(w, model, make_optimizer(w.spec.train, model), Position())
     assert dtypes == {{"bf16": torch.bfloat16, "fp16": torch.float16}[amp]}
     assert math.isfinite(report["train_loss"])
     state = model.state_dict()
@@ -53,7 +53,7 @@ def test_two_runs_with_one_seed_end_bit_identical_and_another_seed_does_not(tiny
         w = worker(tiny_shards, seed=seed, epochs=2, mixup_alpha=0.4)  # its draws are seeded too
         torch.manual_seed(w.spec.train.seed)  # as train_loop_per_worker does
         model = model_for(w.spec)
-        optimizer = make_optimizer(w.spec, model)
+        optimizer = make_optimizer(w.spec.train, model)
         for epoch in range(2):
             train_epoch(w, model, optimizer, Position(epoch=epoch))
         return model.state_dict()
@@ -131,7 +131,7 @@ def test_the_linear_scaling_rule_scales_the_lr_by_the_gradient_batch(tiny_shards
     assert w.base_lr(0) == pytest.approx(0.01 * 2 * 2 / 16)
     assert Worker(w.spec, world=4).base_lr(0) == pytest.approx(0.01 * 2 * 2 * 4 / 16)
     model = model_for(w.spec)
-    report = train_epoch(w, model, make_optimizer(w.spec, model), Position())
+    report = train_epoch(w, model, make_optimizer(w.spec.train, model), Position())
     # 8 samples, 4 per step: 2 steps; the last one's poly factor is (1 - 1/2)^0.9
     assert report["lr"] == pytest.approx(0.01 * 4 / 16 * 0.5**0.9)
     assert worker(tiny_shards, lr=0.01).base_lr(0) == 0.01  # unset: the LR as written

@@ -24,7 +24,7 @@ def _run(spec: specs.Spec, seed: int) -> tuple[torch.nn.Module, torch.optim.Opti
     torch.manual_seed(seed)
     model = model_for(spec)
     # A scale that moves every step (up, or down on an overflow), so that a scaler not restored shows.
-    return model, make_optimizer(spec, model), torch.amp.GradScaler("cpu", growth_interval=1)
+    return model, make_optimizer(spec.train, model), torch.amp.GradScaler("cpu", growth_interval=1)
 
 
 def test_a_run_resumed_mid_epoch_ends_bit_identical_to_one_never_stopped(tiny_shards) -> None:

@@ -234,7 +234,7 @@ def test_the_training_loop_follows_the_spec_schedule_and_optimizer(
     spec = specs.validate(raw)
     w = Worker(spec)
     model = model_for(spec)
-    opt = make_optimizer(spec, model)
+    opt = make_optimizer(spec.train, model)
     assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[optimizer]
     last = train_epoch(w, model, opt, Position(epoch=1))["lr"]  # the run's last step
     steps = sum(w.epoch_steps)

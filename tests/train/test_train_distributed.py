@@ -137,7 +137,7 @@ def _per_gpu_bn_worker(rank: int, store: str, shards: str, out: str) -> None:
         bn = net.backbone.bn1
         means = []  # the per-channel mean of each batch this rank's first BN normalized
         bn.register_forward_pre_hook(lambda m, args: means.append(args[0].detach().mean((0, 2, 3))))
-        train_epoch(w, model, make_optimizer(spec, net), Position())
+        train_epoch(w, model, make_optimizer(spec.train, net), Position())
         before = bn.running_mean.clone()
         average_buffers(net)
         torch.save({"means": means, "before": before, "after": bn.running_mean}, f"{out}/{rank}.pt")

@@ -1,4 +1,4 @@
-"""Transient-error classification and backoff (orchestrator.data.storage), and what s3fs does with real
+"""Transient-error classification and backoff (orchestrator.storage), and what s3fs does with real
 faults from the flaky_s3 proxy: which faults it retries by itself and which exception reaches the caller."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fsspec.exceptions import FSTimeoutError
 from s3fs.errors import translate_boto_error
 from s3fs.utils import FileExpired
 
-from orchestrator.data.storage import RETRIES, backoff, is_transient
+from orchestrator.storage import RETRIES, backoff, is_transient
 
 BLOCK = 1 << 20  # readahead block: a 6 MiB object takes several range GETs
 
