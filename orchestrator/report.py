@@ -20,12 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from mlflow.entities import Run
 
 from orchestrator import tracking
+from orchestrator.bootstrap import LEVEL, RESAMPLES, Difference, paired_difference
 from orchestrator.errors import UsageError
 from orchestrator.masking import redact
 
@@ -33,6 +36,7 @@ ARTIFACT_DIR = "report"
 METRIC = "val_miou"
 OFFICIAL = "val_miou_official"  # the BDD100K 2-class rule, where trials log it
 SEED = "train.seed"  # trials that differ only in it are one configuration
+BASELINE = "bn"  # the norm every other is compared with at each batch per GPU
 # Runs still going (or killed with their driver) have no verdict yet; KILLED: ended early (diverged, stopped).
 SHOWN = ("FINISHED", "FAILED", "KILLED")
 MARKERS = "osD^v<>ph*"
@@ -191,7 +195,8 @@ def build_report(
     )
     table_path.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, title=f"{experiment} (sweep run {sweep_id[:8]})").savefig(figure_path, dpi=100)
-    table_path.write_text(markdown(rows, experiment, sweep, figure_path.name, ensemble, commands))
+    compared = differences(configurations(rows), uri)
+    table_path.write_text(markdown(rows, experiment, sweep, figure_path.name, ensemble, commands, compared))
     tracking.log_files(sweep_id, [figure_path, table_path], ARTIFACT_DIR, uri)
     return ReportResult(
         experiment, sweep_id, rows, figure_path, table_path, configurations(rows), ensemble, commands
@@ -327,6 +332,62 @@ def facet_points(configs: list[Configuration]) -> Points:
     return points
 
 
+@dataclass(frozen=True)
+class Compared:
+    """One difference the figure shows: configuration `a` less `b`, in one facet; its bootstrap interval,
+    or None where a side has no per-image matrices to resample."""
+
+    facet: tuple[str, tuple[int, ...]]  # backbone, crop
+    what: str  # "gn:c16 - bn at 1/GPU", "gn:c16 at 1/GPU - at 8/GPU"
+    a: Configuration
+    b: Configuration
+    difference: Difference | None
+
+
+def differences(configs: list[Configuration], uri: str | None = None) -> list[Compared]:
+    """The comparisons the figure makes, per facet: every norm against BASELINE at each batch per GPU, and
+    every norm at each batch against itself at its largest (is it flat in the batch?)."""
+    points, matrices = facet_points(configs), _Matrices(uri)
+    compared = []
+    for facet, lines in sorted(points.items()):
+        pairs = []
+        for norm, line in sorted(lines.items()):
+            if norm != BASELINE:
+                base = lines.get(BASELINE, {})
+                pairs += [
+                    (f"{norm} - {BASELINE} at {b}/GPU", c, base[b])
+                    for b, c in sorted(line.items())
+                    if b in base
+                ]
+        for norm, line in sorted(lines.items()):
+            top = max(line)
+            pairs += [
+                (f"{norm} at {b}/GPU - at {top}/GPU", line[b], line[top]) for b in sorted(line) if b != top
+            ]
+        for what, a, b in pairs:
+            both = matrices.of(a), matrices.of(b)
+            fits = None not in both and both[0].shape[1:] == both[1].shape[1:]
+            compared.append(Compared(facet, what, a, b, paired_difference(*both) if fits else None))
+    return compared
+
+
+class _Matrices:
+    """Each configuration's finished seeds' per-image confusion matrices [S, N, C, C], read once; None
+    where a seed logged none or the seeds' splits differ."""
+
+    def __init__(self, uri: str | None) -> None:
+        self._uri, self._read = uri, {}
+
+    def of(self, c: Configuration) -> torch.Tensor | None:
+        key = tuple(t.run_id for t in c.trials)
+        if key not in self._read:
+            finished = [t.run_id for t in c.trials if t.status == "FINISHED"]
+            seeds = [tracking.per_image_confusion(run_id, self._uri) for run_id in finished]
+            same = seeds and all(m is not None and m.shape == seeds[0].shape for m in seeds)
+            self._read[key] = torch.from_numpy(np.stack(seeds)) if same else None
+        return self._read[key]
+
+
 def markdown(
     rows: list[TrialRow],
     experiment: str,
@@ -334,6 +395,7 @@ def markdown(
     figure_name: str = "report.png",
     ensemble: EnsembleSummary | None = None,
     commands: list[str] | None = None,
+    compared: list[Compared] | None = None,
 ) -> str:
     configs = configurations(rows)
     seeds = sorted({len(c.trials) for c in configs})
@@ -360,6 +422,7 @@ def markdown(
         "",
     ]
     lines += _norm_by_batch(configs)
+    lines += _findings(compared or [])
     lines += _configuration_table(configs)
     if ensemble:
         lines += _ensemble_table(ensemble)
@@ -406,6 +469,50 @@ def _norm_by_batch(configs: list[Configuration]) -> list[str]:
             lines.append(_cells([norm, *cells]))
         lines.append("")
     return lines
+
+
+def _findings(compared: list[Compared]) -> list[str]:
+    """Per facet, each difference of the figure in points of mIoU with its 95% interval, and in words
+    whether it is a finding."""
+    if not compared:
+        return []
+    lines = [
+        "## Which differences are findings",
+        "",
+        f"mIoU of the first less the second, in points, with a {LEVEL:.0%} interval from a paired bootstrap "
+        f"({RESAMPLES} resamples) over the validation images (one draw for both sides) and over the seeds "
+        "(each side its own draw). A difference is a finding when its interval excludes 0; else the two "
+        "cannot be told apart by these trials.",
+        "",
+    ]
+    for facet in sorted({c.facet for c in compared}):
+        rows = [c for c in compared if c.facet == facet]
+        found = [c for c in rows if c.difference and c.difference.finding]
+        unknown = sum(c.difference is None for c in rows)
+        lines += [f"### {facet[0]}, crop {_crop_text(facet[1])}", ""]
+        lines.append(
+            f"{len(found)} of {len(rows)} differences are findings"
+            + (f"; {unknown} cannot be tested (a trial logged no per-image scores)" if unknown else "")
+            + "."
+        )
+        lines += ["", _cells(["comparison", "difference", "95% interval", "finding?"]), _cells(["---"] * 4)]
+        for c in rows:
+            d = c.difference
+            if d is None:
+                lines.append(
+                    _cells([c.what, _points(c.a.mean - c.b.mean), "-", "untested: no per-image scores"])
+                )
+                continue
+            verdict = "yes" if d.finding else "no: the interval holds 0"
+            lines.append(
+                _cells([c.what, _points(d.estimate), f"{_points(d.low)} .. {_points(d.high)}", verdict])
+            )
+        lines.append("")
+    return lines
+
+
+def _points(miou: float) -> str:
+    return f"{100 * miou:+.1f}"
 
 
 def _configuration_table(configs: list[Configuration]) -> list[str]:

@@ -70,6 +70,9 @@ MAKE_UI = "http://127.0.0.1:5000"  # where `make ui` serves ./mlflow.db
 _ENDED = "\n\nEnded: "  # in a sweep run's description, before how its trials ended
 CHECKPOINT_DIR = "checkpoints/best"
 CHECKPOINT_FILE = "model.pt"
+# The best epoch's validation as a confusion matrix per image [N, C, C] in the split's order: what the
+# report's intervals resample.
+PER_IMAGE_CONFUSION = "val/per_image_confusion.npy"
 
 
 def tracking_uri() -> str:
@@ -371,6 +374,29 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str) -> None:
 def log_checkpoint(run_id: str, path: str | Path, uri: str) -> None:
     """Upload a checkpoint file as the run's best checkpoint (replacing the previous best)."""
     client(uri).log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+
+def log_per_image_confusion(run_id: str, matrices: Any, uri: str) -> None:
+    """The best epoch's per-image confusion matrices (a numpy int array [N, C, C]), replacing the last."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / Path(PER_IMAGE_CONFUSION).name
+        np.save(path, matrices.astype(np.int64), allow_pickle=False)
+        client(uri).log_artifact(run_id, str(path), str(Path(PER_IMAGE_CONFUSION).parent))
+
+
+def per_image_confusion(run_id: str, uri: str | None = None) -> Any:
+    """A trial's PER_IMAGE_CONFUSION as a numpy int64 array [N, C, C], or None where it logged none (a
+    validation that could not read every image, or a trial from before they were logged)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = client(uri).download_artifacts(run_id, PER_IMAGE_CONFUSION, d)
+        except (MlflowException, OSError):
+            return None
+        return np.load(path, allow_pickle=False)
 
 
 def log_datasets(run_id: str, splits: dict[str, tuple[str, dict]], uri: str) -> None:

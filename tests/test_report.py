@@ -13,11 +13,12 @@ from pathlib import Path
 
 import matplotlib.colors
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from orchestrator import report, tracking
+from orchestrator import metrics, report, tracking
 from orchestrator.cli import main
 from orchestrator.errors import UsageError
 from orchestrator.inference.runs import run_ensemble
@@ -585,3 +586,80 @@ def test_sweep_ensemble_and_report_doc_through_the_command(tmp_path, cli_env):
         assert row[5:8] == ["2", f"{sum(best) / 2:.4f}", f"{min(best):.4f}..{max(best):.4f}"]
     (link,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert link == "chain.png" and (tmp_path / "docs" / link).is_file()
+    # Each trial logged its best epoch's per-image matrices (they make its score), and the report tested
+    # the difference of the two norms with them.
+    for r in kind["trial"]:
+        matrices = torch.from_numpy(tracking.per_image_confusion(r.info.run_id, c.tracking_uri))
+        best = max(x.value for x in c.get_metric_history(r.info.run_id, "val_miou"))
+        assert matrices.shape == (4, 3, 3)
+        assert metrics.summarize(matrices.sum(0))["val_miou"] == pytest.approx(best)
+    ((what, *_, verdict),) = _table(md, "## Which differences are findings")[1:]
+    assert what == "gn:c16 - bn at 2/GPU" and not verdict.startswith("untested")
+
+
+# ---------------------------------------------------------------- which differences are findings
+
+
+def _images(accuracy: float, seed: int, n: int = 40) -> torch.Tensor:
+    """Per-image matrices [n, 3, 3] of 300 pixels each, right with probability `accuracy`."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(3, (n, 300), generator=g)
+    wrong = (truth + torch.randint(1, 3, (n, 300), generator=g)) % 3
+    pred = torch.where(torch.rand(n, 300, generator=g) < accuracy, truth, wrong)
+    out = torch.zeros(n, 3, 3, dtype=torch.int64)
+    return out.index_put_((torch.arange(n)[:, None], truth, pred), torch.ones_like(truth), accumulate=True)
+
+
+# norm, batch, seed -> the per-image matrices its best epoch logged (None: it logged none)
+INTERVALS = {
+    ("bn", 1, 0): _images(0.6, 1),
+    ("bn", 1, 1): _images(0.6, 2),
+    ("gn:g8", 1, 0): _images(0.9, 3),
+    ("gn:g8", 1, 1): _images(0.9, 4),
+    ("bn", 8, 0): _images(0.8, 5),
+    ("bn", 8, 1): _images(0.8, 6),
+    ("gn:g8", 8, 0): _images(0.8, 5),  # the very matrices of bn at 8: no difference at all
+    ("gn:g8", 8, 1): _images(0.8, 6),
+    ("in", 8, 0): None,
+}
+
+
+@pytest.fixture(scope="module")
+def intervals(tmp_path_factory: pytest.TempPathFactory) -> report.ReportResult:
+    root = tmp_path_factory.mktemp("intervals")
+    uri = f"sqlite:///{root}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("intervals", artifact_location=(root / "artifacts").as_uri())
+    sweep = c.create_run(exp, start_time=T0, run_name="intervals", tags={tracking.KIND: "sweep"}).info.run_id
+    for i, ((norm, batch, seed), matrices) in enumerate(INTERVALS.items()):
+        score = 0.5 if matrices is None else metrics.summarize(matrices.sum(0))["val_miou"]
+        run_id = _seeded_trial(c, exp, sweep, norm, batch, seed, [score], None, 60, T0 + i)
+        if matrices is not None:
+            tracking.log_per_image_confusion(run_id, matrices.numpy(), uri)
+    c.set_terminated(sweep, "FINISHED", end_time=T0 + 600_000)
+    return report.build_report("intervals", root / "out", uri=uri)
+
+
+def test_the_report_tests_each_difference_of_the_figure_and_says_which_are_findings(intervals) -> None:
+    md = intervals.table.read_text()
+    rows = {r[0]: r[1:] for r in _table(md, "## Which differences are findings")[1:]}
+    assert list(rows) == [
+        "gn:g8 - bn at 1/GPU",
+        "gn:g8 - bn at 8/GPU",
+        "in - bn at 8/GPU",
+        "bn at 1/GPU - at 8/GPU",
+        "gn:g8 at 1/GPU - at 8/GPU",
+    ]
+    means = {
+        (n, b): sum(metrics.summarize(INTERVALS[n, b, s].sum(0))["val_miou"] for s in (0, 1)) / 2
+        for n, b, _ in INTERVALS
+        if n != "in"
+    }
+    assert rows["gn:g8 - bn at 1/GPU"][0] == f"{100 * (means['gn:g8', 1] - means['bn', 1]):+.1f}"
+    assert rows["gn:g8 - bn at 1/GPU"][2] == "yes" and rows["bn at 1/GPU - at 8/GPU"][2] == "yes"
+    # The same images, the seeds drawn apart (each side its own draw): 0, within an interval about it.
+    same = rows["gn:g8 - bn at 8/GPU"]
+    low, high = (float(x) for x in same[1].split(" .. "))
+    assert same[0] == "+0.0" and low < 0 < high and same[2] == "no: the interval holds 0"
+    assert rows["in - bn at 8/GPU"][1:] == ["-", "untested: no per-image scores"]
+    assert "3 of 5 differences are findings; 1 cannot be tested (a trial logged no per-image scores)." in md

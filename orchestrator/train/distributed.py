@@ -27,6 +27,19 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
         dist.all_reduce(t, op=op)
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` [n, ...] in rank order, on every rank; n may differ between ranks."""
+    if world_size() == 1:
+        return t
+    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([t.shape[0]], device=t.device))
+    padded = t.new_zeros(int(max(counts)), *t.shape[1:])
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(count)] for part, count in zip(parts, counts, strict=True)])
+
+
 def distribute(model: nn.Module, device: torch.device) -> nn.Module:
     """The model on its device, in DDP when more than one rank runs: gradients are all-reduced, while BN
     running statistics stay each rank's own until average_buffers (per-GPU BN)."""

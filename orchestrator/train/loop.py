@@ -33,7 +33,14 @@ from orchestrator.models.pretrained import listed
 from orchestrator.spec import Spec, TrainSpec, public_params
 from orchestrator.train import schedules
 from orchestrator.train.checkpoint_upload import CheckpointUploads
-from orchestrator.train.distributed import all_reduce, average_buffers, count_distinct, distribute, unwrap
+from orchestrator.train.distributed import (
+    all_reduce,
+    average_buffers,
+    count_distinct,
+    distribute,
+    gather_rows,
+    unwrap,
+)
 from orchestrator.train.divergence import Diverged, DivergenceGuard, NonFiniteLoss
 from orchestrator.train.losses import Loss, make_loss
 from orchestrator.train.precise_bn import precise_bn
@@ -229,12 +236,16 @@ def train_loop_per_worker(
     stop = StopRequest.of(config.get("stop_requests"), config["trial"].key)
 
     def save(
-        p: Position, report: dict[str, float] | None = None, improved: bool = False, preempted: bool = False
+        p: Position,
+        report: dict[str, float] | None = None,
+        improved: bool = False,
+        preempted: bool = False,
+        per_image: torch.Tensor | None = None,
     ) -> None:
         background = upload_in_background(w.spec.train, epoch_end=report is not None, preempted=preempted)
         started = time.monotonic()
         state = {**resume_state(optimizer, scaler, p, best, w.device), "preempted": preempted}
-        _report(w, config, net, state, report, improved, uploads, background)
+        _report(w, config, net, state, report, improved, uploads, background, per_image)
         if not background:  # what a notice's checkpoint would take: the upload included
             notices.checkpoint_s = time.monotonic() - started
 
@@ -254,13 +265,14 @@ def train_loop_per_worker(
             if w.spec.train.precise_bn_batches:
                 images = (x for x, _ in w.loader(train=True, epoch=position.epoch))
                 precise_bn(net, images, w.spec.train.precise_bn_batches)
-            report.update(validate(w, net))
+            scores, per_image = validate(w, net)
+            report.update(scores)
             improved = report["val_miou"] > best.miou
             if improved:
                 best = Best(report["val_miou"], report["epoch"])
             report["best_val_miou"], report["best_epoch"] = best  # the headline: what the UI leads with
             position = Position(epoch=position.epoch + 1)
-            save(position, report, improved)
+            save(position, report, improved, per_image=per_image)
             if fresh and w.rank == 0:
                 _log_resume(w, config, Position(), preempted=False, fresh=True)
             fresh = False
@@ -462,27 +474,32 @@ def _trial_sums(sums: torch.Tensor, skipped: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(w: Worker, net: nn.Module) -> dict[str, float]:
-    """Whole-image validation on this rank's share; the confusion matrices are summed over ranks.
-    Runs the unwrapped model: DDP's forward would sync buffers, a collective that hangs when ranks
-    hold different numbers of validation batches."""
+def validate(w: Worker, net: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Whole-image validation on this rank's share: the scores of the confusion matrices summed over ranks,
+    and every image's own matrix [N, C, C] in the split's order (what `orchestrator report` bootstraps its
+    intervals from), or None where an image could not be read (the images would not pair with another
+    trial's). Runs the unwrapped model: DDP's forward would sync buffers, a collective that hangs when
+    ranks hold different numbers of validation batches."""
     net.eval()
     average_buffers(net)
-    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=w.device)
+    per_image = [torch.zeros(0, NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=w.device)]
     loader = w.loader(train=False)
     for images, masks in loader:
         with autocast(w.device, w.spec.train.amp):
             logits = net(images)
-        cm += metrics.confusion_matrix(logits.argmax(1), masks)
+        per_image.append(metrics.confusion_matrices(logits.argmax(1), masks))
+    mine = torch.cat(per_image)
+    cm = mine.sum(0)
     all_reduce(cm)
     skipped = torch.tensor(loader.skipped, device=w.device)
     all_reduce(skipped)
     predicted = int((cm.sum(0) > 0).sum())  # the columns are predictions: the divergence guard's sign
-    return {
+    scores = {
         **metrics.summarize(cm.cpu()),
         "val_skipped_samples": int(skipped),
         "val_predicted_classes": predicted,
     }
+    return scores, None if skipped else gather_rows(mine).cpu()
 
 
 def _report(
@@ -494,11 +511,12 @@ def _report(
     improved: bool,
     uploads: CheckpointUploads,
     background: bool,
+    per_image: torch.Tensor | None = None,
 ) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint, written and stored before this returns
     unless `background`. At an epoch's end (`report` given) rank 0 then logs the metrics to MLflow, after the
     checkpoint is stored: a trial that dies in between finds the report in its checkpoint on restart and logs
-    it then (see log_epoch)."""
+    it then (see log_epoch), without the validation's per-image matrices (`per_image`)."""
     write = None
     if w.rank == 0:
         trial = public_params(config["trial"].config)  # never store credentials in a checkpoint
@@ -510,7 +528,7 @@ def _report(
     position = state["position"]
     uploads.report(report or {"epoch": position["epoch"], "step": position["step"]}, write, background)
     if w.rank == 0 and report:
-        _log_epoch(w, config, net, report, improved)
+        _log_epoch(w, config, net, report, improved, per_image)
 
 
 def _write_checkpoint(contents: dict[str, Any], folder: Path) -> None:
@@ -580,7 +598,12 @@ def _on_notice(
 
 
 def _log_epoch(
-    w: Worker, config: dict[str, Any], net: nn.Module, report: dict[str, float], improved: bool
+    w: Worker,
+    config: dict[str, Any],
+    net: nn.Module,
+    report: dict[str, float],
+    improved: bool,
+    per_image: torch.Tensor | None = None,
 ) -> None:
     # MLflow is imported here, not with the module: its ~1 s of imports is rank 0's alone, and comes
     # after the first epoch rather than before the first step.
@@ -602,6 +625,8 @@ def _log_epoch(
                 best_path, net, public_params(config["trial"].config), w.mean_std, epoch=epoch, metrics=report
             )
             tracking.log_checkpoint(run_id, best_path, uri)
+        if per_image is not None:  # the best epoch's, as its checkpoint
+            tracking.log_per_image_confusion(run_id, per_image.numpy(), uri)
     log.info(
         "%s epoch %d/%d: train_loss %.4f val_miou %.4f (%.1f img/s, %d+%d samples skipped)",
         w.spec.name,

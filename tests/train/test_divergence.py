@@ -86,11 +86,11 @@ def test_validation_counts_the_classes_it_predicted_over_the_whole_split(worker)
     torch.nn.init.zeros_(model.head.classifier.weight)  # a collapsed model: the bias decides everywhere
     torch.nn.init.constant_(model.head.classifier.bias, 0.0)
     model.head.classifier.bias.data[2] = 1.0
-    assert loop.validate(worker, model)["val_predicted_classes"] == 1
+    assert loop.validate(worker, model)[0]["val_predicted_classes"] == 1
     torch.manual_seed(0)
     fresh = model_for(worker.spec).eval()
     predicted = set()
     with torch.no_grad():
         for images, masks in worker.loader(train=False):
             predicted |= set(fresh(images).argmax(1)[masks != 255].tolist())
-    assert loop.validate(worker, fresh)["val_predicted_classes"] == len(predicted) > 1
+    assert loop.validate(worker, fresh)[0]["val_predicted_classes"] == len(predicted) > 1

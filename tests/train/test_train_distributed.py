@@ -7,10 +7,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from orchestrator import metrics
 from orchestrator import spec as specs
 from orchestrator.checkpoints import model_for
 from orchestrator.train.distributed import all_reduce, average_buffers, distribute, unwrap
-from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch
+from orchestrator.train.loop import Position, Worker, make_optimizer, train_epoch, validate
 from orchestrator.train.step import accumulate_gradients
 
 
@@ -163,3 +164,44 @@ def test_per_gpu_bn_ranks_keep_their_own_statistics_through_the_loop_until_avera
     mean = (ranks[0]["before"] + ranks[1]["before"]) / 2
     for r in ranks:
         torch.testing.assert_close(r["after"], mean, rtol=0, atol=1e-7)
+
+
+def _validation_spec(shards: str) -> specs.Spec:
+    return specs.validate({
+        "name": "per-image", "model": {"backbone": "resnet18", "head": "fcn"}, "norm": "bn",
+        "data": {"train": f"{shards}/train", "val": f"{shards}/val", "loader_workers": 0},
+        "train": {"epochs": 1, "batch_per_gpu": 2, "crop": [32, 32]},
+    })  # fmt: skip
+
+
+def _validate_worker(rank: int, store: str, shards: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        spec = _validation_spec(shards)
+        torch.manual_seed(0)
+        torch.save(validate(Worker(spec, rank=rank, world=2), model_for(spec)), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_gives_each_images_matrix_in_the_splits_order_on_any_number_of_ranks(
+    tmp_path: Path,
+) -> None:
+    """5 validation images over 2 ranks (3 and 2, batches of 2): every rank gets all 5 matrices, in the
+    order one process validates them, and they sum to the matrix the scores come from."""
+    from orchestrator.data.shards import pack
+    from orchestrator.data.synth import synthesize
+
+    synthesize(str(tmp_path / "raw"), train=4, val=5, size=(64, 36))
+    pack(str(tmp_path / "raw"), str(tmp_path / "shards"), shard_size=2, workers=1)
+    spec = _validation_spec(str(tmp_path / "shards"))
+    torch.manual_seed(0)
+    scores, alone = validate(Worker(spec), model_for(spec))
+    assert alone.shape == (5, 3, 3) and len({tuple(m.flatten().tolist()) for m in alone}) == 5
+    assert metrics.summarize(alone.sum(0))["val_miou"] == scores["val_miou"]
+    mp.spawn(
+        _validate_worker, args=(str(tmp_path / "store"), str(tmp_path / "shards"), str(tmp_path)), nprocs=2
+    )
+    for rank in range(2):
+        ranked_scores, ranked = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(ranked, alone) and ranked_scores == scores
