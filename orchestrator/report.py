@@ -37,6 +37,9 @@ METRIC = "val_miou"
 OFFICIAL = "val_miou_official"  # the BDD100K 2-class rule, where trials log it
 SEED = "train.seed"  # trials that differ only in it are one configuration
 BASELINE = "bn"  # the norm every other is compared with at each batch per GPU
+# A finished trial whose val mIoU rose more than this in its last epoch is still improving: its score is
+# not converged, and a conclusion drawn from it may change with a longer budget.
+STILL_IMPROVING = 0.005
 # Runs still going (or killed with their driver) have no verdict yet; KILLED: ended early (diverged, stopped).
 SHOWN = ("FINISHED", "FAILED", "KILLED")
 MARKERS = "osD^v<>ph*"
@@ -70,6 +73,12 @@ class TrialRow:
     seed: int | None = None
     config: tuple[tuple[str, str], ...] = ()  # every param but train.seed: equal for the seeds of one setup
     duration_s: float | None = None  # the run's start to end
+    last_gain: float | None = None  # val mIoU of the last epoch less the one before
+
+    @property
+    def still_improving(self) -> bool:
+        """A finished trial whose last epoch gained more than STILL_IMPROVING: not converged."""
+        return self.status == "FINISHED" and self.last_gain is not None and self.last_gain > STILL_IMPROVING
 
     @property
     def crop_text(self) -> str:
@@ -110,6 +119,11 @@ class Configuration:
     @property
     def high(self) -> float | None:
         return max(self.values, default=None)
+
+    @property
+    def improving(self) -> bool:
+        """A finished seed was still improving at its end."""
+        return any(t.still_improving for t in self.trials)
 
     @property
     def mean_official(self) -> float | None:
@@ -407,6 +421,7 @@ def markdown(
         *_setup(sweep),
         f"- trials: {len(rows)} ({how_ended(rows, every=True)}) in {len(configs)} "
         f"configurations of {'/'.join(map(str, seeds))} seed(s)",
+        f"- {_improving_line(rows)}",
         f"- wall time of the sweep: {_wall_time(sweep)}",
         f"- trial durations: {_durations(rows)}",
         f"- ensemble: {_ensemble_line(ensemble, experiment)}",
@@ -452,7 +467,7 @@ def _norm_by_batch(configs: list[Configuration]) -> list[str]:
     lines = [
         "## Best val mIoU by norm and batch per GPU",
         "",
-        "Mean over seeds (min..max where there are several).",
+        "Mean over seeds (min..max where there are several); `*`: a seed still improving at its end.",
         "",
     ]
     for (backbone, crop), facet in sorted(points.items()):
@@ -489,24 +504,25 @@ def _findings(compared: list[Compared]) -> list[str]:
         rows = [c for c in compared if c.facet == facet]
         found = [c for c in rows if c.difference and c.difference.finding]
         unknown = sum(c.difference is None for c in rows)
+        unconverged = sum(c.a.improving or c.b.improving for c in found)
         lines += [f"### {facet[0]}, crop {_crop_text(facet[1])}", ""]
         lines.append(
             f"{len(found)} of {len(rows)} differences are findings"
+            + (f", {unconverged} of them resting on trials still improving" if unconverged else "")
             + (f"; {unknown} cannot be tested (a trial logged no per-image scores)" if unknown else "")
             + "."
         )
-        lines += ["", _cells(["comparison", "difference", "95% interval", "finding?"]), _cells(["---"] * 4)]
+        head = ["comparison", "difference", "95% interval", "finding?", "converged?"]
+        lines += ["", _cells(head), _cells(["---"] * len(head))]
         for c in rows:
             d = c.difference
             if d is None:
-                lines.append(
-                    _cells([c.what, _points(c.a.mean - c.b.mean), "-", "untested: no per-image scores"])
-                )
-                continue
-            verdict = "yes" if d.finding else "no: the interval holds 0"
-            lines.append(
-                _cells([c.what, _points(d.estimate), f"{_points(d.low)} .. {_points(d.high)}", verdict])
-            )
+                cells = [_points(c.a.mean - c.b.mean), "-", "untested: no per-image scores"]
+            else:
+                verdict = "yes" if d.finding else "no: the interval holds 0"
+                cells = [_points(d.estimate), f"{_points(d.low)} .. {_points(d.high)}", verdict]
+            converged = "no: a seed still improving" if c.a.improving or c.b.improving else "yes"
+            lines.append(_cells([c.what, *cells, converged]))
         lines.append("")
     return lines
 
@@ -565,12 +581,17 @@ def _trial_table(rows: list[TrialRow]) -> list[str]:
     official = any(r.best_official is not None for r in rows)
     head = ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU"]
     head += ["best official mIoU"] if official else []
-    head += ["last epoch", "duration", "status", "why it ended"]
+    head += ["last epoch", "last-epoch gain", "duration", "status", "why it ended"]
     lines = ["## Trials", "", _cells(head), _cells(["---"] * len(head))]
     for r in rows:
         cells = [r.name, r.run_id[:8], r.backbone, r.norm, _text(r.batch_per_gpu), r.crop_text, _text(r.seed)]
         cells += [_text(r.best_val_miou)] + ([_text(r.best_official)] if official else [])
-        cells += [_text(r.last_epoch), _duration(r.duration_s), r.status, _text(r.failure)]
+        gain = (
+            "-"
+            if r.last_gain is None
+            else f"{r.last_gain:+.4f}" + (" (improving)" if r.still_improving else "")
+        )
+        cells += [_text(r.last_epoch), gain, _duration(r.duration_s), r.status, _text(r.failure)]
         lines.append(_cells(cells))
     return lines
 
@@ -635,8 +656,10 @@ def _sweep_run(experiment: str | None, run_id: str | None, uri: str) -> Run:
 
 def _row(run: Run, uri: str | None) -> TrialRow:
     params, info = run.data.params, run.info
-    best, last_epoch = (
-        tracking.best_and_last_step(info.run_id, METRIC, uri) if METRIC in run.data.metrics else (None, None)
+    history = (
+        tracking.metric_history(info.run_id, METRIC, uri)
+        if METRIC in run.data.metrics
+        else tracking.MetricHistory(None, None, None)
     )
     return TrialRow(
         run_id=info.run_id,
@@ -645,9 +668,10 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         norm=params.get("norm", "?"),
         batch_per_gpu=_int(params.get("train.batch_per_gpu", "")),
         crop=tracking.crop_param(params),
-        best_val_miou=best,
+        best_val_miou=history.best,
         best_official=_best(run, OFFICIAL, uri),
-        last_epoch=last_epoch,
+        last_epoch=history.last_step,
+        last_gain=history.last_gain,
         status=tracking.outcome(run).upper(),
         failure=run.data.tags.get(tracking.FAILURE) or run.data.tags.get(tracking.ENDED_EARLY),
         seed=_int(params.get(SEED, "")),
@@ -683,7 +707,18 @@ def _best(run: Run, key: str, uri: str | None) -> float | None:
 
 
 def _point(c: Configuration) -> str:
-    return _text(c.mean) + (f" ({_range(c)})" if len(c.values) > 1 else "")
+    return _text(c.mean) + (f" ({_range(c)})" if len(c.values) > 1 else "") + ("*" if c.improving else "")
+
+
+def _improving_line(rows: list[TrialRow]) -> str:
+    finished = [r for r in rows if r.status == "FINISHED"]
+    improving = sum(r.still_improving for r in finished)
+    unconverged = ": their scores are not converged, and what rests on them may change with a longer budget"
+    return (
+        f"still improving at their end: {improving or 'none'} of {len(finished)} finished trials "
+        f"(val mIoU up more than {100 * STILL_IMPROVING:.1f} points in the last epoch)"
+        + (unconverged if improving else "")
+    )
 
 
 def _range(c: Configuration) -> str:

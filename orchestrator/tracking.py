@@ -768,16 +768,28 @@ def latest_ensemble_run(experiment_id: str, uri: str | None = None) -> Run | Non
 
 def best_value(run_id: str, key: str, uri: str | None = None) -> float | None:
     """The highest finite value the run logged for a metric over all steps; None if it logged none."""
-    return best_and_last_step(run_id, key, uri)[0]
+    return metric_history(run_id, key, uri).best
 
 
-def best_and_last_step(run_id: str, key: str, uri: str | None = None) -> tuple[float | None, int | None]:
-    """The highest finite value the run logged for a metric over all steps, and its last step (for a
-    per-epoch metric, the last epoch logged); None for what it logged none of. (A diverged epoch logs NaN,
-    and max() over a NaN depends on its position.)"""
-    history = client(uri).get_metric_history(run_id, key)
+@dataclass(frozen=True)
+class MetricHistory:
+    """What a run's history of one per-epoch metric says: its best, its last step, and whether it was still
+    rising at the end. (A diverged epoch logs NaN, and max() over a NaN depends on its position: only
+    finite values count.)"""
+
+    best: float | None  # the highest finite value over all steps
+    last_step: int | None  # for a per-epoch metric, the last epoch logged
+    last_gain: float | None  # the last finite value less the one before; None with fewer than two
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> MetricHistory:
+    history = sorted(client(uri).get_metric_history(run_id, key), key=lambda m: m.step)
     values = [m.value for m in history if math.isfinite(m.value)]
-    return max(values, default=None), max((m.step for m in history), default=None)
+    return MetricHistory(
+        max(values, default=None),
+        max((m.step for m in history), default=None),
+        values[-1] - values[-2] if len(values) > 1 else None,
+    )
 
 
 def log_files(run_id: str, paths: list[Path], folder: str, uri: str | None = None) -> None:

@@ -128,15 +128,16 @@ def test_markdown_table_lists_every_trial_with_its_failure_reason(store, result)
     assert "- trials: 7 (6 finished, 1 failed) in 7 configurations of 1 seed(s)" in md
     head, *rows = _table(md)
     assert head == ["trial", "run", "backbone", "norm", "batch/GPU", "crop", "seed", "best val mIoU",
-                    "best official mIoU", "last epoch", "duration", "status", "why it ended"]  # fmt: skip
+                    "best official mIoU", "last epoch", "last-epoch gain", "duration", "status",
+                    "why it ended"]  # fmt: skip
     assert len(rows) == len(EXPECTED)
     assert [(r[2], r[5], r[3], int(r[4])) for r in rows] == list(EXPECTED)
     assert [float(r[7]) for r in rows] == pytest.approx(list(EXPECTED.values()))
     assert [r[8] for r in rows] == ["-", "-", "0.8000", "-", "-", "-", "-"]
     assert {r[6] for r in rows} == {"-"}  # no train.seed param
     failed = rows.pop(-2)
-    assert failed[11:] == ["FAILED", "non-finite loss at step 12 (lr=0.02 | amp=bf16)"]
-    assert {r[11] for r in rows} == {"FINISHED"} and {r[12] for r in rows} == {"-"}
+    assert failed[12:] == ["FAILED", "non-finite loss at step 12 (lr=0.02 | amp=bf16)"]
+    assert {r[12] for r in rows} == {"FINISHED"} and {r[13] for r in rows} == {"-"}
     assert rows[0][0] == "model.backbone=resnet18,norm=bn,train.batch_per_gpu=1,train.crop=64x64"
 
 
@@ -175,8 +176,9 @@ def test_diverged_and_stopped_trials_show_as_such_and_never_as_finished(tmp_path
     assert rows[("gn:g8", "2")][-2] == "DIVERGED" and rows[("bn", "2")][-2] == "FINISHED"
     # The norm-by-batch table: a point no trial finished says how its trials ended, not a score.
     assert _table(md, "### resnet18, crop 64x64")[1:] == [
-        ["bn", "1 stopped", "0.4500"], ["gn:g8", "1 diverged", "1 diverged"],
-    ]  # fmt: skip
+        ["bn", "1 stopped", "0.4500*"],
+        ["gn:g8", "1 diverged", "1 diverged"],
+    ]  # fmt: skip (bn at 2 rose 0.05 in its last epoch: still improving)
     configs = {(r[2], r[3]): r for r in _table(md, "## Configurations")[1:]}
     assert configs[("gn:g8", "2")][5:7] == ["0 (1 diverged)", "-"]
 
@@ -431,7 +433,7 @@ def test_document_tables_summarize_configurations_and_list_every_seed(doc):
     head, *rows = _table(md, "### resnet18, crop 64x64")
     assert head == ["norm", "1/GPU", "2/GPU"]
     assert rows == [
-        ["bn", "0.4300 (0.4000..0.4600)", "0.5200 (0.5000..0.5400)"],
+        ["bn", "0.4300 (0.4000..0.4600)*", "0.5200 (0.5000..0.5400)"],  # seed 0 rose 0.10 at its end
         ["gn:g8", "0.4500", "0.4800"],
     ]
     head, *rows = _table(md, "## Configurations")
@@ -444,12 +446,22 @@ def test_document_tables_summarize_configurations_and_list_every_seed(doc):
         ["norm=gn:g8,train.batch_per_gpu=2", "1", "0.4800", "-", "1m 30s"],
     ]
     head, *rows = _table(md)
-    assert [(r[3], r[4], r[6], r[7], r[8], r[9]) for r in rows] == [
-        ("bn", "1", "0", "0.4000", "2", "1m 40s"), ("bn", "1", "1", "0.4600", "2", "2m 00s"),
-        ("bn", "1", "2", "0.4300", "1", "2m 20s"), ("bn", "2", "0", "0.5000", "1", "1m 00s"),
-        ("bn", "2", "1", "0.5400", "2", "1m 20s"), ("gn:g8", "1", "0", "0.4500", "1", "3m 20s"),
-        ("gn:g8", "1", "1", "0.9000", "1", "10s"), ("gn:g8", "2", "0", "0.4800", "1", "1m 30s"),
+    assert [(r[3], r[4], r[6], r[7], r[8], r[9], r[10]) for r in rows] == [
+        ("bn", "1", "0", "0.4000", "2", "+0.1000 (improving)", "1m 40s"),
+        ("bn", "1", "1", "0.4600", "2", "-0.0500", "2m 00s"), ("bn", "1", "2", "0.4300", "1", "-", "2m 20s"),
+        ("bn", "2", "0", "0.5000", "1", "-", "1m 00s"), ("bn", "2", "1", "0.5400", "2", "-0.0200", "1m 20s"),
+        ("gn:g8", "1", "0", "0.4500", "1", "-", "3m 20s"), ("gn:g8", "1", "1", "0.9000", "1", "-", "10s"),
+        ("gn:g8", "2", "0", "0.4800", "1", "-", "1m 30s"),
     ]  # fmt: skip
+    assert "- still improving at their end: 1 of 7 finished trials (val mIoU up more than 0.5 points" in md
+    # No trial logged per-image scores; a comparison with bn at 1/GPU rests on its improving seed.
+    findings = {r[0]: r[3:] for r in _table(md, "## Which differences are findings")[1:]}
+    assert findings == {
+        "gn:g8 - bn at 1/GPU": ["untested: no per-image scores", "no: a seed still improving"],
+        "gn:g8 - bn at 2/GPU": ["untested: no per-image scores", "yes"],
+        "bn at 1/GPU - at 2/GPU": ["untested: no per-image scores", "no: a seed still improving"],
+        "gn:g8 at 1/GPU - at 2/GPU": ["untested: no per-image scores", "yes"],
+    }
 
 
 def _fenced(md: str) -> list[str]:
@@ -660,6 +672,6 @@ def test_the_report_tests_each_difference_of_the_figure_and_says_which_are_findi
     # The same images, the seeds drawn apart (each side its own draw): 0, within an interval about it.
     same = rows["gn:g8 - bn at 8/GPU"]
     low, high = (float(x) for x in same[1].split(" .. "))
-    assert same[0] == "+0.0" and low < 0 < high and same[2] == "no: the interval holds 0"
-    assert rows["in - bn at 8/GPU"][1:] == ["-", "untested: no per-image scores"]
+    assert same[0] == "+0.0" and low < 0 < high and same[2:] == ["no: the interval holds 0", "yes"]
+    assert rows["in - bn at 8/GPU"][1:] == ["-", "untested: no per-image scores", "yes"]
     assert "3 of 5 differences are findings; 1 cannot be tested (a trial logged no per-image scores)." in md

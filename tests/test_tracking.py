@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import astuple
+
+import pytest
 
 from orchestrator import tracking
 from orchestrator.data.shards import pack, read_manifest
@@ -22,6 +25,20 @@ def test_an_epoch_is_logged_once_with_its_tags(tmp_path) -> None:
     history = tracking.client(uri).get_metric_history(run_id, "val_miou")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
     assert run.data.tags["orchestrator.nodes"] == "2"
+
+
+def test_a_metrics_history_gives_its_best_last_epoch_and_last_gain_over_finite_values(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment("e", uri)
+    rising, diverged = (c.create_run(exp).info.run_id for _ in range(2))
+    for epoch, value in [(3, 0.52), (1, 0.2), (2, 0.5)]:  # logged out of order
+        c.log_metric(rising, "val_miou", value, step=epoch)
+    for epoch, value in [(1, 0.2), (2, 0.5), (3, float("nan"))]:  # the last epoch diverged
+        c.log_metric(diverged, "val_miou", value, step=epoch)
+    assert astuple(tracking.metric_history(rising, "val_miou", uri)) == pytest.approx((0.52, 3, 0.02))
+    assert astuple(tracking.metric_history(diverged, "val_miou", uri)) == pytest.approx((0.5, 3, 0.3))
+    assert tracking.metric_history(rising, "none", uri) == tracking.MetricHistory(None, None, None)
 
 
 def test_ensemble_candidates_are_ranked_by_best_value_and_a_configuration_counts_once(tmp_path) -> None:
