@@ -297,3 +297,39 @@ def test_storage_options_reach_the_workers_and_nowhere_else(workdir, s3_server):
             if path.is_file() and not path.is_symlink() and sentinel.encode() in path.read_bytes():
                 found.append(path)
     assert found == []
+
+
+def test_the_demo_trains_every_norm_it_lists_without_collapse(tmp_path, cli_env):
+    """`make demo`'s chain as written (jobs/smoke.yaml on the Makefile's synthetic data): every trial
+    finishes well above the score of predicting background everywhere, the collapse plain GN fell into
+    at a scaled LR without a warmup."""
+    import torch
+
+    from orchestrator import metrics
+    from orchestrator.data.stream import evaluation_loader
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = (root / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    demo = [
+        line.split("$(BIN)/orchestrator ", 1)[1].split() for line in recipe.splitlines() if "$(BIN)" in line
+    ]
+    assert [args[:2] for args in demo[:3]] == [
+        ["data", "synth"],
+        ["data", "pack"],
+        ["sweep", "jobs/smoke.yaml"],
+    ]
+    for args in demo[:2]:
+        run_cli(args, tmp_path, cli_env)
+    run_cli(["sweep", str(root / "jobs" / "smoke.yaml")], tmp_path, cli_env, timeout=900)
+    background = torch.zeros(3, 3, dtype=torch.int64)
+    for _, masks in evaluation_loader(str(tmp_path / "data" / "shards" / "val"), batch_size=8):
+        background += metrics.confusion_matrix(torch.full_like(masks, metrics.BACKGROUND), masks)
+    collapsed = metrics.summarize(background)["val_miou"]
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("smoke")
+    trials = client.search_runs([exp.experiment_id], "tags.`orchestrator.kind` = 'trial'")
+    grid = yaml.safe_load((root / "jobs" / "smoke.yaml").read_text())["grid"]
+    assert len(trials) == len(grid["norm"]) * len(grid["train.batch_per_gpu"])
+    for trial in trials:
+        assert trial.info.status == "FINISHED", trial.data.params["norm"]
+        assert trial.data.metrics["best_val_miou"] > collapsed + 0.1, (trial.info.run_name, collapsed)
