@@ -21,6 +21,7 @@ from orchestrator import metrics
 
 RESAMPLES = 2000
 LEVEL = 0.95
+_CHUNK = 250  # resamples drawn as one [chunk, N] product: bounded memory at BDD100K's 10k images
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ def paired_difference(
     images = a.shape[1]
     draws = torch.empty(resamples, dtype=torch.float64)
     # In chunks: each resample's image draw as counts per image, [R, N], applied as one product.
-    for start in range(0, resamples, 250):
-        count = min(250, resamples - start)
+    for start in range(0, resamples, _CHUNK):
+        count = min(_CHUNK, resamples - start)
         picks = torch.randint(images, (count, images), generator=g)
         weights = torch.zeros(count, images, dtype=torch.float64).scatter_add_(
             1, picks, torch.ones(count, images, dtype=torch.float64)

@@ -209,12 +209,11 @@ def build_report(
     )
     table_path.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, title=f"{experiment} (sweep run {sweep_id[:8]})").savefig(figure_path, dpi=100)
-    compared = differences(configurations(rows), uri)
+    configs = configurations(rows)
+    compared = differences(configs, uri)
     table_path.write_text(markdown(rows, experiment, sweep, figure_path.name, ensemble, commands, compared))
     tracking.log_files(sweep_id, [figure_path, table_path], ARTIFACT_DIR, uri)
-    return ReportResult(
-        experiment, sweep_id, rows, figure_path, table_path, configurations(rows), ensemble, commands
-    )
+    return ReportResult(experiment, sweep_id, rows, figure_path, table_path, configs, ensemble, commands)
 
 
 def trial_rows(sweep: Run, uri: str | None = None) -> list[TrialRow]:
@@ -379,9 +378,9 @@ def differences(configs: list[Configuration], uri: str | None = None) -> list[Co
                 (f"{norm} at {b}/GPU - at {top}/GPU", line[b], line[top]) for b in sorted(line) if b != top
             ]
         for what, a, b in pairs:
-            both = matrices.of(a), matrices.of(b)
-            fits = None not in both and both[0].shape[1:] == both[1].shape[1:]
-            compared.append(Compared(facet, what, a, b, paired_difference(*both) if fits else None))
+            ma, mb = matrices.of(a), matrices.of(b)
+            fits = ma is not None and mb is not None and ma.shape[1:] == mb.shape[1:]
+            compared.append(Compared(facet, what, a, b, paired_difference(ma, mb) if fits else None))
     return compared
 
 
