@@ -24,11 +24,11 @@ demo: setup
 	$(BIN)/orchestrator ensemble --top 3 --experiment smoke
 	$(BIN)/orchestrator report --experiment smoke --out data/report
 
-# The normalization study at proxy scale (jobs/study_proxy.yaml: 54 trials, about 3 h on 2 cores); its
+# The normalization study at proxy scale (jobs/study_proxy.yaml: 84 trials, about 3 h on 2 cores); its
 # document, docs/study-proxy.md, is what `orchestrator report` writes from the MLflow runs. A failed trial is
 # a result (the report gives its reason), so the sweep's exit status does not stop the ensemble and report.
 study: setup
-	$(BIN)/orchestrator data synth data/study/synth --train 512 --val 128 --size 128x72 --seed 0
+	$(BIN)/orchestrator data synth data/study/synth --train 256 --val 128 --size 128x72 --seed 0
 	$(BIN)/orchestrator data pack data/study/synth data/study/shards --shard-size 32
 	-$(BIN)/orchestrator sweep jobs/study_proxy.yaml
 	$(BIN)/orchestrator ensemble --top 3 --experiment study_proxy

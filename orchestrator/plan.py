@@ -13,10 +13,10 @@ dollars. How each figure is made:
   copies and the float32 of GN, LN, upsampling and the loss among them.
 - FLOPs per image: convolutions and matrix products of a forward and backward (compute.count_flops).
 - GPU-hours: the images the trial trains on (epochs x the train split's samples, or steps_per_epoch x batch x
-  workers) / the images per second of one GPU: measured, where the spec's MLflow experiment holds finished
-  trials of the point's backbone, norm and crop on this GPU kind (measured_throughput: from what they spent,
-  validation, checkpoints and restarts included), else the GPU kind's bf16 peak x MFU / FLOPs per image
-  (training alone).
+  workers, or train.budget's steps x the images of a step) / the images per second of one GPU: measured,
+  where the spec's MLflow experiment holds finished trials of the point's backbone, norm and crop on this
+  GPU kind (measured_throughput: from what they spent, validation, checkpoints and restarts included),
+  else the GPU kind's bf16 peak x MFU / FLOPs per image (training alone).
 The sweep plans first too (fit_trials): `batch_per_gpu: auto` is chosen, points that cannot fit refused.
 """
 
@@ -257,11 +257,15 @@ def _point(trial: Trial, gpu: Gpu, images: int, costs: StepCosts, measured: Meas
     s, t = trial.spec, trial.spec.train
     workers = s.resources.workers_per_trial
     seconds, trained, all_measured = 0.0, 0, True
+    fixed = t.budget_steps(workers)
     for epoch in range(t.epochs):
         stage = t.stage(epoch)
         batch, crop = stage.batch_per_gpu, tuple(stage.crop)
         one, _ = costs(s, crop)
-        per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
+        if fixed is not None:
+            per_epoch = fixed[epoch] * t.images_per_step(workers)
+        else:
+            per_epoch = images if t.steps_per_epoch is None else t.steps_per_epoch * batch * workers
         rate = measured.get((s.model.backbone, s.norm, crop))
         all_measured &= rate is not None
         rate = rate or gpu.peak_bf16 * MFU / one.flops

@@ -1,7 +1,8 @@
 """The study's figure and document from MLflow runs, never training.
 
 The figure is Figure 1 of the GN paper for this study: best validation mIoU against images per GPU, one
-line per norm, a facet per backbone (rows) and crop (columns). Trials that differ only in `train.seed` are
+line per norm, a facet per backbone (rows) and crop and protocol (columns: what `train.budget` held equal,
+epochs, steps or images, as the document says in words). Trials that differ only in `train.seed` are
 one configuration: its point is the mean over its seeds, its error bar their min..max. The document holds
 the sweep's wall time, the trials' durations, the latest ensemble's gain over its best member, the command
 lines that made the runs (and this report), the figure, a norm x batch table per facet, a table of the
@@ -31,6 +32,7 @@ from orchestrator import tracking
 from orchestrator.bootstrap import LEVEL, RESAMPLES, Difference, paired_difference
 from orchestrator.errors import UsageError
 from orchestrator.masking import redact
+from orchestrator.spec import Budget
 
 ARTIFACT_DIR = "report"
 METRIC = "val_miou"
@@ -49,12 +51,16 @@ SETUP_KEYS = (
     "model.backbone",
     "train.crop",
     "train.epochs",
+    "train.budget",
     "train.steps_per_epoch",
     "train.lr",
     "train.lr_reference_batch",  # with it, train.lr is for that many images per step and scales
     "train.loss",
     "resources.workers_per_trial",
 )
+
+
+Facet = tuple[str, tuple[int, ...], str]  # backbone, crop, train.budget: one panel of the figure
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ class TrialRow:
     config: tuple[tuple[str, str], ...] = ()  # every param but train.seed: equal for the seeds of one setup
     duration_s: float | None = None  # the run's start to end
     last_gain: float | None = None  # val mIoU of the last epoch less the one before
+    budget: str = "epochs"  # train.budget: what the trial's protocol held equal
+
+    @property
+    def facet(self) -> Facet:
+        return self.backbone, self.crop, self.budget
 
     @property
     def still_improving(self) -> bool:
@@ -274,7 +285,7 @@ def plot(rows: list[TrialRow], title: str = "") -> Figure:
     from their min to their max where there are several. The x axis runs from large to small batches, as
     in the paper."""
     backbones = sorted({r.backbone for r in rows})
-    crops = sorted({r.crop for r in rows})
+    columns = sorted({(r.crop, r.budget) for r in rows})
     norms = sorted({r.norm for r in rows})
     cmap = colormaps["tab10" if len(norms) <= 10 else "tab20"]
     style = {n: {"color": cmap(i), "marker": MARKERS[i % len(MARKERS)]} for i, n in enumerate(norms)}
@@ -284,11 +295,11 @@ def plot(rows: list[TrialRow], title: str = "") -> Figure:
         len(c.values) > 1 for facet in points.values() for line in facet.values() for c in line.values()
     )
 
-    fig = Figure(figsize=(2.6 + 4.0 * len(crops), 1.0 + 3.4 * len(backbones)), layout="constrained")
-    axes = fig.subplots(len(backbones), len(crops), sharex=True, sharey=True, squeeze=False)
+    fig = Figure(figsize=(2.6 + 4.0 * len(columns), 1.0 + 3.4 * len(backbones)), layout="constrained")
+    axes = fig.subplots(len(backbones), len(columns), sharex=True, sharey=True, squeeze=False)
     for ax_row, backbone in zip(axes, backbones, strict=True):
-        for ax, crop in zip(ax_row, crops, strict=True):
-            facet = points.get((backbone, crop), {})
+        for ax, (crop, budget) in zip(ax_row, columns, strict=True):
+            facet = points.get((backbone, crop, budget), {})
             for norm, line in sorted(facet.items()):
                 xs = sorted(line)
                 means = [line[x].mean for x in xs]
@@ -309,7 +320,7 @@ def plot(rows: list[TrialRow], title: str = "") -> Figure:
                     )
             if not facet:
                 ax.text(0.5, 0.5, "no finished trials", transform=ax.transAxes, ha="center", color="gray")
-            ax.set_title(f"{backbone}, crop {_crop_text(crop)}", fontsize="medium")
+            ax.set_title(_facet_title((backbone, crop, budget)), fontsize="medium")
             ax.set_xscale("log", base=2)
             ax.set_xticks(batches, labels=[str(b) for b in batches])
             ax.minorticks_off()
@@ -327,11 +338,11 @@ def plot(rows: list[TrialRow], title: str = "") -> Figure:
     return fig
 
 
-Points = dict[tuple[str, tuple[int, ...]], dict[str, dict[int, Configuration]]]
+Points = dict[Facet, dict[str, dict[int, Configuration]]]
 
 
 def facet_points(configs: list[Configuration]) -> Points:
-    """{(backbone, crop): {norm: {batch per GPU: configuration}}} over configurations with a finished
+    """{facet: {norm: {batch per GPU: configuration}}} over configurations with a finished
     seed. Other grid keys (lr, ...) can give several configurations per point: the point is the one with
     the best mean."""
     points: Points = {}
@@ -339,7 +350,7 @@ def facet_points(configs: list[Configuration]) -> Points:
         t = c.first
         if c.mean is None or not t.batch_per_gpu:
             continue
-        line = points.setdefault((t.backbone, t.crop), {}).setdefault(t.norm, {})
+        line = points.setdefault(t.facet, {}).setdefault(t.norm, {})
         if t.batch_per_gpu not in line or c.mean > line[t.batch_per_gpu].mean:
             line[t.batch_per_gpu] = c
     return points
@@ -350,7 +361,7 @@ class Compared:
     """One difference the figure shows: configuration `a` less `b`, in one facet; its bootstrap interval,
     or None where a side has no per-image matrices to resample."""
 
-    facet: tuple[str, tuple[int, ...]]  # backbone, crop
+    facet: Facet
     what: str  # "gn:c16 - bn at 1/GPU", "gn:c16 at 1/GPU - at 8/GPU"
     a: Configuration
     b: Configuration
@@ -420,6 +431,7 @@ def markdown(
         *_setup(sweep),
         f"- trials: {len(rows)} ({how_ended(rows, every=True)}) in {len(configs)} "
         f"configurations of {'/'.join(map(str, seeds))} seed(s)",
+        f"- {_protocol_line(rows)}",
         f"- {_improving_line(rows)}",
         f"- wall time of the sweep: {_wall_time(sweep)}",
         f"- trial durations: {_durations(rows)}",
@@ -459,7 +471,7 @@ def _norm_by_batch(configs: list[Configuration]) -> list[str]:
     if not points:
         return []
     unscored = {
-        (c.first.backbone, c.first.crop, c.first.norm, c.first.batch_per_gpu): how_ended(list(c.trials))
+        (c.first.facet, c.first.norm, c.first.batch_per_gpu): how_ended(list(c.trials))
         for c in configs
         if c.mean is None
     }
@@ -469,17 +481,14 @@ def _norm_by_batch(configs: list[Configuration]) -> list[str]:
         "Mean over seeds (min..max where there are several); `*`: a seed still improving at its end.",
         "",
     ]
-    for (backbone, crop), facet in sorted(points.items()):
-        ended = {(n, b) for bb, cc, n, b in unscored if (bb, cc) == (backbone, crop) and b}
+    for key, facet in sorted(points.items()):
+        ended = {(n, b) for f, n, b in unscored if f == key and b}
         batches = sorted({b for line in facet.values() for b in line} | {b for _, b in ended})
-        lines += [f"### {backbone}, crop {_crop_text(crop)}", ""]
+        lines += [f"### {_facet_title(key)}", ""]
         lines += [_cells(["norm", *(f"{b}/GPU" for b in batches)]), _cells(["---"] * (len(batches) + 1))]
         for norm in sorted(set(facet) | {n for n, _ in ended}):
             line = facet.get(norm, {})
-            cells = [
-                _point(line[b]) if b in line else unscored.get((backbone, crop, norm, b), "-")
-                for b in batches
-            ]
+            cells = [_point(line[b]) if b in line else unscored.get((key, norm, b), "-") for b in batches]
             lines.append(_cells([norm, *cells]))
         lines.append("")
     return lines
@@ -504,7 +513,7 @@ def _findings(compared: list[Compared]) -> list[str]:
         found = [c for c in rows if c.difference and c.difference.finding]
         unknown = sum(c.difference is None for c in rows)
         unconverged = sum(c.a.improving or c.b.improving for c in found)
-        lines += [f"### {facet[0]}, crop {_crop_text(facet[1])}", ""]
+        lines += [f"### {_facet_title(facet)}", ""]
         lines.append(
             f"{len(found)} of {len(rows)} differences are findings"
             + (f", {unconverged} of them resting on trials still improving" if unconverged else "")
@@ -676,6 +685,7 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         seed=_int(params.get(SEED, "")),
         config=tuple(sorted((k, v) for k, v in params.items() if k != SEED)),
         duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
+        budget=params.get("train.budget", "epochs"),
     )
 
 
@@ -683,6 +693,7 @@ def _order(r: TrialRow) -> tuple:
     return (
         r.backbone,
         r.crop,
+        r.budget,
         r.norm,
         r.batch_per_gpu or math.inf,
         r.config_name,
@@ -722,6 +733,27 @@ def _improving_line(rows: list[TrialRow]) -> str:
 
 def _range(c: Configuration) -> str:
     return f"{c.low:.4f}..{c.high:.4f}" if len(c.values) > 1 else "-"
+
+
+def _facet_title(facet: Facet) -> str:
+    backbone, crop, budget = facet
+    return f"{backbone}, crop {_crop_text(crop)}, {Budget.parse(budget).protocol}"
+
+
+PROTOCOLS = {
+    "epochs": "every trial trains its epochs over the same images, a larger batch in fewer optimizer steps",
+    "steps": "every trial takes the same optimizer steps, a larger batch seeing more images",
+    "images": "every trial sees the same number of images, a larger batch in fewer optimizer steps",
+}
+
+
+def _protocol_line(rows: list[TrialRow]) -> str:
+    """What the trials' budgets held equal, in words: the protocol the comparisons are made under."""
+    budgets = sorted({r.budget for r in rows}, key=lambda b: (b != "epochs", b))
+    said = [f"{Budget.parse(b).protocol}: {PROTOCOLS[Budget.parse(b).unit]}" for b in budgets]
+    if len(said) == 1:
+        return f"protocol: {said[0]}"
+    return "protocols (each its own panel and tables, compared within): " + "; ".join(said)
 
 
 def _crop_text(crop: tuple[int, ...]) -> str:

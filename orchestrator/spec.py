@@ -12,6 +12,7 @@ import copy
 import itertools
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -237,9 +238,43 @@ def _gpus_or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> float | 
 
 GpusPerWorker = Annotated[float | Literal["auto"], WrapValidator(_gpus_or_auto)]
 
+BUDGET_GRAMMAR = "epochs, steps:N (optimizer steps) or images:N (training images seen, over all workers)"
+BUDGET_PATTERN = r"^(epochs|(steps|images):[1-9][0-9]*)$"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What `train.budget` holds equal over a grid: `epochs` (passes over the split: a larger batch takes
+    fewer optimizer steps), or a number of optimizer `steps` or training `images`, spread evenly over the
+    epochs, which are then evaluation rounds that may span several passes or part of one."""
+
+    unit: Literal["epochs", "steps", "images"]
+    total: int | None = None  # None for epochs
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        unit, _, total = text.partition(":")
+        return cls(unit) if unit == "epochs" else cls(unit, int(total))
+
+    @property
+    def protocol(self) -> str:
+        """The comparison it makes, in words: `steps-equal (1024 steps)`."""
+        return "epochs-equal" if self.total is None else f"{self.unit}-equal ({self.total} {self.unit})"
+
 
 class TrainSpec(_Section):
-    epochs: Int = Field(50, ge=1, description="epochs of the run (all stages together)")
+    epochs: Int = Field(
+        50,
+        ge=1,
+        description="epochs of the run (all stages together): passes over the split, or with a budget of "
+        "steps or images the rounds it is spread over (each ends with a validation and a checkpoint)",
+    )
+    budget: str = Field(
+        "epochs",
+        description=f"what a grid holds equal: {BUDGET_GRAMMAR}. epochs: every batch per GPU sees the same "
+        "images in fewer steps; steps: the same optimizer steps (a larger batch sees more images)",
+        json_schema_extra={"pattern": BUDGET_PATTERN},
+    )
     batch_per_gpu: BatchPerGpu = Field(
         2,
         description="images per worker per forward: the normalization batch; auto: the largest that fits "
@@ -258,7 +293,7 @@ class TrainSpec(_Section):
     blur_p: Float = Field(0.5, ge=0, le=1, description="probability of a random Gaussian blur")
     blur_sigma: Float = Field(1.0, gt=0, description="the blur's sigma is drawn uniformly in (0, blur_sigma]")
     steps_per_epoch: Int | None = Field(
-        None, ge=1, description="cap on optimizer steps per epoch (smoke runs)"
+        None, ge=1, description="cap on optimizer steps per epoch (smoke runs; budget epochs only)"
     )
     stages: list[StageSpec] | None = Field(
         None,
@@ -347,6 +382,49 @@ class TrainSpec(_Section):
     def _known_loss(cls, v: str) -> str:
         parse_loss(v)
         return v
+
+    @field_validator("budget")
+    @classmethod
+    def _known_budget(cls, v: str) -> str:
+        if not re.fullmatch(BUDGET_PATTERN, v):
+            raise ValueError(f"unknown budget; allowed: {BUDGET_GRAMMAR}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget_alone(self) -> TrainSpec:
+        budget = Budget.parse(self.budget)
+        if budget.total is None:
+            return self
+        if self.stages:
+            raise ValueError(
+                f"train.budget {self.budget} does not go with train.stages (their batches change the images "
+                "of a step): use budget epochs"
+            )
+        if self.steps_per_epoch:
+            raise ValueError(
+                f"train.steps_per_epoch caps an epoch of budget epochs; train.budget {self.budget} sets the "
+                "steps itself: remove one"
+            )
+        if budget.unit == "steps" and budget.total < self.epochs:
+            raise ValueError(
+                f"train.budget {self.budget} is fewer steps than train.epochs {self.epochs} (one per epoch "
+                f"at least): raise it to {self.epochs} or more"
+            )
+        return self
+
+    def images_per_step(self, workers: int) -> int:
+        """Training images of one optimizer step over all workers (stage batches aside)."""
+        return self.accumulate * self.batch_per_gpu * workers
+
+    def budget_steps(self, workers: int) -> list[int] | None:
+        """The optimizer steps of each epoch that train.budget fixes, its steps (or images) spread evenly
+        over the epochs; None under `epochs`, where the data gives them (a pass each, steps_per_epoch at
+        most)."""
+        budget = Budget.parse(self.budget)
+        if budget.total is None:
+            return None
+        total = budget.total if budget.unit == "steps" else budget.total // self.images_per_step(workers)
+        return [total * (e + 1) // self.epochs - total * e // self.epochs for e in range(self.epochs)]
 
     @model_validator(mode="after")
     def _resampling_is_complete(self) -> TrainSpec:
@@ -524,12 +602,42 @@ class Spec(_Section):
         return v
 
     @model_validator(mode="after")
+    def _budget_fits(self) -> Spec:
+        t, workers = self.train, self.resources.workers_per_trial
+        budget = Budget.parse(t.budget)
+        if budget.unit == "images":
+            if t.batch_per_gpu == "auto":
+                raise ValueError(
+                    f"train.budget {t.budget} needs a fixed train.batch_per_gpu: its images make a number of "
+                    "steps only at a known batch (auto picks it later)"
+                )
+            step = t.images_per_step(workers)
+            if budget.total % step or budget.total // step < t.epochs:
+                at_least = step * t.epochs
+                nearest = max(at_least, round(budget.total / step) * step)
+                raise ValueError(
+                    f"train.budget {t.budget}: a step trains {step} images (train.accumulate "
+                    f"{t.accumulate} x batch_per_gpu {t.batch_per_gpu} x {workers} workers), and the budget "
+                    f"must be whole steps, one per epoch at least: e.g. images:{nearest}"
+                )
+        steps = t.budget_steps(workers)
+        if steps and t.warmup_steps >= sum(steps):
+            raise ValueError(
+                f"train.warmup_steps={t.warmup_steps} does not fit train.budget {t.budget} "
+                f"({sum(steps)} steps): lower it below {sum(steps)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _model_fits(self) -> Spec:
-        config = resolve({"model.backbone": self.model.backbone, "model.head": self.model.head,
-                          "model.output_stride": self.model.output_stride})  # fmt: skip
-        check_model(
-            self.model.backbone, config["model.head"], config["model.output_stride"], parse_norm(self.norm)
-        )
+        m = self.model
+        config = resolve({"model.backbone": m.backbone, "model.head": m.head,
+                          "model.output_stride": m.output_stride})  # fmt: skip
+        try:
+            norm = parse_norm(self.norm)
+            check_model(m.backbone, config["model.head"], config["model.output_stride"], norm)
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
         return self
 
     @property
@@ -798,8 +906,8 @@ def _describe(error: ValidationError, prefix: str, only: str | None = None) -> l
         if only is not None and not (loc == only or loc.startswith(only + ".")):
             continue
         msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"]:  # a check across fields: its message names the fields and values
-            lines.append(f"{prefix}model: {msg}")
+        if not err["loc"]:  # a check across sections: its message names the fields and values
+            lines.append(f"{prefix}{msg}")
             continue
         if err["type"] == "extra_forbidden":
             msg = f"unknown key; allowed: {', '.join(_fields_at(err['loc'][:-1]))}"

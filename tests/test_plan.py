@@ -50,6 +50,16 @@ def test_the_json_plan_adds_up(capsys) -> None:
     )
 
 
+def test_a_steps_budget_costs_the_images_of_its_steps_at_each_batch(capsys) -> None:
+    argv = ["plan", SMOKE, "--gpu", "l4", "--train-images", "100", "--json"]
+    assert main([*argv, "--set", "train.steps_per_epoch=null", "--set", "train.budget=steps:30"]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    assert {p["key"].split(",")[1]: p["images"] for p in points} == {
+        "train.batch_per_gpu=1": 30 * 1 * 2,  # steps x batch x 2 workers, whatever the split holds
+        "train.batch_per_gpu=2": 30 * 2 * 2,
+    }
+
+
 def test_a_points_memory_is_its_weights_states_and_activations_at_its_batch(capsys) -> None:
     """Batch 5 is extrapolated from counts at 1 and 2; here it is counted at 5 and added up independently,
     without AMP and under bf16 AMP (CUDA autocast's casts: GN in float32)."""

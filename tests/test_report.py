@@ -175,7 +175,7 @@ def test_diverged_and_stopped_trials_show_as_such_and_never_as_finished(tmp_path
     assert rows[("bn", "1")][-2:] == ["STOPPED", "stopped by asha after epoch 1 (val_miou 0.3000)"]
     assert rows[("gn:g8", "2")][-2] == "DIVERGED" and rows[("bn", "2")][-2] == "FINISHED"
     # The norm-by-batch table: a point no trial finished says how its trials ended, not a score.
-    assert _table(md, "### resnet18, crop 64x64")[1:] == [
+    assert _table(md, "### resnet18, crop 64x64, epochs-equal")[1:] == [
         ["bn", "1 stopped", "0.4500*"],
         ["gn:g8", "1 diverged", "1 diverged"],
     ]  # fmt: skip (bn at 2 rose 0.05 in its last epoch: still improving)
@@ -186,7 +186,8 @@ def test_diverged_and_stopped_trials_show_as_such_and_never_as_finished(tmp_path
 def test_figure_has_a_facet_per_backbone_and_crop_and_a_line_per_norm(result):
     fig = report.plot(result.rows)
     assert [ax.get_title() for ax in fig.axes] == [
-        "resnet18, crop 64x64", "resnet18, crop 128x64", "resnet50, crop 64x64", "resnet50, crop 128x64",
+        "resnet18, crop 64x64, epochs-equal", "resnet18, crop 128x64, epochs-equal",
+        "resnet50, crop 64x64, epochs-equal", "resnet50, crop 128x64, epochs-equal",
     ]  # fmt: skip
     lines = [
         {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines} for ax in fig.axes
@@ -284,13 +285,15 @@ class Seeded:
 
 
 def _seeded_trial(c: MlflowClient, exp: str, sweep: str, norm: str, batch: int, seed: int, history: list,
-                  reason: str | None, seconds: int, start: int) -> str:  # fmt: skip
+                  reason: str | None, seconds: int, start: int,
+                  budget: str | None = None) -> str:  # fmt: skip
     key = f"norm={norm},train.batch_per_gpu={batch},train.seed={seed}"
+    key += f",train.budget={budget}" if budget else ""
     tags = {tracking.KIND: "trial", tracking.PARENT: sweep, tracking.TRIAL_KEY: key}
     run_id = c.create_run(exp, start_time=start, run_name=key, tags=tags).info.run_id
     params = {"model.backbone": "resnet18", "norm": norm, "train.batch_per_gpu": batch, "train.seed": seed,
               "train.crop": [64, 64], "train.lr": 0.01}  # fmt: skip
-    tracking.log_params(run_id, params, c.tracking_uri)
+    tracking.log_params(run_id, {**params, **({"train.budget": budget} if budget else {})}, c.tracking_uri)
     for epoch, value in enumerate(history, 1):
         tracking.log_epoch(run_id, {"epoch": epoch, "val_miou": value}, epoch, c.tracking_uri)
     if reason:
@@ -430,7 +433,7 @@ def test_document_has_wall_time_durations_ensemble_and_setup(seeded, doc):
 
 def test_document_tables_summarize_configurations_and_list_every_seed(doc):
     md = doc.table.read_text()
-    head, *rows = _table(md, "### resnet18, crop 64x64")
+    head, *rows = _table(md, "### resnet18, crop 64x64, epochs-equal")
     assert head == ["norm", "1/GPU", "2/GPU"]
     assert rows == [
         ["bn", "0.4300 (0.4000..0.4600)*", "0.5200 (0.5000..0.5400)"],  # seed 0 rose 0.10 at its end
@@ -675,3 +678,34 @@ def test_the_report_tests_each_difference_of_the_figure_and_says_which_are_findi
     assert same[0] == "+0.0" and low < 0 < high and same[2:] == ["no: the interval holds 0", "yes"]
     assert rows["in - bn at 8/GPU"][1:] == ["-", "untested: no per-image scores", "yes"]
     assert "3 of 5 differences are findings; 1 cannot be tested (a trial logged no per-image scores)." in md
+
+
+def test_each_protocol_is_named_and_compared_within_its_own_panel(tmp_path) -> None:
+    """A grid over train.budget: epochs-equal and steps-equal trials of the same norms and batches are two
+    panels, two tables, two sets of comparisons, never one point; the document says what each held equal."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("protocols", artifact_location=(tmp_path / "artifacts").as_uri())
+    sweep = c.create_run(exp, start_time=T0, run_name="protocols", tags={tracking.KIND: "sweep"}).info.run_id
+    scores = {("epochs", 1): 0.6, ("epochs", 8): 0.5, ("steps:64", 1): 0.6, ("steps:64", 8): 0.7}
+    for i, ((budget, batch), score) in enumerate(scores.items()):
+        _seeded_trial(c, exp, sweep, "bn", batch, 0, [score], None, 60, T0 + i, budget=budget)
+    c.set_terminated(sweep, "FINISHED", end_time=T0 + 600_000)
+    result = report.build_report("protocols", tmp_path / "out", uri=uri)
+    md = result.table.read_text()
+    assert (
+        "- protocols (each its own panel and tables, compared within): epochs-equal: every trial trains its "
+        "epochs over the same images, a larger batch in fewer optimizer steps; steps-equal (64 steps): every "
+        "trial takes the same optimizer steps, a larger batch seeing more images\n"
+    ) in md
+    assert _table(md, "### resnet18, crop 64x64, epochs-equal")[1:] == [["bn", "0.6000", "0.5000"]]
+    assert _table(md, "### resnet18, crop 64x64, steps-equal (64 steps)")[1:] == [["bn", "0.6000", "0.7000"]]
+    fig = report.plot(result.rows)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "resnet18, crop 64x64, epochs-equal", "resnet18, crop 64x64, steps-equal (64 steps)"
+    ]  # fmt: skip
+    compared = report.differences(result.configurations, uri)
+    assert [(x.facet[2], x.what, round(x.a.mean - x.b.mean, 4)) for x in compared] == [
+        ("epochs", "bn at 1/GPU - at 8/GPU", 0.1),
+        ("steps:64", "bn at 1/GPU - at 8/GPU", -0.1),
+    ]

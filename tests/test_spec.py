@@ -47,41 +47,57 @@ def test_shipped_specs_are_valid():
 
 
 STUDY_NORMS = ["bn", "syncbn", "gn:c16", "gn:c16+ws", "bn+ws", "evalnorm", "evalnorm:rule", "brn", "frn"]
+PROXY_NORMS = ["bn", "syncbn", "ghostbn:b2", "evalnorm", "gn:c16", "gn:c16+ws", "frn"]
 
 
-def test_study_proxy_is_54_trials_that_each_see_the_same_training_images():
+def test_study_proxy_holds_the_images_or_the_steps_of_every_batch_equal():
     spec = specs.load(ROOT / "jobs/study_proxy.yaml")
     trials = [t.config for t in specs.expand(spec)]
-    assert len(trials) == len(STUDY_NORMS) * 3 * 2 == 54
-    assert sorted({(c["norm"], c["train.batch_per_gpu"], c["train.seed"]) for c in trials}) == sorted(
-        (n, b, s) for n in STUDY_NORMS for b in (1, 2, 8) for s in (0, 1)
+    assert len(trials) == len(PROXY_NORMS) * 2 * 2 * 3 == 84
+    assert sorted(
+        {(c["norm"], c["train.batch_per_gpu"], c["train.budget"], c["train.seed"]) for c in trials}
+    ) == sorted(
+        (n, b, budget, s)
+        for n in PROXY_NORMS
+        for b in (1, 8)
+        for budget in ("epochs", "steps:256")
+        for s in (0, 1, 2)
     )
+    assert [c["train.seed"] for c in trials[:28]] == [0] * 28  # whole seeds first: a run cut short has them
     assert {(c["resources.workers_per_trial"], c["resources.cpus_per_worker"]) for c in trials} == {(2, 1)}
-    # The split's size is the one the spec's comment synthesizes (and `make study` too); an epoch is the
-    # whole split cut to a multiple of workers x batch (make_loader), as steps_per_epoch is unset.
+    # The split's size is the one the spec's comment synthesizes (and `make study` too); an epoch of budget
+    # epochs is the whole split cut to a multiple of workers x batch (make_loader).
     text = (ROOT / "jobs/study_proxy.yaml").read_text()
     (synth,) = [line.lstrip("# ").strip() for line in text.splitlines() if "orchestrator data synth" in line]
     assert f"\t$(BIN)/{synth}\n" in (ROOT / "Makefile").read_text()
     samples = int(re.search(r"--train (\d+)", synth).group(1))
-    seen = set()
-    for c in trials:
+    seen, steps = set(), set()
+    for t in specs.expand(spec):
+        c, train = t.config, t.spec.train
         assert c["train.steps_per_epoch"] is None and c["train.accumulate"] == 1 and not c["train.stages"]
         world, batch = c["resources.workers_per_trial"], c["train.batch_per_gpu"]
-        seen.add(c["train.epochs"] * world * batch * (samples // world // batch))
-    assert seen == {4 * samples}
+        if c["train.budget"] == "epochs":
+            seen.add(c["train.epochs"] * world * batch * (samples // world // batch))
+        else:
+            steps.add(sum(train.budget_steps(world)))
+        assert (
+            train.warmup_steps < min(train.budget_steps(world) or [samples // world // batch]) * train.epochs
+        )
+    assert seen == {4 * samples} and steps == {256}
 
 
 def test_sweep_norms_is_the_full_scale_twin_of_the_proxy():
-    full, proxy = (
+    full, ghost, proxy = (
         [t.config for t in specs.expand(specs.load(ROOT / "jobs" / n))]
-        for n in ("sweep_norms.yaml", "study_proxy.yaml")
+        for n in ("sweep_norms.yaml", "sweep_ghost.yaml", "study_proxy.yaml")
     )
     assert len(full) == 2 * len(STUDY_NORMS) * 4 * 3 * 2 == 432
     assert {c["model.backbone"] for c in full} == {"resnet101", "xception65"}
     assert {tuple(c["train.crop"]) for c in full} == {(513, 513), (720, 720), (1280, 720)}
     assert {c["train.batch_per_gpu"] for c in full} == {1, 2, 4, 8}
-    for key in ("norm", "train.seed"):
-        assert {c[key] for c in full} == {c[key] for c in proxy}
+    # The proxy runs norms of the full study (Ghost BN's own sweep among them) and its seeds, and more.
+    assert {c["norm"] for c in proxy} <= {c["norm"] for c in full + ghost}
+    assert {c["train.seed"] for c in full} <= {c["train.seed"] for c in proxy}
     assert {c["train.steps_per_epoch"] for c in full} == {None} and len(
         {c["train.epochs"] for c in full}
     ) == 1
@@ -491,3 +507,39 @@ def test_the_grid_size_is_refused_from_its_axes_before_anything_is_expanded(tmp_
     assert len(specs.expand(specs.load(write(tmp_path, {**MINIMAL, "grid": small})))) == 6
     monkeypatch.setenv("ORCHESTRATOR_MAX_TRIALS", "lots")
     assert errors_of(tmp_path, MINIMAL) == ["ORCHESTRATOR_MAX_TRIALS='lots': expected a whole number >= 1"]
+
+
+def test_a_budget_is_epochs_steps_or_images_and_refuses_what_it_cannot_hold(tmp_path):
+    def refused(*sets: str) -> list[str]:
+        return errors_of(tmp_path, MINIMAL, ["train.epochs=4", *sets])
+
+    assert refused("train.budget=steps:0") == [
+        "train.budget: unknown budget; allowed: epochs, steps:N (optimizer steps) or images:N (training "
+        "images seen, over all workers) (got 'steps:0')"
+    ]
+    assert refused("train.budget=steps:3") == [
+        "train: train.budget steps:3 is fewer steps than train.epochs 4 (one per epoch at least): raise it "
+        "to 4 or more"
+    ]
+    # 2 workers x batch 8 = 16 images a step, 100 is no whole number of them; the nearest that is: 96.
+    assert refused("train.budget=images:100", "train.batch_per_gpu=8") == [
+        "train.budget images:100: a step trains 16 images (train.accumulate 1 x batch_per_gpu 8 x 2 "
+        "workers), and the budget must be whole steps, one per epoch at least: e.g. images:96"
+    ]
+    assert refused("train.budget=images:64", "train.batch_per_gpu=auto")[0].startswith(
+        "train.budget images:64 needs a fixed train.batch_per_gpu"
+    )
+    assert refused("train.budget=steps:8", "train.steps_per_epoch=2")[0].startswith(
+        "train: train.steps_per_epoch caps an epoch of budget epochs; train.budget steps:8 sets the steps"
+    )
+    assert refused("train.budget=steps:8", "train.warmup_steps=8") == [
+        "train.warmup_steps=8 does not fit train.budget steps:8 (8 steps): lower it below 8"
+    ]
+    stages = "train.stages=[{epochs: 4, crop: [64, 64], batch_per_gpu: 2, lr: 0.1}]"
+    assert "does not go with train.stages" in refused("train.budget=steps:8", stages)[0]
+    # A grid over the batch holds one images budget only where every batch makes whole steps of it.
+    grid = ["grid.train.batch_per_gpu=[1, 2, 8]", "train.budget=images:96", "train.epochs=4"]
+    assert specs.load(write(tmp_path, MINIMAL), grid).train.budget == "images:96"
+    assert refused("grid.train.batch_per_gpu=[1, 3]", "train.budget=images:100")[0].startswith(
+        "grid point train.batch_per_gpu=3: train.budget images:100: a step trains 6 images"
+    )

@@ -291,6 +291,30 @@ class Loader:
         return self.num_batches - self.dataloader.dataset.start_batch
 
 
+@dataclass
+class Passes:
+    """One rank's training batches from batch `start` of an endless run of passes over the split, each
+    pass its own loader (`open_pass(pass, start_batch)`: shuffled by its index) of `per_pass` batches: an
+    epoch of a steps or images budget, which may end inside a pass or span several. `skipped` counts the
+    stand-ins of every pass it opened."""
+
+    open_pass: Callable[[int, int], Loader]
+    per_pass: int
+    start: int
+    opened: list[Loader] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return sum(loader.skipped for loader in self.opened)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        first, batch = divmod(self.start, self.per_pass)
+        for index in itertools.count(first):
+            self.opened.append(self.open_pass(index, batch))
+            yield from self.opened[-1]
+            batch = 0
+
+
 def make_loader(
     url: str,
     *,

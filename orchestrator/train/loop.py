@@ -25,7 +25,7 @@ from torch import nn
 from orchestrator import checkpoints, metrics
 from orchestrator.data.layout import NUM_CLASSES
 from orchestrator.data.shards import read_manifest
-from orchestrator.data.stream import Loader, input_mean_std, spec_loader
+from orchestrator.data.stream import Loader, Passes, input_mean_std, spec_loader
 from orchestrator.data.transforms import MeanStd
 from orchestrator.loss_spec import parse_loss
 from orchestrator.models.evalnorm import evalnorm_parameters
@@ -112,6 +112,21 @@ class Worker:
             repeats=self.repeats,
         )
 
+    def train_batches(self, position: Position) -> Loader | Passes:
+        """This rank's training batches of `position`'s epoch from its step on: the epoch's pass, or under
+        a budget of steps or images the run of passes its steps take up where the last epoch's ended."""
+        t = self.spec.train
+        if t.budget_steps(self.world) is None:
+            return self.loader(train=True, epoch=position.epoch, start_batch=position.step * t.accumulate)
+        start = self.global_step(position) * t.accumulate
+        return Passes(lambda index, batch: self.loader(train=True, epoch=index, start_batch=batch),
+                      self.pass_batches, start)  # fmt: skip
+
+    @cached_property
+    def pass_batches(self) -> int:
+        """This rank's batches in one pass over the training split (at the first stage's batch)."""
+        return len(self.loader(train=True))
+
     def base_lr(self, epoch: int) -> float:
         """The epoch's stage LR, scaled by train.lr_reference_batch's linear rule where that is set."""
         t = self.spec.train
@@ -143,9 +158,13 @@ class Worker:
 
     @cached_property
     def epoch_steps(self) -> list[int]:
-        """Optimizer steps of each epoch (stages change the batch, hence the count): equal on every rank,
-        as the loader's batch count is. The LR schedule runs over their sum."""
+        """Optimizer steps of each epoch: train.budget's steps or images, or under budget epochs a pass each
+        (stages change the batch, hence the count), equal on every rank as the loader's batch count is. The
+        LR schedule runs over their sum."""
         t = self.spec.train
+        fixed = t.budget_steps(self.world)
+        if fixed is not None:  # the budget's, from the spec alone: its epochs need not be passes
+            return fixed
         batches = [t.stage(epoch).batch_per_gpu for epoch in range(t.epochs)]
         steps: dict[int, int] = {}  # one loader (a manifest read) per distinct batch, not per epoch
         for epoch, batch in enumerate(batches):
@@ -402,7 +421,7 @@ def train_epoch(
     stage, steps = t.stage(position.epoch), w.epoch_steps[position.epoch]
     done, total = sum(w.epoch_steps[: position.epoch]), sum(w.epoch_steps)  # the schedule's steps
     model.train()
-    loader = w.loader(train=True, epoch=position.epoch, start_batch=position.step * t.accumulate)
+    loader = w.train_batches(position)
     batches = iter(loader)
     # Sums carried over a resume are already the trial's: they enter on rank 0 only, once.
     carried = w.rank == 0
