@@ -219,10 +219,18 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         parents=[verbose],
         help="the study's figure (mIoU vs batch per GPU, a line per norm, seeds averaged, facets backbone x "
-        "crop) and document (wall time, ensemble gain, commands, tables), logged to the sweep's MLflow run",
+        "crop x protocol) and document (wall time, ensemble gain, commands, tables, which differences are "
+        "findings), logged to the sweep's MLflow run",
     )
     cmd.add_argument("--experiment", help="MLflow experiment (default: that of the latest sweep)")
     cmd.add_argument("--sweep-run", help="sweep parent run id (default: the experiment's latest sweep)")
+    cmd.add_argument(
+        "--baseline",
+        action="append",
+        metavar="NORM",
+        help="compare every norm with this one at each batch per GPU, with an interval (repeatable; "
+        "default: bn)",
+    )
     where = cmd.add_mutually_exclusive_group()
     where.add_argument("--out", default="report", help="folder for report.png and report.md")
     where.add_argument(
@@ -590,11 +598,16 @@ def _submit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.report import build_report, how_ended
+    from orchestrator.report import BASELINE, build_report, how_ended
 
     doc = Path(args.doc) if args.doc else None
     r = build_report(
-        args.experiment, Path(args.out), sweep_run_id=args.sweep_run, doc=doc, command=args.command
+        args.experiment,
+        Path(args.out),
+        sweep_run_id=args.sweep_run,
+        doc=doc,
+        command=args.command,
+        baselines=args.baseline or [BASELINE],
     )
     print(
         f"{len(r.rows)} trials ({how_ended(r.rows, every=True)}) in {len(r.configurations)} configurations "

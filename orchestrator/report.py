@@ -17,7 +17,7 @@ import datetime as dt
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ ARTIFACT_DIR = "report"
 METRIC = "val_miou"
 OFFICIAL = "val_miou_official"  # the BDD100K 2-class rule, where trials log it
 SEED = "train.seed"  # trials that differ only in it are one configuration
-BASELINE = "bn"  # the norm every other is compared with at each batch per GPU
+BASELINE = "bn"  # the norm every other is compared with at each batch per GPU, unless others are named
 # A finished trial whose val mIoU rose more than this in its last epoch is still improving: its score is
 # not converged, and a conclusion drawn from it may change with a longer budget.
 STILL_IMPROVING = 0.005
@@ -194,10 +194,12 @@ def build_report(
     *,
     doc: Path | None = None,
     command: str | None = None,
+    baselines: Sequence[str] = (BASELINE,),
 ) -> ReportResult:
     """Figure and document of one sweep's trials, written to out_dir (report.png, report.md) or, with
     `doc`, to that markdown path with the figure beside it (same name, .png), and logged to the sweep's run.
     `command` is the command line of this report, printed with those of the sweep and the ensemble.
+    Every norm is compared with each of `baselines` at each batch per GPU (UsageError: one no trial ran).
 
     The sweep is sweep_run_id, else the latest sweep of `experiment`, else the latest sweep anywhere.
     Raises LookupError (one line) when there is no such experiment or sweep run, or it has no trials."""
@@ -213,6 +215,10 @@ def build_report(
             f"no finished or failed trial runs in sweep run {sweep_id} ({sweep.info.run_name!r}) "
             f"of experiment {experiment!r} at {redact(uri)}"
         )
+    ran = sorted({r.norm for r in rows})
+    for norm in baselines:
+        if norm not in ran:
+            raise UsageError(f"--baseline {norm!r}: no trial of this sweep ran it; allowed: {', '.join(ran)}")
     ensemble = ensemble_summary(sweep, uri)
     commands = command_lines(sweep, ensemble, command)
     figure_path, table_path = (
@@ -221,7 +227,7 @@ def build_report(
     table_path.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, title=f"{experiment} (sweep run {sweep_id[:8]})").savefig(figure_path, dpi=100)
     configs = configurations(rows)
-    compared = differences(configs, uri)
+    compared = differences(configs, uri, baselines)
     table_path.write_text(markdown(rows, experiment, sweep, figure_path.name, ensemble, commands, compared))
     tracking.log_files(sweep_id, [figure_path, table_path], ARTIFACT_DIR, uri)
     return ReportResult(experiment, sweep_id, rows, figure_path, table_path, configs, ensemble, commands)
@@ -368,18 +374,23 @@ class Compared:
     difference: Difference | None
 
 
-def differences(configs: list[Configuration], uri: str | None = None) -> list[Compared]:
-    """The comparisons the figure makes, per facet: every norm against BASELINE at each batch per GPU, and
-    every norm at each batch against itself at its largest (is it flat in the batch?)."""
+def differences(
+    configs: list[Configuration], uri: str | None = None, baselines: Sequence[str] = (BASELINE,)
+) -> list[Compared]:
+    """The comparisons the figure makes, per facet: every norm against each of `baselines` at each batch
+    per GPU (a pair once: an earlier baseline is not compared again with a later one), and every norm at
+    each batch against itself at its largest (is it flat in the batch?)."""
     points, matrices = facet_points(configs), _Matrices(uri)
     compared = []
     for facet, lines in sorted(points.items()):
         pairs = []
-        for norm, line in sorted(lines.items()):
-            if norm != BASELINE:
-                base = lines.get(BASELINE, {})
+        for i, baseline in enumerate(baselines):
+            base = lines.get(baseline, {})
+            for norm, line in sorted(lines.items()):
+                if norm == baseline or norm in baselines[:i]:
+                    continue
                 pairs += [
-                    (f"{norm} - {BASELINE} at {b}/GPU", c, base[b])
+                    (f"{norm} - {baseline} at {b}/GPU", c, base[b])
                     for b, c in sorted(line.items())
                     if b in base
                 ]

@@ -709,3 +709,24 @@ def test_each_protocol_is_named_and_compared_within_its_own_panel(tmp_path) -> N
         ("epochs", "bn at 1/GPU - at 8/GPU", 0.1),
         ("steps:64", "bn at 1/GPU - at 8/GPU", -0.1),
     ]
+
+
+def test_each_baseline_named_is_compared_with_every_other_norm_once(intervals, monkeypatch, capsys) -> None:
+    uri = f"sqlite:///{intervals.table.parent.parent}/mlflow.db"  # the fixture's store
+    compared = report.differences(intervals.configurations, uri, baselines=("bn", "gn:g8"))
+    assert [c.what for c in compared] == [
+        "gn:g8 - bn at 1/GPU",
+        "gn:g8 - bn at 8/GPU",
+        "in - bn at 8/GPU",
+        "in - gn:g8 at 8/GPU",  # and no bn - gn:g8: that pair is made once, the other way round
+        "bn at 1/GPU - at 8/GPU",
+        "gn:g8 at 1/GPU - at 8/GPU",
+    ]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    argv = ["report", "--experiment", "intervals", "--out", str(intervals.table.parent)]
+    assert main([*argv, "--baseline", "gn:g8", "--baseline", "frn"]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline 'frn': no trial of this sweep ran it; allowed: bn, gn:g8, in" in err
+    assert main([*argv, "--baseline", "gn:g8"]) == 0
+    rows = [r[0] for r in _table(intervals.table.read_text(), "## Which differences are findings")[1:]]
+    assert rows[:3] == ["bn - gn:g8 at 1/GPU", "bn - gn:g8 at 8/GPU", "in - gn:g8 at 8/GPU"]

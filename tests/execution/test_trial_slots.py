@@ -49,7 +49,9 @@ def test_the_sweeps_actors_live_on_the_head_with_it() -> None:
     try:
         held = [trial_slots.trial_slots("s3://b/sweep", 1), stop_requests("s3://b/sweep")]
         ray.get(held[0].take.remote("trial"))
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        # By address: the state API finds no instance on its own where another Ray runs on the host.
+        here = ray.get_runtime_context().gcs_address
+        actors = list_actors(here, filters=[("state", "=", "ALIVE")], detail=True)
         needs = {a.class_name: a.required_resources for a in actors}
         (head,) = ON_HEAD
         assert needs["Leases"][head] == needs["StopRequests"][head] == ON_HEAD[head]
