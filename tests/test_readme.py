@@ -56,10 +56,3 @@ def test_every_shell_command_parses_as_written() -> None:
     assert commands
     for args in commands:
         _parser().parse_args(args)  # exits 2 on what argparse refuses
-
-
-def test_the_backbones_table_is_the_catalogs() -> None:
-    from orchestrator.models.catalog import backbone_table
-
-    table = "\n".join(backbone_table())
-    assert table in README, f"the README's backbone table is stale; catalog.backbone_table() gives:\n{table}"
