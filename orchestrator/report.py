@@ -81,6 +81,7 @@ class TrialRow:
     duration_s: float | None = None  # the run's start to end
     last_gain: float | None = None  # val mIoU of the last epoch less the one before
     budget: str = "epochs"  # train.budget: what the trial's protocol held equal
+    key: str = ""  # the trial's key, `norm=bn,train.batch_per_gpu=2` (its run's tag)
 
     @property
     def facet(self) -> Facet:
@@ -97,8 +98,9 @@ class TrialRow:
 
     @property
     def config_name(self) -> str:
-        """The trial's name without its seed: the name of its configuration."""
-        parts = [p for p in self.name.split(",") if not p.startswith(f"{SEED}=")]
+        """The trial's key without its seed: the name of its configuration (a run's name is the swept
+        values alone, `0 bn 1`, which cannot tell the seed's apart)."""
+        parts = [p for p in (self.key or self.name).split(",") if not p.startswith(f"{SEED}=")]
         return ",".join(parts) or "base"
 
 
@@ -261,7 +263,8 @@ def ensemble_summary(sweep: Run, uri: str | None = None) -> EnsembleSummary | No
     for i, run_id in enumerate(ids):
         member = tracking.find_run(run_id, uri)
         outside += member is None or member.data.tags.get(tracking.PARENT) != sweep.info.run_id
-        name = member.info.run_name if member else run_id[:8]
+        # The trial's key names it in full; its run's name is the swept values alone (`bn 2 0`).
+        name = (member.data.tags.get(tracking.TRIAL_KEY) or member.info.run_name) if member else run_id[:8]
         members.append((run_id, name, metrics.get(f"member{i}_val_miou")))
     return EnsembleSummary(
         run.info.run_id,
@@ -697,6 +700,7 @@ def _row(run: Run, uri: str | None) -> TrialRow:
         config=tuple(sorted((k, v) for k, v in params.items() if k != SEED)),
         duration_s=(info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None,
         budget=params.get("train.budget", "epochs"),
+        key=run.data.tags.get(tracking.TRIAL_KEY, ""),
     )
 
 

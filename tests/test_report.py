@@ -290,7 +290,9 @@ def _seeded_trial(c: MlflowClient, exp: str, sweep: str, norm: str, batch: int, 
     key = f"norm={norm},train.batch_per_gpu={batch},train.seed={seed}"
     key += f",train.budget={budget}" if budget else ""
     tags = {tracking.KIND: "trial", tracking.PARENT: sweep, tracking.TRIAL_KEY: key}
-    run_id = c.create_run(exp, start_time=start, run_name=key, tags=tags).info.run_id
+    # Named as a sweep names its runs: the swept values alone; the key is the tag.
+    name = f"{norm} {batch} {seed}" + (f" {budget}" if budget else "")
+    run_id = c.create_run(exp, start_time=start, run_name=name, tags=tags).info.run_id
     params = {"model.backbone": "resnet18", "norm": norm, "train.batch_per_gpu": batch, "train.seed": seed,
               "train.crop": [64, 64], "train.lr": 0.01}  # fmt: skip
     tracking.log_params(run_id, {**params, **({"train.budget": budget} if budget else {})}, c.tracking_uri)
