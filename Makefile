@@ -32,7 +32,7 @@ study: setup
 	$(BIN)/orchestrator data pack data/study/synth data/study/shards --shard-size 32
 	-$(BIN)/orchestrator sweep jobs/study_proxy.yaml
 	$(BIN)/orchestrator ensemble --top 3 --experiment study_proxy
-	$(BIN)/orchestrator report --experiment study_proxy --doc docs/study-proxy.md
+	$(BIN)/orchestrator report --experiment study_proxy --doc docs/study-proxy.md --baseline bn --baseline gn:c16
 
 test: setup lint
 	$(PY) -m pytest -q
