@@ -755,17 +755,10 @@ def _facet_title(facet: Facet) -> str:
     return f"{backbone}, crop {_crop_text(crop)}, {Budget.parse(budget).protocol}"
 
 
-PROTOCOLS = {
-    "epochs": "every trial trains its epochs over the same images, a larger batch in fewer optimizer steps",
-    "steps": "every trial takes the same optimizer steps, a larger batch seeing more images",
-    "images": "every trial sees the same number of images, a larger batch in fewer optimizer steps",
-}
-
-
 def _protocol_line(rows: list[TrialRow]) -> str:
     """What the trials' budgets held equal, in words: the protocol the comparisons are made under."""
-    budgets = sorted({r.budget for r in rows}, key=lambda b: (b != "epochs", b))
-    said = [f"{Budget.parse(b).protocol}: {PROTOCOLS[Budget.parse(b).unit]}" for b in budgets]
+    budgets = [Budget.parse(b) for b in sorted({r.budget for r in rows}, key=lambda b: (b != "epochs", b))]
+    said = [f"{b.protocol}: {b.meaning}" for b in budgets]
     if len(said) == 1:
         return f"protocol: {said[0]}"
     return "protocols (each its own panel and tables, compared within): " + "; ".join(said)

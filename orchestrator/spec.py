@@ -240,6 +240,11 @@ GpusPerWorker = Annotated[float | Literal["auto"], WrapValidator(_gpus_or_auto)]
 
 BUDGET_GRAMMAR = "epochs, steps:N (optimizer steps) or images:N (training images seen, over all workers)"
 BUDGET_PATTERN = r"^(epochs|(steps|images):[1-9][0-9]*)$"
+BUDGET_MEANINGS = {  # what each unit holds equal, in words: the field's description, the report's protocol
+    "epochs": "every trial trains its epochs over the same images, a larger batch in fewer optimizer steps",
+    "steps": "every trial takes the same optimizer steps, a larger batch seeing more images",
+    "images": "every trial sees the same number of images, a larger batch in fewer optimizer steps",
+}
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,10 @@ class Budget:
         """The comparison it makes, in words: `steps-equal (1024 steps)`."""
         return "epochs-equal" if self.total is None else f"{self.unit}-equal ({self.total} {self.unit})"
 
+    @property
+    def meaning(self) -> str:
+        return BUDGET_MEANINGS[self.unit]
+
 
 class TrainSpec(_Section):
     epochs: Int = Field(
@@ -271,8 +280,8 @@ class TrainSpec(_Section):
     )
     budget: str = Field(
         "epochs",
-        description=f"what a grid holds equal: {BUDGET_GRAMMAR}. epochs: every batch per GPU sees the same "
-        "images in fewer steps; steps: the same optimizer steps (a larger batch sees more images)",
+        description=f"what a grid holds equal: {BUDGET_GRAMMAR}. "
+        + "; ".join(f"{unit}: {meaning}" for unit, meaning in BUDGET_MEANINGS.items()),
         json_schema_extra={"pattern": BUDGET_PATTERN},
     )
     batch_per_gpu: BatchPerGpu = Field(
